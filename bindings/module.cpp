@@ -1,0 +1,164 @@
+// Python bindings: argument conversion and GIL policy only; the barrier
+// itself lives in csrc/.
+#include <torch/csrc/utils/pybind.h>
+
+#include <tcpstore_barrier/tcpstore_barrier.h>
+
+namespace py = pybind11;
+using namespace tcpstore_barrier;
+
+namespace {
+
+[[noreturn]] void wrongType(const char* name, const char* expected, py::handle value) {
+  throw py::type_error(py::str("{} must be {}, got {} {!r}")
+                           .format(name, expected, Py_TYPE(value.ptr())->tp_name, value)
+                           .cast<std::string>());
+}
+
+int64_t intArg(py::handle value, const char* name) {
+  if (!PyLong_Check(value.ptr())) {
+    wrongType(name, "an int", value);
+  }
+  int overflow = 0;
+  const long long result = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
+  if (overflow != 0) {
+    throw py::value_error(py::str("{} is out of range, got {!r}").format(name, value).cast<std::string>());
+  }
+  return result;
+}
+
+std::chrono::milliseconds secondsArg(py::handle value, const char* name) {
+  if (PyBool_Check(value.ptr()) || !(PyLong_Check(value.ptr()) || PyFloat_Check(value.ptr()))) {
+    wrongType(name, "a number of seconds (int or float)", value);
+  }
+  return checkedTimeout(PyFloat_AsDouble(value.ptr()), name);
+}
+
+std::string strArg(py::handle value, const char* name) {
+  if (!PyUnicode_Check(value.ptr())) {
+    wrongType(name, "a str", value);
+  }
+  return value.cast<std::string>();
+}
+
+bool boolArg(py::handle value, const char* name) {
+  if (!PyBool_Check(value.ptr())) {
+    wrongType(name, "a bool", value);
+  }
+  return value.ptr() == Py_True;
+}
+
+Protocol protocolArg(const std::string& protocol) {
+  if (protocol == "torch") {
+    return Protocol::kTorch;
+  }
+  if (protocol == "native") {
+    return Protocol::kNative;
+  }
+  throw py::value_error("protocol must be 'torch' or 'native', got '" + protocol + "'");
+}
+
+std::unique_ptr<TCPStoreBarrier> withSignalChecks(std::unique_ptr<TCPStoreBarrier> barrier) {
+  // Lets Ctrl-C and other Python signal handlers run while a rank waits
+  // without the GIL.
+  barrier->setInterruptCheck([] {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {
+      throw py::error_already_set();
+    }
+  });
+  return barrier;
+}
+
+} // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.attr("__version__") = TCPSTORE_BARRIER_VERSION;
+  m.attr("built_with_torch") = TCPSTORE_BARRIER_TORCH_VERSION;
+
+  py::register_local_exception_translator([](std::exception_ptr error) {
+    try {
+      std::rethrow_exception(error);
+    } catch (const BarrierTimeoutError& e) {
+      py::object type = py::module_::import("tcpstore_barrier._errors").attr("BarrierTimeoutError");
+      py::object exception = type(
+          e.what_without_backtrace(), e.missingRanks(), e.barrierKey(), e.sequence(),
+          std::chrono::duration<double>(e.timeout()).count());
+      PyErr_SetObject(type.ptr(), exception.ptr());
+    }
+  });
+
+  py::class_<TCPStoreBarrier>(m, "TCPStoreBarrier")
+      .def(py::init([](py::handle global_rank, py::handle global_world_size, py::handle barrier_prefix,
+                       py::handle timeout_barrier_init_secs, py::handle use_checkpoint_barrier_tcpstore_libuv,
+                       py::handle tcpstore_port, py::handle master_address, py::handle timeout_secs,
+                       const std::string& protocol) {
+             TCPStoreBarrierOptions options{
+                 intArg(global_rank, "global_rank"),
+                 intArg(global_world_size, "global_world_size"),
+                 strArg(barrier_prefix, "barrier_prefix"),
+                 secondsArg(timeout_barrier_init_secs, "timeout_barrier_init_secs"),
+                 boolArg(use_checkpoint_barrier_tcpstore_libuv, "use_checkpoint_barrier_tcpstore_libuv"),
+                 intArg(tcpstore_port, "tcpstore_port"),
+                 strArg(master_address, "master_address"),
+                 secondsArg(timeout_secs, "timeout_secs"),
+                 protocolArg(protocol)};
+             py::gil_scoped_release nogil;
+             return withSignalChecks(std::make_unique<TCPStoreBarrier>(std::move(options)));
+           }),
+           py::arg("global_rank"), py::arg("global_world_size"), py::arg("barrier_prefix"),
+           py::arg("timeout_barrier_init_secs"), py::arg("use_checkpoint_barrier_tcpstore_libuv"),
+           py::arg("tcpstore_port"), py::arg("master_address"), py::arg("timeout_secs"), py::kw_only(),
+           py::arg("protocol") = "torch")
+      .def_static(
+          "from_store",
+          [](c10::intrusive_ptr<c10d::Store> store, py::handle global_rank, py::handle global_world_size,
+             py::handle barrier_prefix, py::handle timeout_secs, const std::string& protocol) {
+            return withSignalChecks(std::make_unique<TCPStoreBarrier>(
+                std::move(store), intArg(global_rank, "global_rank"),
+                intArg(global_world_size, "global_world_size"), strArg(barrier_prefix, "barrier_prefix"),
+                secondsArg(timeout_secs, "timeout_secs"), protocolArg(protocol)));
+          },
+          py::arg("store"), py::arg("global_rank"), py::arg("global_world_size"), py::arg("barrier_prefix"),
+          py::arg("timeout_secs") = 300, py::kw_only(), py::arg("protocol") = "torch")
+      .def("execute_barrier", &TCPStoreBarrier::executeBarrier, py::call_guard<py::gil_scoped_release>())
+      .def("arrive", &TCPStoreBarrier::arrive, py::call_guard<py::gil_scoped_release>())
+      .def("wait",
+           [](TCPStoreBarrier& self) {
+             // A released round completes without a store round trip, so
+             // keep the GIL rather than pay for giving it back.
+             if (self.released()) {
+               self.wait();
+               return;
+             }
+             py::gil_scoped_release nogil;
+             self.wait();
+           })
+      .def("close", &TCPStoreBarrier::close, py::call_guard<py::gil_scoped_release>())
+      .def("__enter__", [](py::object self) { return self; })
+      .def(
+          "__exit__", [](TCPStoreBarrier& self, const py::args&) { self.close(); },
+          py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("sequence", &TCPStoreBarrier::sequence)
+      .def_property_readonly("uses_libuv", &TCPStoreBarrier::usesLibUV)
+      .def_property_readonly("released", &TCPStoreBarrier::released)
+      .def_property_readonly("closed", &TCPStoreBarrier::closed)
+      .def_property_readonly("global_rank", &TCPStoreBarrier::rank)
+      .def_property_readonly("global_world_size", &TCPStoreBarrier::worldSize)
+      .def_property_readonly("barrier_prefix", &TCPStoreBarrier::barrierPrefix)
+      .def_property_readonly("timeout_secs",
+                             [](const TCPStoreBarrier& self) {
+                               return std::chrono::duration<double>(self.timeout()).count();
+                             })
+      .def_property_readonly("protocol",
+                             [](const TCPStoreBarrier& self) {
+                               return self.protocol() == Protocol::kNative ? "native" : "torch";
+                             })
+      .def_property_readonly("store", &TCPStoreBarrier::store)
+      .def("__repr__", [](const TCPStoreBarrier& self) {
+        return py::str("TCPStoreBarrier(global_rank={}, global_world_size={}, barrier_prefix={!r}, "
+                       "sequence={}, protocol={!r})")
+            .format(self.rank(), self.worldSize(), self.barrierPrefix(), self.sequence(),
+                    self.protocol() == Protocol::kNative ? "native" : "torch");
+      });
+}

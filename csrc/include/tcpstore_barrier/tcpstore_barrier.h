@@ -1,0 +1,212 @@
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <c10/util/Exception.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+namespace tcpstore_barrier {
+
+// Which keys a barrier round uses on the store.
+enum class Protocol {
+  // torch.distributed.elastic.utils.store.barrier's keys, so that torch's
+  // Python TCPStoreBarrier ranks can share the barrier with ours.
+  kTorch,
+  // TCPStore's server-side BARRIER request: one round trip per rank. Every
+  // rank of the barrier must use it.
+  kNative,
+};
+
+// Everything a barrier needs, in the units it uses. The torch-shaped
+// constructor below fills one of these.
+struct TCPStoreBarrierOptions {
+  int64_t globalRank = 0;
+  int64_t globalWorldSize = 1;
+  std::string barrierPrefix;
+  std::chrono::milliseconds initTimeout = std::chrono::seconds(60);
+  bool useLibUV = true;
+  int64_t port = 0;
+  std::string masterAddress;
+  std::chrono::milliseconds timeout = std::chrono::seconds(300);
+  Protocol protocol = Protocol::kTorch;
+};
+
+// Raised when a barrier round does not complete in time. It names the ranks
+// whose `rank{r}` key had not reached this round when the time ran out.
+class BarrierTimeoutError : public c10::DistStoreError {
+ public:
+  BarrierTimeoutError(
+      std::string barrierKey,
+      int64_t sequence,
+      std::chrono::milliseconds timeout,
+      std::vector<int64_t> missingRanks,
+      int64_t rank,
+      int64_t worldSize);
+
+  const std::string& barrierKey() const noexcept {
+    return barrierKey_;
+  }
+  int64_t sequence() const noexcept {
+    return sequence_;
+  }
+  std::chrono::milliseconds timeout() const noexcept {
+    return timeout_;
+  }
+  const std::vector<int64_t>& missingRanks() const noexcept {
+    return missingRanks_;
+  }
+
+ private:
+  std::string barrierKey_;
+  int64_t sequence_;
+  std::chrono::milliseconds timeout_;
+  std::vector<int64_t> missingRanks_;
+};
+
+// A reusable barrier over a c10d::TCPStore that speaks the key protocol of
+// torch.distributed.checkpoint._experimental.barriers.TCPStoreBarrier.
+//
+// One object per rank; it is not meant to be shared between threads. A round
+// that times out or is interrupted stays entered: the next call resumes
+// waiting for the same round instead of entering it twice.
+class TCPStoreBarrier {
+ public:
+  // torch's parameters, in torch's order.
+  TCPStoreBarrier(
+      int64_t global_rank,
+      int64_t global_world_size,
+      std::string barrier_prefix,
+      int64_t timeout_barrier_init_secs,
+      bool use_checkpoint_barrier_tcpstore_libuv,
+      uint16_t tcpstore_port,
+      std::string master_address,
+      int64_t timeout_secs);
+
+  // Creates (rank 0) or joins the store described by `options`. Every
+  // argument is checked before a socket is opened.
+  explicit TCPStoreBarrier(TCPStoreBarrierOptions options);
+
+  // Joins barriers over a store the program already has (for instance the
+  // default process group's). No server is started; nothing is closed.
+  TCPStoreBarrier(
+      c10::intrusive_ptr<c10d::Store> store,
+      int64_t global_rank,
+      int64_t global_world_size,
+      std::string barrier_prefix,
+      std::chrono::milliseconds timeout,
+      Protocol protocol = Protocol::kTorch);
+
+  ~TCPStoreBarrier();
+
+  TCPStoreBarrier(const TCPStoreBarrier&) = delete;
+  TCPStoreBarrier& operator=(const TCPStoreBarrier&) = delete;
+  TCPStoreBarrier(TCPStoreBarrier&&) = delete;
+  TCPStoreBarrier& operator=(TCPStoreBarrier&&) = delete;
+
+  // Returns once every rank has entered the current round; throws
+  // BarrierTimeoutError after `timeout` without that.
+  void executeBarrier();
+
+  // Enters the current round and returns without waiting for the others.
+  // Calling it again before wait() has completed the round does nothing.
+  void arrive();
+
+  // Completes the round entered by arrive(): returns once every rank has
+  // entered it. The time limit counts from this call.
+  void wait();
+
+  // Whether the round entered by arrive() is already released, so that a
+  // wait() would return without blocking.
+  bool released() const noexcept {
+    return released_;
+  }
+
+  // The sequence number of the next round to complete.
+  int64_t sequence() const noexcept {
+    return sequence_;
+  }
+
+  bool usesLibUV() const noexcept {
+    return usesLibUV_;
+  }
+
+  int64_t rank() const noexcept {
+    return rank_;
+  }
+  int64_t worldSize() const noexcept {
+    return worldSize_;
+  }
+  const std::string& barrierPrefix() const noexcept {
+    return prefix_;
+  }
+  std::chrono::milliseconds timeout() const noexcept {
+    return timeout_;
+  }
+  Protocol protocol() const noexcept {
+    return protocol_;
+  }
+  const c10::intrusive_ptr<c10d::Store>& store() const noexcept {
+    return store_;
+  }
+
+  // Called, without any lock held, between the slices of a blocking wait so
+  // that an embedding runtime can act on signals; whatever it throws ends
+  // the wait and leaves the round entered.
+  void setInterruptCheck(std::function<void()> check);
+
+  // Leaves the store. On the rank that hosts the store this first waits (up
+  // to `timeout`) for every other rank to have closed, so that no peer still
+  // inside the last round loses the store. Idempotent.
+  void close();
+  bool closed() const noexcept {
+    return !store_;
+  }
+
+ private:
+  void enterRound();
+  void waitForRelease(std::chrono::steady_clock::time_point deadline);
+  void finishRound();
+  void deleteFinishedRounds();
+  void prepareRoundKeys();
+  std::vector<int64_t> missingRanks();
+  [[noreturn]] void rethrowStoreFailure(const std::exception& e) const;
+  void checkOpen() const;
+
+  c10::intrusive_ptr<c10d::Store> store_;
+  int64_t rank_;
+  int64_t worldSize_;
+  std::string prefix_;
+  std::chrono::milliseconds timeout_;
+  Protocol protocol_;
+  bool usesLibUV_ = false;
+  // Created by this object (not from_store): close() does the handshake.
+  bool ownsStore_ = false;
+  bool hostsStore_ = false;
+  std::string storeAddress_;
+  std::function<void()> interruptCheck_;
+
+  int64_t sequence_ = 0;
+  bool arrived_ = false;
+  bool released_ = false;
+  bool firstArriver_ = false;
+
+  // Keys of the current round, rebuilt once per round into reused buffers.
+  std::string rankKey_;
+  std::string sequenceText_;
+  std::string numMembersKey_;
+  std::vector<std::string> lastMemberKey_;
+  std::vector<uint8_t> sequenceValue_;
+};
+
+// Argument checks shared with the bindings, so that every entry point
+// rejects the same values with the same messages (std::invalid_argument).
+uint16_t checkedPort(int64_t port);
+std::chrono::milliseconds checkedTimeout(double seconds, const char* name);
+
+} // namespace tcpstore_barrier

@@ -1,0 +1,36 @@
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace tcpstore_barrier {
+
+// Owns a file descriptor until it is released to a new owner.
+class UniqueFd {
+ public:
+  explicit UniqueFd(int fd = -1) noexcept : fd_(fd) {}
+  ~UniqueFd();
+  UniqueFd(UniqueFd&& other) noexcept : fd_(other.release()) {}
+  UniqueFd& operator=(UniqueFd&& other) noexcept;
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+
+  int get() const noexcept {
+    return fd_;
+  }
+  int release() noexcept {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+
+ private:
+  int fd_;
+};
+
+// A listening TCP socket bound to `host`'s address (not the wildcard), for
+// TCPStoreOptions::masterListenFd. Throws c10::DistNetworkError naming the
+// host and port when the name does not resolve or the port is taken.
+UniqueFd openListenSocket(const std::string& host, uint16_t port);
+
+} // namespace tcpstore_barrier

@@ -1,0 +1,475 @@
+#include <tcpstore_barrier/tcpstore_barrier.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <stdexcept>
+#include <string_view>
+#include <utility>
+
+#include <c10/util/Logging.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "listen_socket.h"
+
+namespace tcpstore_barrier {
+namespace {
+
+// Key names of torch.distributed.elastic.utils.store.barrier: a round is
+// released by its last member setting `last_member`.
+constexpr std::string_view kNumMembersSuffix = "/num_members";
+constexpr std::string_view kLastMemberSuffix = "/last_member";
+constexpr std::string_view kReleasedValue = "<val_ignored>";
+const std::vector<uint8_t> kReleasedBytes(
+    kReleasedValue.begin(),
+    kReleasedValue.end());
+// Outside any round's key space: round keys are `{prefix}{digits}/...`.
+constexpr std::string_view kClosedSuffix = "/closed";
+constexpr std::string_view kAllClosedSuffix = "/all_closed";
+
+// How long a blocking wait runs between two interrupt checks: well under the
+// half second in which a Ctrl-C must be acted on, and long enough that the
+// cancel round trip each slice costs is noise.
+constexpr std::chrono::milliseconds kInterruptSlice{100};
+
+// TCPStore keeps timeouts in milliseconds; beyond this a timeout is a typo.
+constexpr double kMaxTimeoutSeconds = 365.0 * 24 * 3600;
+
+c10::SourceLocation here(const char* function, int line) {
+  return {function, __FILE__, static_cast<uint32_t>(line)};
+}
+
+void appendInt(std::string& out, int64_t value) {
+  char digits[24];
+  auto [end, ec] = std::to_chars(digits, digits + sizeof(digits), value);
+  (void)ec;
+  out.append(digits, end);
+}
+
+std::string roundKey(
+    const std::string& prefix,
+    int64_t sequence,
+    std::string_view suffix) {
+  std::string key = prefix;
+  appendInt(key, sequence);
+  key.append(suffix);
+  return key;
+}
+
+std::string rankKeyOf(int64_t rank) {
+  std::string key = "rank";
+  appendInt(key, rank);
+  return key;
+}
+
+std::optional<int64_t> parseInt(const std::vector<uint8_t>& bytes) {
+  int64_t value = 0;
+  const char* first = reinterpret_cast<const char*>(bytes.data());
+  const char* last = first + bytes.size();
+  auto [end, ec] = std::from_chars(first, last, value);
+  if (ec != std::errc() || end != last) {
+    return std::nullopt;
+  }
+  return value;
+}
+
+std::string seconds(std::chrono::milliseconds timeout) {
+  return fmt::format("{:g} s", static_cast<double>(timeout.count()) / 1000.0);
+}
+
+void checkRankAndWorld(int64_t rank, int64_t worldSize) {
+  if (worldSize < 1) {
+    throw std::invalid_argument(fmt::format(
+        "global_world_size must be at least 1, got {}", worldSize));
+  }
+  if (rank < 0 || rank >= worldSize) {
+    throw std::invalid_argument(fmt::format(
+        "global_rank must be in [0, global_world_size={}), got {}",
+        worldSize,
+        rank));
+  }
+}
+
+void checkNonNegative(std::chrono::milliseconds timeout, const char* name) {
+  if (timeout.count() < 0) {
+    throw std::invalid_argument(fmt::format(
+        "{} must not be negative, got {} ms", name, timeout.count()));
+  }
+}
+
+std::string describeStore(const c10::intrusive_ptr<c10d::Store>& store) {
+  if (auto* tcp = dynamic_cast<c10d::TCPStore*>(store.get())) {
+    return fmt::format("the store at {}:{}", tcp->getHost(), tcp->getPort());
+  }
+  return "the store";
+}
+
+} // namespace
+
+uint16_t checkedPort(int64_t port) {
+  if (port < 1 || port > 65535) {
+    throw std::invalid_argument(
+        fmt::format("tcpstore_port must be in 1..65535, got {}", port));
+  }
+  return static_cast<uint16_t>(port);
+}
+
+std::chrono::milliseconds checkedTimeout(double seconds, const char* name) {
+  if (std::isnan(seconds) || seconds < 0 || seconds > kMaxTimeoutSeconds) {
+    throw std::invalid_argument(fmt::format(
+        "{} must be a number of seconds in [0, {:g}], got {}",
+        name,
+        kMaxTimeoutSeconds,
+        seconds));
+  }
+  return std::chrono::milliseconds(std::llround(seconds * 1000.0));
+}
+
+BarrierTimeoutError::BarrierTimeoutError(
+    std::string barrierKey,
+    int64_t sequence,
+    std::chrono::milliseconds timeout,
+    std::vector<int64_t> missingRanks,
+    int64_t rank,
+    int64_t worldSize)
+    : c10::DistStoreError(
+          here(__func__, __LINE__),
+          fmt::format(
+              "TCPStoreBarrier timed out after {} on rank {} (world size {}) "
+              "at barrier key '{}' (sequence {}); missing ranks: [{}]",
+              seconds(timeout),
+              rank,
+              worldSize,
+              barrierKey,
+              sequence,
+              fmt::join(missingRanks, ", "))),
+      barrierKey_(std::move(barrierKey)),
+      sequence_(sequence),
+      timeout_(timeout),
+      missingRanks_(std::move(missingRanks)) {}
+
+TCPStoreBarrier::TCPStoreBarrier(
+    int64_t global_rank,
+    int64_t global_world_size,
+    std::string barrier_prefix,
+    int64_t timeout_barrier_init_secs,
+    bool use_checkpoint_barrier_tcpstore_libuv,
+    uint16_t tcpstore_port,
+    std::string master_address,
+    int64_t timeout_secs)
+    : TCPStoreBarrier(TCPStoreBarrierOptions{
+          global_rank,
+          global_world_size,
+          std::move(barrier_prefix),
+          checkedTimeout(
+              static_cast<double>(timeout_barrier_init_secs),
+              "timeout_barrier_init_secs"),
+          use_checkpoint_barrier_tcpstore_libuv,
+          tcpstore_port,
+          std::move(master_address),
+          checkedTimeout(static_cast<double>(timeout_secs), "timeout_secs"),
+          Protocol::kTorch}) {}
+
+TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
+    : rank_(options.globalRank),
+      worldSize_(options.globalWorldSize),
+      prefix_(std::move(options.barrierPrefix)),
+      timeout_(options.timeout),
+      protocol_(options.protocol),
+      ownsStore_(true),
+      hostsStore_(options.globalRank == 0) {
+  checkRankAndWorld(rank_, worldSize_);
+  const uint16_t port = checkedPort(options.port);
+  if (options.masterAddress.empty()) {
+    throw std::invalid_argument("master_address must not be empty");
+  }
+  checkNonNegative(options.initTimeout, "timeout_barrier_init_secs");
+  checkNonNegative(timeout_, "timeout_secs");
+
+  c10d::TCPStoreOptions storeOptions;
+  storeOptions.port = port;
+  storeOptions.isServer = hostsStore_;
+  storeOptions.numWorkers = static_cast<std::size_t>(worldSize_);
+  storeOptions.waitWorkers = true;
+  storeOptions.timeout = options.initTimeout;
+  storeOptions.useLibUV = options.useLibUV;
+  if (hostsStore_) {
+    // TCPStore's own server listens on every interface; binding the socket
+    // here keeps it on the interface of master_address.
+    storeOptions.masterListenFd =
+        openListenSocket(options.masterAddress, port).release();
+  }
+  storeAddress_ = fmt::format("{}:{}", options.masterAddress, port);
+  try {
+    auto store = c10::make_intrusive<c10d::TCPStore>(
+        options.masterAddress, storeOptions);
+    usesLibUV_ = store->isLibUvBackend();
+    store_ = std::move(store);
+  } catch (const c10::DistStoreError& e) {
+    throw c10::DistStoreError(
+        here(__func__, __LINE__),
+        fmt::format(
+            "TCPStoreBarrier rank {} of {}: the store at {} did not gather "
+            "all ranks within timeout_barrier_init_secs={}: {}",
+            rank_,
+            worldSize_,
+            storeAddress_,
+            seconds(options.initTimeout),
+            e.what_without_backtrace()));
+  } catch (const c10::DistNetworkError& e) {
+    throw c10::DistNetworkError(
+        here(__func__, __LINE__),
+        fmt::format(
+            "TCPStoreBarrier rank {} of {}: cannot reach the store at {} "
+            "within timeout_barrier_init_secs={}: {}",
+            rank_,
+            worldSize_,
+            storeAddress_,
+            seconds(options.initTimeout),
+            e.what_without_backtrace()));
+  }
+  prepareRoundKeys();
+}
+
+TCPStoreBarrier::TCPStoreBarrier(
+    c10::intrusive_ptr<c10d::Store> store,
+    int64_t global_rank,
+    int64_t global_world_size,
+    std::string barrier_prefix,
+    std::chrono::milliseconds timeout,
+    Protocol protocol)
+    : store_(std::move(store)),
+      rank_(global_rank),
+      worldSize_(global_world_size),
+      prefix_(std::move(barrier_prefix)),
+      timeout_(timeout),
+      protocol_(protocol) {
+  if (!store_) {
+    throw std::invalid_argument("store must not be null");
+  }
+  checkRankAndWorld(rank_, worldSize_);
+  checkNonNegative(timeout_, "timeout_secs");
+  if (auto* tcp = dynamic_cast<c10d::TCPStore*>(store_.get())) {
+    usesLibUV_ = tcp->isLibUvBackend();
+  }
+  storeAddress_ = describeStore(store_);
+  prepareRoundKeys();
+}
+
+TCPStoreBarrier::~TCPStoreBarrier() = default;
+
+void TCPStoreBarrier::setInterruptCheck(std::function<void()> check) {
+  interruptCheck_ = std::move(check);
+}
+
+void TCPStoreBarrier::prepareRoundKeys() {
+  if (rankKey_.empty()) {
+    rankKey_ = rankKeyOf(rank_);
+    lastMemberKey_.resize(1);
+  }
+  sequenceText_.clear();
+  appendInt(sequenceText_, sequence_);
+  sequenceValue_.assign(sequenceText_.begin(), sequenceText_.end());
+
+  numMembersKey_.assign(prefix_);
+  numMembersKey_.append(sequenceText_);
+  numMembersKey_.append(kNumMembersSuffix);
+
+  std::string& lastMember = lastMemberKey_.front();
+  lastMember.assign(prefix_);
+  lastMember.append(sequenceText_);
+  lastMember.append(kLastMemberSuffix);
+}
+
+void TCPStoreBarrier::checkOpen() const {
+  if (!store_) {
+    throw std::logic_error(fmt::format(
+        "TCPStoreBarrier rank {} (prefix '{}') is closed", rank_, prefix_));
+  }
+}
+
+void TCPStoreBarrier::executeBarrier() {
+  arrive();
+  wait();
+}
+
+void TCPStoreBarrier::arrive() {
+  checkOpen();
+  if (arrived_) {
+    return;
+  }
+  try {
+    enterRound();
+  } catch (const c10::DistNetworkError& e) {
+    rethrowStoreFailure(e);
+  }
+}
+
+void TCPStoreBarrier::enterRound() {
+  // torch's class announces the round it joins under `rank{r}` first; the
+  // value is what names a missing rank when a round times out. A set has no
+  // reply, so it costs no round trip of its own.
+  store_->set(rankKey_, sequenceValue_);
+  const int64_t members = store_->add(numMembersKey_, 1);
+  arrived_ = true;
+  firstArriver_ = members == 1;
+  if (members >= worldSize_) {
+    // The last arriver releases the others and has nothing to wait for.
+    store_->set(lastMemberKey_.front(), kReleasedBytes);
+    released_ = true;
+  }
+}
+
+void TCPStoreBarrier::wait() {
+  checkOpen();
+  if (!arrived_) {
+    throw std::logic_error(fmt::format(
+        "TCPStoreBarrier rank {}: wait() called before arrive() for "
+        "sequence {}",
+        rank_,
+        sequence_));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  try {
+    if (firstArriver_) {
+      // The first arriver has the most time to spare before the round can
+      // release, so it is the one that tidies the store.
+      firstArriver_ = false;
+      deleteFinishedRounds();
+    }
+    if (!released_) {
+      waitForRelease(deadline);
+    }
+  } catch (const c10::DistNetworkError& e) {
+    rethrowStoreFailure(e);
+  }
+  finishRound();
+}
+
+void TCPStoreBarrier::finishRound() {
+  arrived_ = false;
+  released_ = false;
+  ++sequence_;
+  prepareRoundKeys();
+}
+
+void TCPStoreBarrier::waitForRelease(
+    std::chrono::steady_clock::time_point deadline) {
+  using Clock = std::chrono::steady_clock;
+  for (;;) {
+    const auto now = Clock::now();
+    if (now >= deadline) {
+      throw BarrierTimeoutError(
+          lastMemberKey_.front(),
+          sequence_,
+          timeout_,
+          missingRanks(),
+          rank_,
+          worldSize_);
+    }
+    auto slice =
+        std::chrono::ceil<std::chrono::milliseconds>(deadline - now);
+    if (interruptCheck_) {
+      slice = std::min(slice, kInterruptSlice);
+    }
+    try {
+      store_->wait(lastMemberKey_, slice);
+      released_ = true;
+      return;
+    } catch (const c10::DistStoreError&) {
+      // TCPStore reports an elapsed wait as DistStoreError; anything else
+      // that arrives before the slice is up is a broken store.
+      if (Clock::now() < now + slice) {
+        throw;
+      }
+    }
+    if (interruptCheck_) {
+      interruptCheck_();
+    }
+  }
+}
+
+std::vector<int64_t> TCPStoreBarrier::missingRanks() {
+  std::vector<std::string> keys;
+  keys.reserve(static_cast<std::size_t>(worldSize_));
+  for (int64_t r = 0; r < worldSize_; ++r) {
+    keys.push_back(rankKeyOf(r));
+  }
+  std::vector<std::optional<int64_t>> rounds(keys.size());
+  // Once every rank has entered some round, all `rank{r}` keys exist and
+  // one multiGet reads them; before that, a rank without a key is missing.
+  if (store_->check(keys)) {
+    auto values = store_->multiGet(keys);
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      rounds[i] = parseInt(values[i]);
+    }
+  } else {
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      if (store_->check({keys[i]})) {
+        rounds[i] = parseInt(store_->get(keys[i]));
+      }
+    }
+  }
+  std::vector<int64_t> missing;
+  for (std::size_t i = 0; i < rounds.size(); ++i) {
+    if (!rounds[i] || *rounds[i] < sequence_) {
+      missing.push_back(static_cast<int64_t>(i));
+    }
+  }
+  return missing;
+}
+
+void TCPStoreBarrier::deleteFinishedRounds() {
+  // Round s has been entered by this rank, so round s-1 has released and
+  // every rank has returned from round s-2: its keys are no longer read.
+  // Rounds whose first arriver was a torch rank are left behind, so walk
+  // back until a round is found already deleted.
+  for (int64_t old = sequence_ - 2; old >= 0; --old) {
+    if (!store_->deleteKey(roundKey(prefix_, old, kNumMembersSuffix))) {
+      break;
+    }
+    store_->deleteKey(roundKey(prefix_, old, kLastMemberSuffix));
+  }
+}
+
+void TCPStoreBarrier::rethrowStoreFailure(const std::exception& e) const {
+  throw c10::DistNetworkError(
+      here(__func__, __LINE__),
+      fmt::format(
+          "TCPStoreBarrier rank {} of {}: {} is gone or unreachable "
+          "(barrier prefix '{}', sequence {}): {}",
+          rank_,
+          worldSize_,
+          storeAddress_,
+          prefix_,
+          sequence_,
+          e.what()));
+}
+
+void TCPStoreBarrier::close() {
+  if (!store_) {
+    return;
+  }
+  auto store = std::move(store_);
+  if (!ownsStore_) {
+    return;
+  }
+  const std::string closedKey = prefix_ + std::string(kClosedSuffix);
+  const std::string allClosedKey = prefix_ + std::string(kAllClosedSuffix);
+  try {
+    if (store->add(closedKey, 1) >= worldSize_) {
+      store->set(allClosedKey, kReleasedBytes);
+    }
+    if (hostsStore_) {
+      store->wait({allClosedKey}, timeout_);
+    }
+  } catch (const std::exception& e) {
+    LOG(WARNING) << "TCPStoreBarrier rank " << rank_ << ": closing "
+                 << storeAddress_ << " before every rank had closed: "
+                 << e.what();
+  }
+}
+
+} // namespace tcpstore_barrier
