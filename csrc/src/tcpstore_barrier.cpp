@@ -13,6 +13,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "listen_socket.h"
+#include "release_watcher.h"
 
 namespace tcpstore_barrier {
 namespace {
@@ -29,9 +30,9 @@ const std::vector<uint8_t> kReleasedBytes(
 constexpr std::string_view kClosedSuffix = "/closed";
 constexpr std::string_view kAllClosedSuffix = "/all_closed";
 
-// How long a blocking wait runs between two interrupt checks: well under the
-// half second in which a Ctrl-C must be acted on, and long enough that the
-// cancel round trip each slice costs is noise.
+// How often a blocked caller checks for interrupts: well under the half
+// second in which a Ctrl-C must be acted on. The check is local (a
+// condition variable), so it costs no store traffic.
 constexpr std::chrono::milliseconds kInterruptSlice{100};
 
 // TCPStore keeps timeouts in milliseconds; beyond this a timeout is a typo.
@@ -302,9 +303,27 @@ void TCPStoreBarrier::arrive() {
   }
   try {
     enterRound();
+    if (!released_) {
+      // Start watching for the release now, so that a wait() called after
+      // other work may find the round already released.
+      watcher().watch(
+          lastMemberKey_.front(), std::chrono::steady_clock::now() + timeout_);
+    }
   } catch (const c10::DistNetworkError& e) {
     rethrowStoreFailure(e);
   }
+}
+
+bool TCPStoreBarrier::released() const {
+  return released_ ||
+      (watcher_ && watcher_->status() == ReleaseWatcher::Status::kReleased);
+}
+
+ReleaseWatcher& TCPStoreBarrier::watcher() {
+  if (!watcher_) {
+    watcher_ = std::make_unique<ReleaseWatcher>(store_->clone());
+  }
+  return *watcher_;
 }
 
 void TCPStoreBarrier::enterRound() {
@@ -331,19 +350,11 @@ void TCPStoreBarrier::wait() {
         rank_,
         sequence_));
   }
-  const auto deadline = std::chrono::steady_clock::now() + timeout_;
-  try {
-    if (firstArriver_) {
-      // The first arriver has the most time to spare before the round can
-      // release, so it is the one that tidies the store.
-      firstArriver_ = false;
-      deleteFinishedRounds();
-    }
-    if (!released_) {
-      waitForRelease(deadline);
-    }
-  } catch (const c10::DistNetworkError& e) {
-    rethrowStoreFailure(e);
+  if (!released_) {
+    waitForRelease(std::chrono::steady_clock::now() + timeout_);
+  }
+  if (firstArriver_) {
+    deleteFinishedRounds();
   }
   finishRound();
 }
@@ -351,6 +362,10 @@ void TCPStoreBarrier::wait() {
 void TCPStoreBarrier::finishRound() {
   arrived_ = false;
   released_ = false;
+  firstArriver_ = false;
+  if (watcher_) {
+    watcher_->reset();
+  }
   ++sequence_;
   prepareRoundKeys();
 }
@@ -358,32 +373,39 @@ void TCPStoreBarrier::finishRound() {
 void TCPStoreBarrier::waitForRelease(
     std::chrono::steady_clock::time_point deadline) {
   using Clock = std::chrono::steady_clock;
+  using Status = ReleaseWatcher::Status;
+  ReleaseWatcher& releases = watcher();
+  // Extends a watch started by arrive(): the time limit counts from here.
+  releases.watch(lastMemberKey_.front(), deadline);
   for (;;) {
-    const auto now = Clock::now();
-    if (now >= deadline) {
-      throw BarrierTimeoutError(
-          lastMemberKey_.front(),
-          sequence_,
-          timeout_,
-          missingRanks(),
-          rank_,
-          worldSize_);
-    }
-    auto slice =
-        std::chrono::ceil<std::chrono::milliseconds>(deadline - now);
-    if (interruptCheck_) {
-      slice = std::min(slice, kInterruptSlice);
-    }
-    try {
-      store_->wait(lastMemberKey_, slice);
+    const auto until = interruptCheck_
+        ? std::min(deadline, Clock::now() + kInterruptSlice)
+        : deadline;
+    const Status status = releases.waitUntil(until);
+    if (status == Status::kReleased) {
       released_ = true;
       return;
-    } catch (const c10::DistStoreError&) {
-      // TCPStore reports an elapsed wait as DistStoreError; anything else
-      // that arrives before the slice is up is a broken store.
-      if (Clock::now() < now + slice) {
-        throw;
+    }
+    if (status == Status::kFailed) {
+      try {
+        std::rethrow_exception(releases.failure());
+      } catch (const std::exception& e) {
+        rethrowStoreFailure(e);
       }
+    }
+    if (Clock::now() >= deadline) {
+      std::vector<int64_t> missing;
+      try {
+        missing = missingRanks();
+      } catch (const c10::DistNetworkError& e) {
+        rethrowStoreFailure(e);
+      }
+      throw BarrierTimeoutError(
+          lastMemberKey_.front(), sequence_, timeout_, missing, rank_,
+          worldSize_);
+    }
+    if (status == Status::kExpired) {
+      releases.watch(lastMemberKey_.front(), deadline);
     }
     if (interruptCheck_) {
       interruptCheck_();
@@ -422,16 +444,19 @@ std::vector<int64_t> TCPStoreBarrier::missingRanks() {
 }
 
 void TCPStoreBarrier::deleteFinishedRounds() {
-  // Round s has been entered by this rank, so round s-1 has released and
-  // every rank has returned from round s-2: its keys are no longer read.
-  // Rounds whose first arriver was a torch rank are left behind, so walk
-  // back until a round is found already deleted.
-  for (int64_t old = sequence_ - 2; old >= 0; --old) {
-    if (!store_->deleteKey(roundKey(prefix_, old, kNumMembersSuffix))) {
-      break;
-    }
-    store_->deleteKey(roundKey(prefix_, old, kLastMemberSuffix));
-  }
+  // Round s has released, so every rank has returned from round s-1 and its
+  // keys are no longer read. The first arriver has the most slack, so it
+  // tidies, on the watcher's connection. Rounds whose first arriver was a
+  // torch rank are left behind, so walk back until a round is found gone.
+  watcher().runInBackground(
+      [prefix = prefix_, newest = sequence_ - 1](c10d::Store& store) {
+        for (int64_t old = newest; old >= 0; --old) {
+          if (!store.deleteKey(roundKey(prefix, old, kNumMembersSuffix))) {
+            return;
+          }
+          store.deleteKey(roundKey(prefix, old, kLastMemberSuffix));
+        }
+      });
 }
 
 void TCPStoreBarrier::rethrowStoreFailure(const std::exception& e) const {
@@ -452,6 +477,7 @@ void TCPStoreBarrier::close() {
   if (!store_) {
     return;
   }
+  watcher_.reset();
   auto store = std::move(store_);
   if (!ownsStore_) {
     return;

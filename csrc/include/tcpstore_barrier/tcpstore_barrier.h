@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -12,6 +13,8 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 namespace tcpstore_barrier {
+
+class ReleaseWatcher;
 
 // Which keys a barrier round uses on the store.
 enum class Protocol {
@@ -123,9 +126,7 @@ class TCPStoreBarrier {
 
   // Whether the round entered by arrive() is already released, so that a
   // wait() would return without blocking.
-  bool released() const noexcept {
-    return released_;
-  }
+  bool released() const;
 
   // The sequence number of the next round to complete.
   int64_t sequence() const noexcept {
@@ -174,6 +175,7 @@ class TCPStoreBarrier {
   void finishRound();
   void deleteFinishedRounds();
   void prepareRoundKeys();
+  ReleaseWatcher& watcher();
   std::vector<int64_t> missingRanks();
   [[noreturn]] void rethrowStoreFailure(const std::exception& e) const;
   void checkOpen() const;
@@ -190,6 +192,8 @@ class TCPStoreBarrier {
   bool hostsStore_ = false;
   std::string storeAddress_;
   std::function<void()> interruptCheck_;
+  // Created on the first wait, with a connection of its own.
+  std::unique_ptr<ReleaseWatcher> watcher_;
 
   int64_t sequence_ = 0;
   bool arrived_ = false;

@@ -1,0 +1,169 @@
+#include "release_watcher.h"
+
+#include <utility>
+
+#include <c10/util/Exception.h>
+#include <c10/util/Logging.h>
+
+namespace tcpstore_barrier {
+
+struct ReleaseWatcher::State {
+  explicit State(c10::intrusive_ptr<c10d::Store> s) : store(std::move(s)) {
+    key.resize(1);
+  }
+
+  c10::intrusive_ptr<c10d::Store> store;
+  mutable std::mutex mutex;
+  std::condition_variable changed;
+  bool stopping = false;
+
+  // The watch: written by the caller, served by the thread.
+  std::vector<std::string> key;
+  Clock::time_point deadline;
+  bool requested = false;
+  Status status = Status::kIdle;
+  std::exception_ptr error;
+
+  std::vector<std::function<void(c10d::Store&)>> jobs;
+};
+
+ReleaseWatcher::ReleaseWatcher(c10::intrusive_ptr<c10d::Store> store)
+    : state_(std::make_shared<State>(std::move(store))),
+      thread_(&ReleaseWatcher::run, state_) {}
+
+ReleaseWatcher::~ReleaseWatcher() {
+  bool busy = false;
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->stopping = true;
+    busy = state_->status == Status::kWatching;
+  }
+  state_->changed.notify_all();
+  // A store wait cannot be cut short; rather than block the owner until
+  // its deadline, let the thread finish it alone (it owns what it uses).
+  if (busy) {
+    thread_.detach();
+  } else {
+    thread_.join();
+  }
+}
+
+void ReleaseWatcher::watch(const std::string& key, Clock::time_point deadline) {
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    const bool sameKey = state_->key.front() == key;
+    if (sameKey && state_->status == Status::kReleased) {
+      return;
+    }
+    if (sameKey && state_->status == Status::kWatching &&
+        deadline <= state_->deadline) {
+      return;
+    }
+    state_->key.front().assign(key);
+    state_->deadline = deadline;
+    state_->requested = true;
+    state_->status = Status::kWatching;
+    state_->error = nullptr;
+  }
+  state_->changed.notify_all();
+}
+
+ReleaseWatcher::Status ReleaseWatcher::waitUntil(Clock::time_point until) {
+  std::unique_lock<std::mutex> lock(state_->mutex);
+  state_->changed.wait_until(
+      lock, until, [&] { return state_->status != Status::kWatching; });
+  return state_->status;
+}
+
+ReleaseWatcher::Status ReleaseWatcher::status() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->status;
+}
+
+void ReleaseWatcher::reset() {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->status = Status::kIdle;
+  state_->error = nullptr;
+}
+
+void ReleaseWatcher::runInBackground(std::function<void(c10d::Store&)> job) {
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->jobs.push_back(std::move(job));
+  }
+  state_->changed.notify_all();
+}
+
+std::exception_ptr ReleaseWatcher::failure() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->error;
+}
+
+void ReleaseWatcher::run(std::shared_ptr<State> state) {
+  std::unique_lock<std::mutex> lock(state->mutex);
+  std::vector<std::string> key(1);
+  for (;;) {
+    state->changed.wait(lock, [&] {
+      return state->stopping || state->requested || !state->jobs.empty();
+    });
+    if (state->stopping) {
+      return;
+    }
+    if (state->requested) {
+      state->requested = false;
+      key.front().assign(state->key.front());
+      const auto deadline = state->deadline;
+      lock.unlock();
+
+      Status result = Status::kReleased;
+      std::exception_ptr error;
+      const auto remaining = std::chrono::ceil<std::chrono::milliseconds>(
+          deadline - Clock::now());
+      if (remaining.count() <= 0) {
+        result = Status::kExpired;
+      } else {
+        try {
+          state->store->wait(key, remaining);
+        } catch (const c10::DistStoreError&) {
+          // TCPStore reports an elapsed wait as DistStoreError; one that
+          // comes early means the store itself failed.
+          if (Clock::now() + std::chrono::milliseconds(5) >= deadline) {
+            result = Status::kExpired;
+          } else {
+            result = Status::kFailed;
+            error = std::current_exception();
+          }
+        } catch (...) {
+          result = Status::kFailed;
+          error = std::current_exception();
+        }
+      }
+
+      lock.lock();
+      // A newer request for the same round (a later deadline) supersedes an
+      // expiry; a release stands whatever was asked meanwhile.
+      if ((!state->requested || result == Status::kReleased) &&
+          state->key.front() == key.front()) {
+        state->requested = state->requested && result != Status::kReleased;
+        state->status = result;
+        state->error = error;
+      }
+      state->changed.notify_all();
+      continue;
+    }
+    auto jobs = std::move(state->jobs);
+    state->jobs.clear();
+    lock.unlock();
+    for (auto& job : jobs) {
+      try {
+        job(*state->store);
+      } catch (const std::exception& e) {
+        LOG(WARNING) << "tcpstore_barrier: background store job failed: "
+                     << e.what();
+      }
+    }
+    lock.lock();
+  }
+}
+
+} // namespace tcpstore_barrier
