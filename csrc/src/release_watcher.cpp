@@ -20,6 +20,12 @@ struct ReleaseWatcher::State {
   // The watch: written by the caller, served by the thread.
   std::vector<std::string> key;
   Clock::time_point deadline;
+  Kind kind = Kind::kKey;
+  int64_t worldSize = 0;
+  // The key whose server-side barrier this rank has already joined: the
+  // server keeps counting a cancelled BARRIER request, so a retry must not
+  // send another one.
+  std::string joinedBarrier;
   bool requested = false;
   Status status = Status::kIdle;
   std::exception_ptr error;
@@ -48,7 +54,11 @@ ReleaseWatcher::~ReleaseWatcher() {
   }
 }
 
-void ReleaseWatcher::watch(const std::string& key, Clock::time_point deadline) {
+void ReleaseWatcher::watch(
+    const std::string& key,
+    Clock::time_point deadline,
+    Kind kind,
+    int64_t worldSize) {
   {
     std::lock_guard<std::mutex> lock(state_->mutex);
     const bool sameKey = state_->key.front() == key;
@@ -61,6 +71,8 @@ void ReleaseWatcher::watch(const std::string& key, Clock::time_point deadline) {
     }
     state_->key.front().assign(key);
     state_->deadline = deadline;
+    state_->kind = kind;
+    state_->worldSize = worldSize;
     state_->requested = true;
     state_->status = Status::kWatching;
     state_->error = nullptr;
@@ -99,6 +111,55 @@ std::exception_ptr ReleaseWatcher::failure() const {
   return state_->error;
 }
 
+void ReleaseWatcher::waitForRelease(
+    State& state,
+    const std::vector<std::string>& key,
+    Clock::time_point deadline) {
+  // Throws DistStoreError once the deadline has passed, like a store wait.
+  const auto remaining = [&] {
+    auto left =
+        std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) {
+      C10_THROW_ERROR(DistStoreError, "deadline passed");
+    }
+    return left;
+  };
+  std::unique_lock<std::mutex> lock(state.mutex, std::defer_lock);
+  lock.lock();
+  const Kind kind = state.kind;
+  const int64_t worldSize = state.worldSize;
+  const bool joined = state.joinedBarrier == key.front();
+  if (kind == Kind::kServerBarrier && !joined) {
+    state.joinedBarrier = key.front();
+  }
+  lock.unlock();
+
+  if (kind == Kind::kKey) {
+    state.store->wait(key, remaining());
+  } else if (!joined) {
+    state.store->barrier(key.front(), worldSize, remaining());
+  } else {
+    // Resuming a round whose BARRIER request was cancelled: the server
+    // still counts it but will not answer it, so watch the count. With get,
+    // not add(key, 0): any add on that key releases the server's waiters
+    // early (torch 2.13, both backends).
+    constexpr std::chrono::milliseconds kPoll{10};
+    const auto count = [&] {
+      const auto bytes = state.store->get(key.front());
+      return std::stoll(std::string(bytes.begin(), bytes.end()));
+    };
+    while (count() < worldSize) {
+      const auto left = remaining();
+      lock.lock();
+      if (state.changed.wait_for(
+              lock, std::min(left, kPoll), [&] { return state.stopping; })) {
+        C10_THROW_ERROR(DistStoreError, "watcher stopped");
+      }
+      lock.unlock();
+    }
+  }
+}
+
 void ReleaseWatcher::run(std::shared_ptr<State> state) {
   std::unique_lock<std::mutex> lock(state->mutex);
   std::vector<std::string> key(1);
@@ -117,26 +178,20 @@ void ReleaseWatcher::run(std::shared_ptr<State> state) {
 
       Status result = Status::kReleased;
       std::exception_ptr error;
-      const auto remaining = std::chrono::ceil<std::chrono::milliseconds>(
-          deadline - Clock::now());
-      if (remaining.count() <= 0) {
-        result = Status::kExpired;
-      } else {
-        try {
-          state->store->wait(key, remaining);
-        } catch (const c10::DistStoreError&) {
-          // TCPStore reports an elapsed wait as DistStoreError; one that
-          // comes early means the store itself failed.
-          if (Clock::now() + std::chrono::milliseconds(5) >= deadline) {
-            result = Status::kExpired;
-          } else {
-            result = Status::kFailed;
-            error = std::current_exception();
-          }
-        } catch (...) {
+      try {
+        waitForRelease(*state, key, deadline);
+      } catch (const c10::DistStoreError&) {
+        // TCPStore reports an elapsed wait as DistStoreError; one that
+        // comes early means the store itself failed.
+        if (Clock::now() + std::chrono::milliseconds(5) >= deadline) {
+          result = Status::kExpired;
+        } else {
           result = Status::kFailed;
           error = std::current_exception();
         }
+      } catch (...) {
+        result = Status::kFailed;
+        error = std::current_exception();
       }
 
       lock.lock();

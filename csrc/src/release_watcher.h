@@ -28,6 +28,12 @@ class ReleaseWatcher {
  public:
   using Clock = std::chrono::steady_clock;
   enum class Status { kIdle, kWatching, kReleased, kExpired, kFailed };
+  enum class Kind {
+    // Wait for a key to be set (torch's protocol: `last_member`).
+    kKey,
+    // Arrive with TCPStore's server-side BARRIER request on `key`, once.
+    kServerBarrier,
+  };
 
   explicit ReleaseWatcher(c10::intrusive_ptr<c10d::Store> store);
   ~ReleaseWatcher();
@@ -36,8 +42,13 @@ class ReleaseWatcher {
   ReleaseWatcher& operator=(const ReleaseWatcher&) = delete;
 
   // Starts watching `key` until `deadline`, unless that key is already
-  // being watched until at least then. Returns at once.
-  void watch(const std::string& key, Clock::time_point deadline);
+  // being watched until at least then. Returns at once. For kServerBarrier
+  // the first watch of a key is this rank's arrival at it.
+  void watch(
+      const std::string& key,
+      Clock::time_point deadline,
+      Kind kind = Kind::kKey,
+      int64_t worldSize = 0);
 
   // Blocks until the watched key is released, the watch ends, or `until`.
   Status waitUntil(Clock::time_point until);
@@ -56,6 +67,10 @@ class ReleaseWatcher {
  private:
   struct State;
   static void run(std::shared_ptr<State> state);
+  static void waitForRelease(
+      State& state,
+      const std::vector<std::string>& key,
+      Clock::time_point deadline);
 
   std::shared_ptr<State> state_;
   std::thread thread_;

@@ -22,6 +22,7 @@ namespace {
 // released by its last member setting `last_member`.
 constexpr std::string_view kNumMembersSuffix = "/num_members";
 constexpr std::string_view kLastMemberSuffix = "/last_member";
+constexpr std::string_view kServerBarrierSuffix = "/barrier";
 constexpr std::string_view kReleasedValue = "<val_ignored>";
 const std::vector<uint8_t> kReleasedBytes(
     kReleasedValue.begin(),
@@ -268,7 +269,7 @@ void TCPStoreBarrier::setInterruptCheck(std::function<void()> check) {
 void TCPStoreBarrier::prepareRoundKeys() {
   if (rankKey_.empty()) {
     rankKey_ = rankKeyOf(rank_);
-    lastMemberKey_.resize(1);
+    releaseKey_.resize(1);
   }
   sequenceText_.clear();
   appendInt(sequenceText_, sequence_);
@@ -278,10 +279,11 @@ void TCPStoreBarrier::prepareRoundKeys() {
   numMembersKey_.append(sequenceText_);
   numMembersKey_.append(kNumMembersSuffix);
 
-  std::string& lastMember = lastMemberKey_.front();
-  lastMember.assign(prefix_);
-  lastMember.append(sequenceText_);
-  lastMember.append(kLastMemberSuffix);
+  std::string& releaseKey = releaseKey_.front();
+  releaseKey.assign(prefix_);
+  releaseKey.append(sequenceText_);
+  releaseKey.append(
+      protocol_ == Protocol::kTorch ? kLastMemberSuffix : kServerBarrierSuffix);
 }
 
 void TCPStoreBarrier::checkOpen() const {
@@ -305,9 +307,9 @@ void TCPStoreBarrier::arrive() {
     enterRound();
     if (!released_) {
       // Start watching for the release now, so that a wait() called after
-      // other work may find the round already released.
-      watcher().watch(
-          lastMemberKey_.front(), std::chrono::steady_clock::now() + timeout_);
+      // other work may find the round already released. For the native
+      // protocol this is also the arrival.
+      watchRelease(std::chrono::steady_clock::now() + timeout_);
     }
   } catch (const c10::DistNetworkError& e) {
     rethrowStoreFailure(e);
@@ -317,6 +319,16 @@ void TCPStoreBarrier::arrive() {
 bool TCPStoreBarrier::released() const {
   return released_ ||
       (watcher_ && watcher_->status() == ReleaseWatcher::Status::kReleased);
+}
+
+void TCPStoreBarrier::watchRelease(
+    std::chrono::steady_clock::time_point deadline) {
+  watcher().watch(
+      releaseKey_.front(),
+      deadline,
+      protocol_ == Protocol::kTorch ? ReleaseWatcher::Kind::kKey
+                                    : ReleaseWatcher::Kind::kServerBarrier,
+      worldSize_);
 }
 
 ReleaseWatcher& TCPStoreBarrier::watcher() {
@@ -331,12 +343,17 @@ void TCPStoreBarrier::enterRound() {
   // value is what names a missing rank when a round times out. A set has no
   // reply, so it costs no round trip of its own.
   store_->set(rankKey_, sequenceValue_);
+  if (protocol_ == Protocol::kNative) {
+    // The arrival itself is the server BARRIER request sent by the watcher.
+    arrived_ = true;
+    return;
+  }
   const int64_t members = store_->add(numMembersKey_, 1);
   arrived_ = true;
   firstArriver_ = members == 1;
   if (members >= worldSize_) {
     // The last arriver releases the others and has nothing to wait for.
-    store_->set(lastMemberKey_.front(), kReleasedBytes);
+    store_->set(releaseKey_.front(), kReleasedBytes);
     released_ = true;
   }
 }
@@ -353,9 +370,7 @@ void TCPStoreBarrier::wait() {
   if (!released_) {
     waitForRelease(std::chrono::steady_clock::now() + timeout_);
   }
-  if (firstArriver_) {
-    deleteFinishedRounds();
-  }
+  deleteFinishedRounds();
   finishRound();
 }
 
@@ -376,7 +391,7 @@ void TCPStoreBarrier::waitForRelease(
   using Status = ReleaseWatcher::Status;
   ReleaseWatcher& releases = watcher();
   // Extends a watch started by arrive(): the time limit counts from here.
-  releases.watch(lastMemberKey_.front(), deadline);
+  watchRelease(deadline);
   for (;;) {
     const auto until = interruptCheck_
         ? std::min(deadline, Clock::now() + kInterruptSlice)
@@ -401,11 +416,11 @@ void TCPStoreBarrier::waitForRelease(
         rethrowStoreFailure(e);
       }
       throw BarrierTimeoutError(
-          lastMemberKey_.front(), sequence_, timeout_, missing, rank_,
+          releaseKey_.front(), sequence_, timeout_, missing, rank_,
           worldSize_);
     }
     if (status == Status::kExpired) {
-      releases.watch(lastMemberKey_.front(), deadline);
+      watchRelease(deadline);
     }
     if (interruptCheck_) {
       interruptCheck_();
@@ -445,18 +460,34 @@ std::vector<int64_t> TCPStoreBarrier::missingRanks() {
 
 void TCPStoreBarrier::deleteFinishedRounds() {
   // Round s has released, so every rank has returned from round s-1 and its
-  // keys are no longer read. The first arriver has the most slack, so it
-  // tidies, on the watcher's connection. Rounds whose first arriver was a
+  // keys are no longer read. Deleting them runs on the watcher's connection,
+  // off the caller's path.
+  const int64_t newest = sequence_ - 1;
+  if (newest < 0) {
+    return;
+  }
+  if (protocol_ == Protocol::kNative) {
+    // Every rank is ours here, so the ranks take turns.
+    if (sequence_ % worldSize_ == rank_) {
+      watcher().runInBackground(
+          [key = roundKey(prefix_, newest, kServerBarrierSuffix)](
+              c10d::Store& store) { store.deleteKey(key); });
+    }
+    return;
+  }
+  if (!firstArriver_) {
+    return;
+  }
+  // The first arriver has the most slack. Rounds whose first arriver was a
   // torch rank are left behind, so walk back until a round is found gone.
-  watcher().runInBackground(
-      [prefix = prefix_, newest = sequence_ - 1](c10d::Store& store) {
-        for (int64_t old = newest; old >= 0; --old) {
-          if (!store.deleteKey(roundKey(prefix, old, kNumMembersSuffix))) {
-            return;
-          }
-          store.deleteKey(roundKey(prefix, old, kLastMemberSuffix));
-        }
-      });
+  watcher().runInBackground([prefix = prefix_, newest](c10d::Store& store) {
+    for (int64_t old = newest; old >= 0; --old) {
+      if (!store.deleteKey(roundKey(prefix, old, kNumMembersSuffix))) {
+        return;
+      }
+      store.deleteKey(roundKey(prefix, old, kLastMemberSuffix));
+    }
+  });
 }
 
 void TCPStoreBarrier::rethrowStoreFailure(const std::exception& e) const {

@@ -176,6 +176,7 @@ class TCPStoreBarrier {
   void deleteFinishedRounds();
   void prepareRoundKeys();
   ReleaseWatcher& watcher();
+  void watchRelease(std::chrono::steady_clock::time_point deadline);
   std::vector<int64_t> missingRanks();
   [[noreturn]] void rethrowStoreFailure(const std::exception& e) const;
   void checkOpen() const;
@@ -204,7 +205,8 @@ class TCPStoreBarrier {
   std::string rankKey_;
   std::string sequenceText_;
   std::string numMembersKey_;
-  std::vector<std::string> lastMemberKey_;
+  // torch: `{prefix}{s}/last_member`; native: the server barrier's key.
+  std::vector<std::string> releaseKey_;
   std::vector<uint8_t> sequenceValue_;
 };
 
