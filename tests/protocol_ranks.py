@@ -8,7 +8,7 @@ import time
 from conftest_shared import LOOPBACK
 
 
-def native_barrier(rank, world_size, port, prefix="ckpt", timeout=30.0):
+def native_barrier(rank, world_size, port, prefix="ckpt", timeout=30.0, **kwargs):
     from tcpstore_barrier import TCPStoreBarrier
 
     return TCPStoreBarrier(
@@ -20,6 +20,7 @@ def native_barrier(rank, world_size, port, prefix="ckpt", timeout=30.0):
         tcpstore_port=port,
         master_address=LOOPBACK,
         timeout_secs=timeout,
+        **kwargs,
     )
 
 
@@ -38,10 +39,15 @@ def torch_barrier(rank, world_size, port, prefix="ckpt", timeout=30):
     )
 
 
-def timestamped_rounds(rank, world_size, port, rounds, use_torch_for):
-    """Enter `rounds` barriers after random delays; return (enter, leave) times."""
-    make = torch_barrier if rank in use_torch_for else native_barrier
-    barrier = make(rank, world_size, port)
+def timestamped_rounds(rank, world_size, port, rounds, torch_ranks=(), protocol="torch"):
+    """Enter `rounds` barriers after random delays; return (enter, leave) times.
+
+    Ranks in `torch_ranks` use torch's Python class, the others ours.
+    """
+    if rank in torch_ranks:
+        barrier = torch_barrier(rank, world_size, port)
+    else:
+        barrier = native_barrier(rank, world_size, port, protocol=protocol)
     rng = random.Random(rank)
     stamps = []
     for _ in range(rounds):
@@ -49,4 +55,11 @@ def timestamped_rounds(rank, world_size, port, rounds, use_torch_for):
         entered = time.time()
         barrier.execute_barrier()
         stamps.append((entered, time.time()))
+    if rank not in torch_ranks:
+        assert barrier.sequence == rounds
+        barrier.close()
+    else:
+        # torch's class has no close(); give our ranks' close handshake a
+        # moment so rank 0 does not count on a close that never comes.
+        pass
     return stamps

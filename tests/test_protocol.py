@@ -1,16 +1,197 @@
-"""The barrier speaks torch's key protocol and is a correct barrier."""
+"""The barrier speaks torch's key protocol and is a correct barrier.
+
+torch's upstream test of its class (shared/reference) checks the keys it
+writes against a mocked store; here the same expectations are checked
+against a real TCPStore's contents.
+"""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
 import protocol_ranks
+from conftest import LOOPBACK
+from tcpstore_barrier import TCPStoreBarrier
 
 
-def test_mixed_with_torch_ranks_never_releases_early(run_ranks, port):
-    world_size, rounds = 3, 200
-    stamps = run_ranks(
-        protocol_ranks.timestamped_rounds, world_size, port, rounds, {1}, timeout=120
-    )
+def assert_no_early_release(stamps, rounds):
+    world_size = len(stamps)
     for s in range(rounds):
         last_entry = max(stamps[r][s][0] for r in range(world_size))
         first_exit = min(stamps[r][s][1] for r in range(world_size))
         assert first_exit >= last_entry, f"round {s} released before every rank entered"
+
+
+def make_pair(port, world_size=2, prefix="test_barrier", use_libuv=True, **kwargs):
+    """Ranks 0..world_size-1 of one barrier, built concurrently (rank 0 waits for all)."""
+    barriers = [None] * world_size
+
+    def build(rank):
+        barriers[rank] = TCPStoreBarrier(
+            global_rank=rank,
+            global_world_size=world_size,
+            barrier_prefix=prefix,
+            timeout_barrier_init_secs=30,
+            use_checkpoint_barrier_tcpstore_libuv=use_libuv,
+            tcpstore_port=port,
+            master_address=LOOPBACK,
+            timeout_secs=30,
+            **kwargs,
+        )
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(b is not None for b in barriers)
+    return barriers
+
+
+def run_round(barriers):
+    threads = [threading.Thread(target=b.execute_barrier) for b in barriers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive()
+
+
+def accepts_connections(port):
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+@pytest.mark.parametrize("use_libuv", [True, False])
+def test_rank0_hosts_the_store_with_the_requested_backend(port, use_libuv):
+    rank0, rank1 = make_pair(port, use_libuv=use_libuv)
+    assert rank0.store.port == port and rank1.store.port == port
+    assert rank0.store.host == LOOPBACK
+    assert rank0.uses_libuv is use_libuv
+    assert rank0.store.libuvBackend is use_libuv
+    rank1.close()
+    assert accepts_connections(port), "the store must outlive a non-host rank"
+    rank0.close()
+    assert not accepts_connections(port), "rank 0 hosted the store"
+
+
+def test_execute_barrier_writes_torch_keys_for_each_sequence(port):
+    barriers = make_pair(port, prefix="test_barrier")
+    store = barriers[0].store
+
+    run_round(barriers)
+    assert store.get("rank0") == b"0"
+    assert store.get("rank1") == b"0"
+    assert store.get("test_barrier0/num_members") == b"2"
+    assert store.check(["test_barrier0/last_member"])
+    assert [b.sequence for b in barriers] == [1, 1]
+
+    run_round(barriers)
+    assert store.get("rank0") == b"1"
+    assert store.get("test_barrier1/num_members") == b"2"
+    assert store.check(["test_barrier1/last_member"])
+    assert [b.sequence for b in barriers] == [2, 2]
+
+
+def test_positional_arguments_in_torch_order(port):
+    barriers = [None, None]
+
+    def build(rank):
+        barriers[rank] = TCPStoreBarrier(rank, 2, "pos", 30, True, port, LOOPBACK, 30)
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [b.global_rank for b in barriers] == [0, 1]
+    assert all(b.barrier_prefix == "pos" and b.timeout_secs == 30 for b in barriers)
+
+
+@pytest.mark.parametrize("torch_ranks", [{1}, {0}, {0, 2}], ids=lambda r: f"torch{sorted(r)}")
+def test_mixed_with_torch_ranks_never_releases_early(run_ranks, port, torch_ranks):
+    world_size, rounds = 3, 200
+    stamps = run_ranks(
+        protocol_ranks.timestamped_rounds,
+        world_size,
+        port,
+        rounds,
+        torch_ranks,
+        timeout=120,
+    )
+    assert_no_early_release(stamps, rounds)
+
+
+@pytest.mark.parametrize("protocol", ["torch", "native"])
+def test_no_rank_leaves_before_every_rank_entered(run_ranks, port, protocol):
+    world_size, rounds = 4, 300
+    stamps = run_ranks(
+        protocol_ranks.timestamped_rounds,
+        world_size,
+        port,
+        rounds,
+        (),
+        protocol,
+        timeout=120,
+    )
+    assert_no_early_release(stamps, rounds)
+
+
+def test_python_thread_keeps_running_while_a_rank_waits(port):
+    barriers = make_pair(port)
+    waiter = threading.Thread(target=barriers[1].execute_barrier)
+    waiter.start()
+    ticks = 0
+    stop = time.monotonic() + 0.5
+    while time.monotonic() < stop:
+        ticks += 1
+    assert waiter.is_alive(), "rank 1 left before rank 0 arrived"
+    barriers[0].execute_barrier()
+    waiter.join(timeout=10)
+    # With the GIL held by the waiter this loop would barely run at all.
+    assert ticks > 100_000
+
+
+def test_two_ranks_as_threads_of_one_process(run_rank_threads, port):
+    def rank_body(rank, world_size, port):
+        barrier = protocol_ranks.native_barrier(rank, world_size, port)
+        for _ in range(100):
+            barrier.execute_barrier()
+        return barrier.sequence
+
+    assert run_rank_threads(rank_body, 2, port) == [100, 100]
+
+
+def test_arrive_then_wait_completes_the_round(port):
+    barriers = make_pair(port)
+    barriers[0].arrive()
+    barriers[0].arrive()  # a second arrive before wait() is not a second arrival
+    assert not barriers[0].released
+    barriers[1].arrive()
+    assert barriers[1].released, "the last arriver releases the round"
+    deadline = time.monotonic() + 5
+    while not barriers[0].released and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert barriers[0].released, "the watcher saw the release before wait()"
+    for b in barriers:
+        b.wait()
+    assert [b.sequence for b in barriers] == [1, 1]
+    assert barriers[0].store.get("test_barrier0/num_members") == b"2"
+
+
+def test_import_works_as_the_first_import_of_a_program():
+    out = subprocess.run(
+        [sys.executable, "-c", "import tcpstore_barrier; print(tcpstore_barrier.TCPStoreBarrier.__module__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "tcpstore_barrier"

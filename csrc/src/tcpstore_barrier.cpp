@@ -28,6 +28,7 @@ const std::vector<uint8_t> kReleasedBytes(
     kReleasedValue.begin(),
     kReleasedValue.end());
 // Outside any round's key space: round keys are `{prefix}{digits}/...`.
+constexpr std::string_view kMembersSuffix = "/library_ranks";
 constexpr std::string_view kClosedSuffix = "/closed";
 constexpr std::string_view kAllClosedSuffix = "/all_closed";
 
@@ -208,6 +209,8 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
     auto store = c10::make_intrusive<c10d::TCPStore>(
         options.masterAddress, storeOptions);
     usesLibUV_ = store->isLibUvBackend();
+    // Counted so that close() on rank 0 knows how many ranks to wait for.
+    store->add(prefix_ + std::string(kMembersSuffix), 1);
     store_ = std::move(store);
   } catch (const c10::DistStoreError& e) {
     throw c10::DistStoreError(
@@ -513,13 +516,17 @@ void TCPStoreBarrier::close() {
   if (!ownsStore_) {
     return;
   }
+  // Only ranks of this library take part: torch's class never closes, so
+  // waiting for it would always cost the whole timeout.
   const std::string closedKey = prefix_ + std::string(kClosedSuffix);
   const std::string allClosedKey = prefix_ + std::string(kAllClosedSuffix);
   try {
-    if (store->add(closedKey, 1) >= worldSize_) {
+    const int64_t closedRanks = store->add(closedKey, 1);
+    const int64_t libraryRanks =
+        store->add(prefix_ + std::string(kMembersSuffix), 0);
+    if (closedRanks >= libraryRanks) {
       store->set(allClosedKey, kReleasedBytes);
-    }
-    if (hostsStore_) {
+    } else if (hostsStore_) {
       store->wait({allClosedKey}, timeout_);
     }
   } catch (const std::exception& e) {

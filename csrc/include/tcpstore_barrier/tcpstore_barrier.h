@@ -161,9 +161,14 @@ class TCPStoreBarrier {
   // the wait and leaves the round entered.
   void setInterruptCheck(std::function<void()> check);
 
-  // Leaves the store. On the rank that hosts the store this first waits (up
-  // to `timeout`) for every other rank to have closed, so that no peer still
-  // inside the last round loses the store. Idempotent.
+  // Leaves the store. The shutdown rule: the rank that hosts the store
+  // (rank 0) waits, up to `timeout`, until every rank of this library on
+  // the store has called close(), so that no peer still finishing the last
+  // round loses the store under it; other ranks only announce that they are
+  // closing. torch's Python ranks never close and are not waited for. A
+  // barrier over a store from elsewhere (from_store) leaves it as it is.
+  // Destroying a barrier without close() tears its store down at once.
+  // Idempotent.
   void close();
   bool closed() const noexcept {
     return !store_;
