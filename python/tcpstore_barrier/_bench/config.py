@@ -1,0 +1,168 @@
+"""The ``bench`` command line and the configuration it parses into."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+DESCRIPTION = """\
+Measure the latency of one barrier round of this package's TCPStoreBarrier
+("ours") against torch's Python class
+torch.distributed.checkpoint._experimental.barriers.TCPStoreBarrier ("torch"),
+with N ranks on 127.0.0.1, rank 0 hosting each TCPStore.
+
+What is measured, for each world size:
+  - every rank times each execute_barrier() call with time.perf_counter_ns;
+    the median and p99 are over all ranks' samples of all blocks. A rank's
+    sample includes waiting for the slowest rank, so it is the barrier's
+    latency as a trainer sees it;
+  - wall/it: a block's wall time divided by its barriers (mean over ranks
+    and blocks), i.e. the back-to-back throughput;
+  - floor: the last rank's sequential store.add(key, 1) round trips from
+    Python to ours' store, while the other ranks wait: a barrier cannot beat
+    one round trip. "rank0 floor" is the same from rank 0, whose client
+    shares a process (and, with --pin, a CPU) with the store's server.
+Ours and torch's run in alternating blocks of --iters barriers (ours, torch,
+floor, then torch, ours, floor, ...) in the same processes, each on its own
+store, so that machine noise hits both alike. Each block starts with
+--warmup untimed barriers, which also line the ranks up.
+"""
+
+EPILOG = """\
+torch's class always uses the libuv TCPStore backend, whatever it is given;
+--backend only changes ours (and the floor's store).
+Example: python -m tcpstore_barrier bench --world-size 2 4 8 --json out.json
+"""
+
+RanksMode = Literal["processes", "threads"]
+PinMode = Literal["spread", "same"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one bench run is asked to do."""
+
+    world_sizes: tuple[int, ...] = (4,)
+    iters: int = 500
+    rounds: int = 4
+    warmup: int = 5
+    ranks: RanksMode = "processes"
+    busy_thread: bool = False
+    backend: Literal["libuv", "legacy"] = "libuv"
+    protocol: Literal["torch", "native"] = "torch"
+    include_torch: bool = True
+    pin: PinMode | None = None
+    timeout_secs: float = 600.0
+    json_path: str | None = None
+    plot_path: str | None = None
+
+    @property
+    def use_libuv(self) -> bool:
+        """The use_checkpoint_barrier_tcpstore_libuv value ours is given."""
+        return self.backend == "libuv"
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as plain JSON values."""
+        return {**asdict(self), "world_sizes": list(self.world_sizes)}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+# One option a statement, so that the options read as a table.
+# fmt: off
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options, description and epilog to ``parser``."""
+    defaults = BenchConfig()
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add = parser.add_argument
+    add("--world-size", type=_positive_int, nargs="+", metavar="N",
+        default=list(defaults.world_sizes),
+        help="one or more world sizes, run one after the other (default: 4)")
+    add("--iters", type=_positive_int, default=defaults.iters,
+        help=f"timed barriers per block (default: {defaults.iters})")
+    add("--rounds", type=_positive_int, default=defaults.rounds,
+        help=f"A/B rounds: blocks of each implementation (default: {defaults.rounds})")
+    add("--warmup", type=_non_negative_int, default=defaults.warmup,
+        help=f"untimed barriers before each block (default: {defaults.warmup})")
+    add("--ranks", choices=["processes", "threads"], default=defaults.ranks,
+        help="one process per rank, or every rank a thread of one process, each "
+        "with its own barriers and store clients (default: processes)")
+    add("--busy-thread", action="store_true",
+        help="run a CPU-bound pure-Python thread in each rank process while "
+        "measuring, as a trainer's data-loading threads do")
+    add("--backend", choices=["libuv", "legacy"], default=defaults.backend,
+        help="TCPStore backend of ours (use_checkpoint_barrier_tcpstore_libuv); "
+        "torch's class always uses libuv (default: libuv)")
+    add("--protocol", choices=["torch", "native"], default=defaults.protocol,
+        help="key protocol of ours (default: torch)")
+    add("--no-torch", dest="include_torch", action="store_false",
+        help="measure ours and the floor only")
+    add("--pin", nargs="?", const="spread", choices=["spread", "same"],
+        help="pin ranks to CPUs with sched_setaffinity: 'spread' (the default "
+        "when given bare) puts rank r on the r-th allowed CPU, round robin; "
+        "'same' puts every rank on the first. Rank 0's store server threads "
+        "share rank 0's CPU")
+    add("--timeout", dest="timeout_secs", type=_positive_seconds, metavar="SECS",
+        default=defaults.timeout_secs,
+        help="give up, killing every rank, after this long in all "
+        f"(default: {defaults.timeout_secs:g})")
+    add("--json", dest="json_path", metavar="FILE",
+        help="write the configuration, versions and every raw sample here")
+    add("--plot", dest="plot_path", metavar="FILE.png",
+        help="plot latency against world size (needs matplotlib)")
+# fmt: on
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The :class:`BenchConfig` that parsed ``bench`` options describe."""
+    return BenchConfig(
+        world_sizes=tuple(args.world_size),
+        iters=args.iters,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        ranks=args.ranks,
+        busy_thread=args.busy_thread,
+        backend=args.backend,
+        protocol=args.protocol,
+        include_torch=args.include_torch,
+        pin=args.pin,
+        timeout_secs=args.timeout_secs,
+        json_path=args.json_path,
+        plot_path=args.plot_path,
+    )
+
+
+def cpu_for_rank(
+    world_size: int, cpus: list[int], pin: PinMode | None
+) -> list[int | None]:
+    """The CPU each rank is pinned to, or None for every rank when unpinned."""
+    if pin is None:
+        return [None] * world_size
+    if not cpus:
+        raise ValueError("no CPU to pin to")
+    ordered = sorted(cpus)
+    if pin == "same":
+        return [ordered[0]] * world_size
+    return [ordered[r % len(ordered)] for r in range(world_size)]

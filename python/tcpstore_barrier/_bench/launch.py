@@ -1,0 +1,146 @@
+"""Starting the ranks of one world size and collecting what they send."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue as queue_module
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import rank as rank_module
+from .config import RanksMode
+from .rank import LOOPBACK, RankPlan
+
+_PRELOAD = ["tcpstore_barrier", "tcpstore_barrier._bench.rank"]
+
+# How often the collector looks up from an empty queue to check deadlines
+# and whether the ranks are still alive.
+_POLL_SECS = 0.2
+
+
+class BenchError(RuntimeError):
+    """A rank failed, died or overran; the message says which and why."""
+
+
+def pick_free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind((LOOPBACK, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _context() -> Any:
+    context = multiprocessing.get_context("forkserver")
+    # Importing torch takes a second or two; the forkserver pays it once.
+    context.set_forkserver_preload(_PRELOAD)
+    return context
+
+
+def run_world(
+    plan: RankPlan,
+    ranks: RanksMode,
+    deadline: float,
+    on_progress: Callable[[int], None],
+) -> list[dict[str, Any]]:
+    """Run every rank of ``plan`` and return their figures, indexed by rank.
+
+    ``deadline`` is a time.monotonic() value; ``on_progress`` receives the
+    index of each block rank 0 finishes (-1 once the barriers exist). Every
+    process started here is gone when this returns or raises.
+    """
+    context = _context()
+    events = context.Queue()
+    if ranks == "processes":
+        processes = [
+            context.Process(
+                target=rank_module.process_main,
+                args=(rank, plan, events),
+                name=f"bench-rank{rank}",
+                daemon=True,
+            )
+            for rank in range(plan.world_size)
+        ]
+    else:
+        processes = [
+            context.Process(
+                target=rank_module.threads_main,
+                args=(plan, events),
+                name="bench-ranks",
+                daemon=True,
+            )
+        ]
+    try:
+        for process in processes:
+            process.start()
+        figures = _collect(events, plan.world_size, processes, deadline, on_progress)
+    except BaseException:
+        _stop(processes, grace_secs=0)
+        raise
+    else:
+        _stop(processes, grace_secs=5)
+    finally:
+        events.close()
+    return figures
+
+
+def _collect(
+    events: Any,
+    world_size: int,
+    processes: list[Any],
+    deadline: float,
+    on_progress: Callable[[int], None],
+) -> list[dict[str, Any]]:
+    results: dict[int, dict[str, Any]] = {}
+    all_gone_since: float | None = None
+    while len(results) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(world_size)) - set(results))
+            raise BenchError(
+                f"world size {world_size}: ranks {missing} overran --timeout"
+            )
+        try:
+            kind, rank, value = events.get(timeout=min(remaining, _POLL_SECS))
+        except queue_module.Empty:
+            if any(p.is_alive() for p in processes):
+                continue
+            # A process that put its last figures and exited may still have
+            # them in the pipe; give them one more poll before giving up.
+            if all_gone_since is None:
+                all_gone_since = time.monotonic()
+                continue
+            missing = sorted(set(range(world_size)) - set(results))
+            codes = [p.exitcode for p in processes]
+            raise BenchError(
+                f"world size {world_size}: ranks {missing} exited without "
+                f"reporting (exit codes {codes})"
+            ) from None
+        if kind == "progress":
+            on_progress(value)
+        elif kind == "result":
+            results[rank] = value
+        else:
+            raise BenchError(f"world size {world_size}: rank {rank} failed:\n{value}")
+    return [results[r] for r in range(world_size)]
+
+
+def _stop(processes: list[Any], grace_secs: float) -> None:
+    # Ranks that reported exit on their own in well under a second; after a
+    # failure the others are stuck in a barrier whose peer is gone.
+    grace_end = time.monotonic() + grace_secs
+    for process in processes:
+        if process.pid is not None:
+            process.join(timeout=max(0.0, grace_end - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)

@@ -1,0 +1,133 @@
+"""``python -m tcpstore_barrier bench``: our barrier against torch's, A/B.
+
+The pieces live in :mod:`tcpstore_barrier._bench`; this module runs them in
+order: parse, launch each world size, summarize, print, save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from ._bench.config import (
+    BenchConfig,
+    add_bench_arguments,
+    config_from_args,
+    cpu_for_rank,
+)
+from ._bench.launch import BenchError, pick_free_ports, run_world
+from ._bench.plot import PlotUnavailable, plot_latency, require_matplotlib
+from ._bench.progress import Progress
+from ._bench.rank import RankPlan
+from ._bench.report import build_document, describe_run, format_table, versions
+from ._bench.results import WorldSummary, summarize_world
+from ._bench.schedule import Block, ab_schedule
+
+__all__ = [
+    "BenchConfig",
+    "BenchError",
+    "WorldRun",
+    "add_bench_arguments",
+    "main",
+    "run_bench",
+]
+
+#: One world size's summary, schedule and per-rank raw figures.
+WorldRun = tuple[WorldSummary, list[Block], list[dict[str, Any]]]
+
+# Longest that rank 0's store waits for the other ranks to connect.
+_MAX_INIT_SECS = 60.0
+
+
+def _plan(
+    config: BenchConfig,
+    world_size: int,
+    schedule: list[Block],
+    cpus: list[int],
+    remaining_secs: float,
+) -> RankPlan:
+    ports = pick_free_ports(2 if config.include_torch else 1)
+    return RankPlan(
+        world_size=world_size,
+        ours_port=ports[0],
+        torch_port=ports[1] if config.include_torch else None,
+        use_libuv=config.use_libuv,
+        protocol=config.protocol,
+        iters=config.iters,
+        warmup=config.warmup,
+        schedule=tuple(schedule),
+        cpus=tuple(cpu_for_rank(world_size, cpus, config.pin)),
+        busy_thread=config.busy_thread,
+        timeout_secs=remaining_secs,
+        init_timeout_secs=min(_MAX_INIT_SECS, remaining_secs),
+        deadline_unix=time.time() + remaining_secs,
+    )
+
+
+def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[WorldRun]:
+    """Run every world size of ``config`` in turn; raise BenchError on failure."""
+    schedule = ab_schedule(config.rounds, config.include_torch)
+    progress = progress or Progress(len(schedule) * len(config.world_sizes))
+    cpus = sorted(os.sched_getaffinity(0))
+    deadline = time.monotonic() + config.timeout_secs
+    runs: list[WorldRun] = []
+    for world_size in config.world_sizes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BenchError(f"--timeout ran out before world size {world_size}")
+        plan = _plan(config, world_size, schedule, cpus, remaining)
+
+        def on_progress(index: int, world_size: int = world_size) -> None:
+            if index < 0:
+                progress.show(f"world size {world_size}: ranks ready")
+                return
+            block = schedule[index]
+            progress.advance(
+                f"world size {world_size}: round {block.round + 1}/{config.rounds} "
+                f"{block.kind}"
+            )
+
+        progress.show(f"world size {world_size}: starting ranks")
+        figures = run_world(plan, config.ranks, deadline, on_progress)
+        summary = summarize_world(world_size, schedule, figures, config.iters)
+        runs.append((summary, schedule, figures))
+    progress.close()
+    return runs
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the ``bench`` subcommand parsed into ``args``; return the exit code."""
+    config = config_from_args(args)
+    if config.plot_path is not None:
+        try:
+            require_matplotlib()
+        except PlotUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    cpus = sorted(os.sched_getaffinity(0))
+    blocks_per_world = len(ab_schedule(config.rounds, config.include_torch))
+    progress = Progress(blocks_per_world * len(config.world_sizes))
+    try:
+        runs = run_bench(config, progress)
+    except BenchError as e:
+        progress.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+    print("\n".join(describe_run(config, cpus)))
+    print()
+    print(format_table([summary for summary, _, _ in runs]))
+    if config.json_path is not None:
+        document = build_document(config, versions(), cpus, runs)
+        with open(config.json_path, "w") as f:
+            json.dump(document, f)
+        print(f"\nwrote {config.json_path}")
+    if config.plot_path is not None:
+        plot_latency([summary for summary, _, _ in runs], config.plot_path)
+        print(f"wrote {config.plot_path}")
+    return 0
