@@ -73,8 +73,6 @@ std::unique_ptr<TCPStoreBarrier> withSignalChecks(std::unique_ptr<TCPStoreBarrie
 } // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.attr("__version__") = TCPSTORE_BARRIER_VERSION;
-  m.attr("built_with_torch") = TCPSTORE_BARRIER_TORCH_VERSION;
 
   py::register_local_exception_translator([](std::exception_ptr error) {
     try {
@@ -110,17 +108,16 @@ PYBIND11_MODULE(_C, m) {
            py::arg("timeout_barrier_init_secs"), py::arg("use_checkpoint_barrier_tcpstore_libuv"),
            py::arg("tcpstore_port"), py::arg("master_address"), py::arg("timeout_secs"), py::kw_only(),
            py::arg("protocol") = "torch")
-      .def_static(
-          "from_store",
-          [](c10::intrusive_ptr<c10d::Store> store, py::handle global_rank, py::handle global_world_size,
-             py::handle barrier_prefix, py::handle timeout_secs, const std::string& protocol) {
-            return withSignalChecks(std::make_unique<TCPStoreBarrier>(
-                std::move(store), intArg(global_rank, "global_rank"),
-                intArg(global_world_size, "global_world_size"), strArg(barrier_prefix, "barrier_prefix"),
-                secondsArg(timeout_secs, "timeout_secs"), protocolArg(protocol)));
-          },
-          py::arg("store"), py::arg("global_rank"), py::arg("global_world_size"), py::arg("barrier_prefix"),
-          py::arg("timeout_secs") = 300, py::kw_only(), py::arg("protocol") = "torch")
+      // TCPStoreBarrier.from_store in Python: joins a store the program has.
+      .def(py::init([](c10::intrusive_ptr<c10d::Store> store, py::handle global_rank, py::handle global_world_size,
+                       py::handle barrier_prefix, py::handle timeout_secs, const std::string& protocol) {
+             return withSignalChecks(std::make_unique<TCPStoreBarrier>(
+                 std::move(store), intArg(global_rank, "global_rank"),
+                 intArg(global_world_size, "global_world_size"), strArg(barrier_prefix, "barrier_prefix"),
+                 secondsArg(timeout_secs, "timeout_secs"), protocolArg(protocol)));
+           }),
+           py::arg("store"), py::arg("global_rank"), py::arg("global_world_size"), py::arg("barrier_prefix"),
+           py::arg("timeout_secs"), py::kw_only(), py::arg("protocol") = "torch")
       .def("execute_barrier", &TCPStoreBarrier::executeBarrier, py::call_guard<py::gil_scoped_release>())
       .def("arrive", &TCPStoreBarrier::arrive, py::call_guard<py::gil_scoped_release>())
       .def("wait",

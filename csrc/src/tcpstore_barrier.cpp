@@ -102,6 +102,15 @@ void checkNonNegative(std::chrono::milliseconds timeout, const char* name) {
   }
 }
 
+// c10 errors append a C++ backtrace to what(); a message that wraps one
+// should carry only its text.
+const char* withoutBacktrace(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
+    return error->what_without_backtrace();
+  }
+  return e.what();
+}
+
 std::string describeStore(const c10::intrusive_ptr<c10d::Store>& store) {
   if (auto* tcp = dynamic_cast<c10d::TCPStore*>(store.get())) {
     return fmt::format("the store at {}:{}", tcp->getHost(), tcp->getPort());
@@ -504,7 +513,7 @@ void TCPStoreBarrier::rethrowStoreFailure(const std::exception& e) const {
           storeAddress_,
           prefix_,
           sequence_,
-          e.what()));
+          withoutBacktrace(e)));
 }
 
 void TCPStoreBarrier::close() {
@@ -532,7 +541,7 @@ void TCPStoreBarrier::close() {
   } catch (const std::exception& e) {
     LOG(WARNING) << "TCPStoreBarrier rank " << rank_ << ": closing "
                  << storeAddress_ << " before every rank had closed: "
-                 << e.what();
+                 << withoutBacktrace(e);
   }
 }
 

@@ -3,7 +3,8 @@
 ``TCPStoreBarrier`` is a drop-in for
 ``torch.distributed.checkpoint._experimental.barriers.TCPStoreBarrier``:
 same constructor, same store keys, with the barrier run in C++ without the
-GIL.
+GIL. After ``import tcpstore_barrier``, torch's ``create_barrier_from_config``
+knows it as ``barrier_type="tcp_store_native"``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,20 @@ import importlib.resources
 
 # The extension links libtorch; importing torch first loads it, so that
 # `import tcpstore_barrier` works as the first import of a program.
-import torch  # noqa: F401
+import torch
 import torch.distributed  # noqa: F401
 
-from ._C import TCPStoreBarrier, __version__, built_with_torch
-from ._errors import BarrierTimeoutError
+from ._build_info import built_with_torch, version as __version__
+from ._compat import check_torch_version
+
+check_torch_version(built_with_torch, torch.__version__)
+
+from ._barrier import TCPStoreBarrier  # noqa: E402
+from ._errors import BarrierTimeoutError  # noqa: E402
+from ._registry import register_with_torch  # noqa: E402
 
 TCPStoreBarrier.__module__ = __name__
+register_with_torch(TCPStoreBarrier)
 
 #: Pass with ``torch.utils.cmake_prefix_path`` in ``CMAKE_PREFIX_PATH`` so
 #: that ``find_package(tcpstore_barrier CONFIG)`` finds the C++ package.
