@@ -31,6 +31,7 @@ struct ReleaseWatcher::State {
   std::exception_ptr error;
 
   std::vector<std::function<void(c10d::Store&)>> jobs;
+  bool runningJobs = false;
 };
 
 ReleaseWatcher::ReleaseWatcher(c10::intrusive_ptr<c10d::Store> store)
@@ -92,6 +93,11 @@ ReleaseWatcher::Status ReleaseWatcher::status() const {
   return state_->status;
 }
 
+void ReleaseWatcher::markJoined(const std::string& key) {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->joinedBarrier = key;
+}
+
 void ReleaseWatcher::reset() {
   std::lock_guard<std::mutex> lock(state_->mutex);
   state_->status = Status::kIdle;
@@ -104,6 +110,11 @@ void ReleaseWatcher::runInBackground(std::function<void(c10d::Store&)> job) {
     state_->jobs.push_back(std::move(job));
   }
   state_->changed.notify_all();
+}
+
+bool ReleaseWatcher::backgroundBusy() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->runningJobs || !state_->jobs.empty();
 }
 
 std::exception_ptr ReleaseWatcher::failure() const {
@@ -208,6 +219,7 @@ void ReleaseWatcher::run(std::shared_ptr<State> state) {
     }
     auto jobs = std::move(state->jobs);
     state->jobs.clear();
+    state->runningJobs = true;
     lock.unlock();
     for (auto& job : jobs) {
       try {
@@ -218,6 +230,7 @@ void ReleaseWatcher::run(std::shared_ptr<State> state) {
       }
     }
     lock.lock();
+    state->runningJobs = false;
   }
 }
 

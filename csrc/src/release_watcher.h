@@ -55,12 +55,19 @@ class ReleaseWatcher {
 
   Status status() const;
 
+  // Records that this rank's BARRIER request for `key` was already sent
+  // (and cancelled), so that watching it must not send another.
+  void markJoined(const std::string& key);
+
   // Forgets a finished watch so that the next round can start one.
   void reset();
 
   // Runs `job` on the watcher's thread and connection, after any watch
   // that is already pending: store housekeeping kept off the caller's path.
   void runInBackground(std::function<void(c10d::Store&)> job);
+
+  // Whether a background job is queued or running.
+  bool backgroundBusy() const;
 
   std::exception_ptr failure() const;
 

@@ -36,6 +36,14 @@ constexpr std::string_view kAllClosedSuffix = "/all_closed";
 // second in which a Ctrl-C must be acted on. The check is local (a
 // condition variable), so it costs no store traffic.
 constexpr std::chrono::milliseconds kInterruptSlice{100};
+// How long a caller that checks for interrupts first waits on its own
+// connection, where it cannot act on them: together with kInterruptSlice
+// this stays under the half second.
+constexpr std::chrono::milliseconds kInlineWait{200};
+
+// Finished rounds' keys are deleted every this many rounds: the store holds
+// at most about twice as many rounds' keys as this, besides one per rank.
+constexpr int64_t kCleanupEvery = 16;
 
 // TCPStore keeps timeouts in milliseconds; beyond this a timeout is a typo.
 constexpr double kMaxTimeoutSeconds = 365.0 * 24 * 3600;
@@ -306,8 +314,54 @@ void TCPStoreBarrier::checkOpen() const {
 }
 
 void TCPStoreBarrier::executeBarrier() {
-  arrive();
-  wait();
+  checkOpen();
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  if (!arrived_) {
+    try {
+      enterRound();
+      if (!released_) {
+        waitInline(deadline);
+      }
+    } catch (const c10::DistNetworkError& e) {
+      rethrowStoreFailure(e);
+    }
+  }
+  completeRound(deadline);
+}
+
+void TCPStoreBarrier::waitInline(
+    std::chrono::steady_clock::time_point deadline) {
+  // Most rounds release within moments: waiting on this thread's own
+  // connection then saves two thread hand-offs per round. Only a caller
+  // that must act on interrupts meanwhile moves on to the watcher, after a
+  // short first wait (c10d logs a warning each time a wait times out, so
+  // this happens at most once per round).
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  auto slice = std::chrono::ceil<std::chrono::milliseconds>(deadline - start);
+  if (interruptCheck_) {
+    slice = std::min(slice, kInlineWait);
+  }
+  if (slice.count() <= 0) {
+    return;
+  }
+  try {
+    if (protocol_ == Protocol::kTorch) {
+      store_->wait(releaseKey_, slice);
+    } else {
+      store_->barrier(releaseKey_.front(), worldSize_, slice);
+    }
+    released_ = true;
+  } catch (const c10::DistStoreError&) {
+    if (Clock::now() < start + slice) {
+      throw;
+    }
+  }
+  if (!released_ && protocol_ == Protocol::kNative) {
+    // The server counts a cancelled BARRIER request; the watcher must not
+    // send another.
+    watcher().markJoined(releaseKey_.front());
+  }
 }
 
 void TCPStoreBarrier::arrive() {
@@ -379,8 +433,13 @@ void TCPStoreBarrier::wait() {
         rank_,
         sequence_));
   }
+  completeRound(std::chrono::steady_clock::now() + timeout_);
+}
+
+void TCPStoreBarrier::completeRound(
+    std::chrono::steady_clock::time_point deadline) {
   if (!released_) {
-    waitForRelease(std::chrono::steady_clock::now() + timeout_);
+    waitForRelease(deadline);
   }
   deleteFinishedRounds();
   finishRound();
@@ -471,35 +530,47 @@ std::vector<int64_t> TCPStoreBarrier::missingRanks() {
 }
 
 void TCPStoreBarrier::deleteFinishedRounds() {
-  // Round s has released, so every rank has returned from round s-1 and its
-  // keys are no longer read. Deleting them runs on the watcher's connection,
-  // off the caller's path.
-  const int64_t newest = sequence_ - 1;
-  if (newest < 0) {
+  // Round s has released, so every rank has returned from round s-1 and the
+  // keys of rounds up to s-1 are no longer read. They are deleted in
+  // batches on the watcher's connection: off the caller's path, with one
+  // thread wake-up per batch. Should the previous batch still be running
+  // (rounds outpacing deletes), this one runs here instead, so the store
+  // stays bounded.
+  if (sequence_ == 0 || sequence_ % kCleanupEvery != 0) {
     return;
   }
+  const int64_t newest = sequence_ - 1;
+  std::function<void(c10d::Store&)> job;
   if (protocol_ == Protocol::kNative) {
     // Every rank is ours here, so the ranks take turns.
-    if (sequence_ % worldSize_ == rank_) {
-      watcher().runInBackground(
-          [key = roundKey(prefix_, newest, kServerBarrierSuffix)](
-              c10d::Store& store) { store.deleteKey(key); });
+    if ((sequence_ / kCleanupEvery) % worldSize_ == rank_) {
+      job = [prefix = prefix_, newest](c10d::Store& store) {
+        for (int64_t old = newest; old > newest - kCleanupEvery; --old) {
+          store.deleteKey(roundKey(prefix, old, kServerBarrierSuffix));
+        }
+      };
     }
-    return;
-  }
-  if (!firstArriver_) {
-    return;
-  }
-  // The first arriver has the most slack. Rounds whose first arriver was a
-  // torch rank are left behind, so walk back until a round is found gone.
-  watcher().runInBackground([prefix = prefix_, newest](c10d::Store& store) {
-    for (int64_t old = newest; old >= 0; --old) {
-      if (!store.deleteKey(roundKey(prefix, old, kNumMembersSuffix))) {
-        return;
+  } else if (firstArriver_) {
+    // The first arriver of the round has had the most slack. Batches whose
+    // first arriver was a torch rank are left behind, so walk back until a
+    // round is found already deleted.
+    job = [prefix = prefix_, newest](c10d::Store& store) {
+      for (int64_t old = newest; old >= 0; --old) {
+        if (!store.deleteKey(roundKey(prefix, old, kNumMembersSuffix))) {
+          return;
+        }
+        store.deleteKey(roundKey(prefix, old, kLastMemberSuffix));
       }
-      store.deleteKey(roundKey(prefix, old, kLastMemberSuffix));
-    }
-  });
+    };
+  }
+  if (!job) {
+    return;
+  }
+  if (watcher().backgroundBusy()) {
+    job(*store_);
+  } else {
+    watcher().runInBackground(std::move(job));
+  }
 }
 
 void TCPStoreBarrier::rethrowStoreFailure(const std::exception& e) const {

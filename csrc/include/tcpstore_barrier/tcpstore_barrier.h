@@ -176,7 +176,9 @@ class TCPStoreBarrier {
 
  private:
   void enterRound();
+  void waitInline(std::chrono::steady_clock::time_point deadline);
   void waitForRelease(std::chrono::steady_clock::time_point deadline);
+  void completeRound(std::chrono::steady_clock::time_point deadline);
   void finishRound();
   void deleteFinishedRounds();
   void prepareRoundKeys();
