@@ -224,9 +224,12 @@ void ReleaseWatcher::run(std::shared_ptr<State> state) {
     for (auto& job : jobs) {
       try {
         job(*state->store);
+      } catch (const c10::Error& e) {
+        LOG(WARNING) << "tcpstore_barrier: deleting finished rounds' keys "
+                     << "failed: " << e.what_without_backtrace();
       } catch (const std::exception& e) {
-        LOG(WARNING) << "tcpstore_barrier: background store job failed: "
-                     << e.what();
+        LOG(WARNING) << "tcpstore_barrier: deleting finished rounds' keys "
+                     << "failed: " << e.what();
       }
     }
     lock.lock();
