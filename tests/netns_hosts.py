@@ -1,0 +1,368 @@
+"""Private network namespaces for the tests, and the programs run inside them.
+
+* ``Hosts``: N hosts, each a network namespace with one veth link to a
+  bridge in a switch namespace of its own (10.x addresses exist only inside
+  these namespaces). Links can be impaired (netem) or cut.
+* ``IsolatedWorker``: a process in an anonymous namespace of its own
+  (``unshare --net``, only its own loopback) that runs constructor calls on
+  request, so that arbitrary host names and ports reach nothing outside it.
+  It hosts a store of its own that valid arguments can join.
+
+As a script: ``netns_hosts.py rank ...`` (one rank of test_netns.py) or
+``netns_hosts.py worker`` (the isolated worker's loop).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import secrets
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _run(*argv, check=True):
+    return subprocess.run(
+        argv, capture_output=True, text=True, check=check, timeout=30
+    )
+
+
+def _why_not(*argv):
+    """None if the command runs, else what it said."""
+    if shutil.which(argv[0]) is None:
+        return f"{argv[0]} is not installed"
+    try:
+        done = _run(*argv, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if done.returncode != 0:
+        return (done.stderr or done.stdout).strip() or f"exit code {done.returncode}"
+    return None
+
+
+def unique_token() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def netns_unavailable_reason():
+    """None if this process may create network namespaces with veth links
+    and a bridge; otherwise why not."""
+    probe = f"tsb-probe-{unique_token()}"
+    reason = _why_not("ip", "netns", "add", probe)
+    if reason is not None:
+        return f"`ip netns add` is not permitted here: {reason}"
+    try:
+        for argv in (
+            ("ip", "-n", probe, "link", "add", "br0", "type", "bridge"),
+            ("ip", "-n", probe, "link", "add", "v0", "type", "veth",
+             "peer", "name", "v1"),
+        ):
+            reason = _why_not(*argv)
+            if reason is not None:
+                return f"`{' '.join(argv)}` failed: {reason}"
+    finally:
+        _run("ip", "netns", "del", probe, check=False)
+    return None
+
+
+def netem_unavailable_reason(namespace, device):
+    reason = _why_not(
+        "tc", "-n", namespace, "qdisc", "add", "dev", device,
+        "root", "netem", "delay", "1ms",
+    )
+    if reason is not None:
+        return f"the kernel has no netem qdisc (sch_netem): {reason}"
+    _run("tc", "-n", namespace, "qdisc", "del", "dev", device, "root", check=False)
+    return None
+
+
+class Hosts:
+    """`count` hosts on one bridged subnet, each in its own namespace."""
+
+    def __init__(self, count, subnet="10.213.7"):
+        token = unique_token()
+        self.switch = f"tsb-sw-{token}"
+        self.names = [f"tsb-h{i}-{token}" for i in range(count)]
+        self.addresses = [f"{subnet}.{i + 1}" for i in range(count)]
+        self._created = []
+
+    def create(self):
+        sw = self.switch
+        self._add(sw)
+        _run("ip", "-n", sw, "link", "set", "lo", "up")
+        _run("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", sw, "link", "set", "br0", "up")
+        for i, (ns, address) in enumerate(zip(self.names, self.addresses)):
+            self._add(ns)
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _run(
+                "ip", "-n", sw, "link", "add", f"p{i}", "type", "veth",
+                "peer", "name", "eth0", "netns", ns,
+            )
+            _run("ip", "-n", sw, "link", "set", f"p{i}", "master", "br0")
+            _run("ip", "-n", sw, "link", "set", f"p{i}", "up")
+            _run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+        return self
+
+    def _add(self, ns):
+        _run("ip", "netns", "add", ns)
+        self._created.append(ns)
+
+    def impair(self, *netem):
+        """Adds `netem` (e.g. "delay", "2ms", "loss", "1%") to every host's link."""
+        for ns in self.names:
+            _run("tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "netem", *netem)
+
+    def cut(self, i):
+        """Takes host i off the network: its switch port goes down."""
+        _run("ip", "-n", self.switch, "link", "set", f"p{i}", "down")
+
+    def popen(self, i, argv, **kwargs):
+        return subprocess.Popen(["ip", "netns", "exec", self.names[i], *argv], **kwargs)
+
+    def destroy(self):
+        for ns in reversed(self._created):
+            _run("ip", "netns", "del", ns, check=False)
+        self._created.clear()
+
+
+# --- the rank program of test_netns.py ---------------------------------------
+
+
+def _emit(**event):
+    print(json.dumps(event), flush=True)
+
+
+def rank_main(rank, world_size, master_address, port, rounds, timeout):
+    """Constructs, runs `rounds` timestamped barriers, reports them; then on
+    "go" from stdin one more barrier, reporting how it ended."""
+    from tcpstore_barrier import TCPStoreBarrier
+
+    barrier = TCPStoreBarrier(
+        global_rank=rank,
+        global_world_size=world_size,
+        barrier_prefix="ckpt",
+        timeout_barrier_init_secs=60,
+        use_checkpoint_barrier_tcpstore_libuv=True,
+        tcpstore_port=port,
+        master_address=master_address,
+        timeout_secs=timeout,
+    )
+    stamps = []
+    for _ in range(rounds):
+        entered = time.monotonic()
+        barrier.execute_barrier()
+        stamps.append((entered, time.monotonic()))
+    _emit(event="rounds", rank=rank, stamps=stamps, sequence=barrier.sequence)
+
+    if sys.stdin.readline().strip() != "go":
+        return
+    start = time.monotonic()
+    try:
+        barrier.execute_barrier()
+        _emit(event="last", rank=rank, elapsed=time.monotonic() - start, error=None)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        _emit(
+            event="last",
+            rank=rank,
+            elapsed=time.monotonic() - start,
+            error={
+                "type": type(e).__name__,
+                "message": str(e)[:2000],
+                "missing_ranks": getattr(e, "missing_ranks", None),
+                "sequence": getattr(e, "sequence", None),
+            },
+        )
+
+
+# --- the isolated constructor worker -----------------------------------------
+
+
+class WorkerDied(Exception):
+    pass
+
+
+class WorkerHung(Exception):
+    pass
+
+
+def _write_frame(stream, obj):
+    data = pickle.dumps(obj)
+    stream.write(struct.pack("!I", len(data)) + data)
+    stream.flush()
+
+
+def _read_exact(fd, size, deadline):
+    chunks, got = [], 0
+    while got < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WorkerHung
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            raise WorkerHung
+        chunk = os.read(fd, size - got)
+        if not chunk:
+            raise WorkerDied
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(fd, deadline):
+    (size,) = struct.unpack("!I", _read_exact(fd, 4, deadline))
+    return pickle.loads(_read_exact(fd, size, deadline))
+
+
+def isolation_unavailable_reason():
+    reason = _why_not("unshare", "--net", "true")
+    if reason is not None:
+        return f"cannot make a private network namespace (unshare --net): {reason}"
+    return None
+
+
+class IsolatedWorker:
+    """Runs TCPStoreBarrier(**kwargs) in a process alone in its own network
+    namespace; restarts it after a crash or hang."""
+
+    def __init__(self, start_timeout=60.0):
+        self._start_timeout = start_timeout
+        self._proc = None
+        self.live_port = None
+        self.stderr_path = None
+
+    def start(self):
+        self.stderr_path = Path(os.environ.get("TMPDIR", "/tmp")) / (
+            f"tsb-worker-{unique_token()}.log"
+        )
+        with open(self.stderr_path, "wb") as stderr:
+            self._proc = subprocess.Popen(
+                [
+                    "unshare", "--net", "--", "sh", "-c",
+                    'ip link set lo up && exec "$0" "$1" worker',
+                    sys.executable, str(TESTS / "netns_hosts.py"),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=TESTS,
+                start_new_session=True,
+            )
+        hello = _read_frame(
+            self._proc.stdout.fileno(), time.monotonic() + self._start_timeout
+        )
+        self.live_port = hello["live_port"]
+
+    def call(self, kwargs, timeout):
+        """The outcome dict of one constructor call; WorkerHung after
+        `timeout` s, WorkerDied (with the exit status) if the process died."""
+        if self._proc is None:
+            self.start()
+        try:
+            _write_frame(self._proc.stdin, kwargs)
+            return _read_frame(self._proc.stdout.fileno(), time.monotonic() + timeout)
+        except WorkerHung:
+            self.stop()
+            raise
+        except (WorkerDied, BrokenPipeError):
+            code = self._proc.wait(timeout=10)
+            self._close_pipes()
+            self._proc = None
+            raise WorkerDied(f"the worker died with exit status {code}") from None
+
+    def _close_pipes(self):
+        for stream in (self._proc.stdin, self._proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def stop(self):
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait(timeout=10)
+        self._close_pipes()
+        self._proc = None
+
+
+def worker_main():
+    # Frames go out on the original stdout; anything else printed goes to
+    # stderr so it cannot corrupt them.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    requests = os.fdopen(0, "rb")
+
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed import DistError
+
+    import tcpstore_barrier
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        live_port = s.getsockname()[1]
+    live = dist.TCPStore(
+        "127.0.0.1",
+        live_port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=30),
+    )
+    _write_frame(out, {"live_port": live_port})
+
+    while True:
+        header = requests.read(4)
+        if len(header) < 4:
+            break
+        (size,) = struct.unpack("!I", header)
+        kwargs = pickle.loads(requests.read(size))
+        start = time.monotonic()
+        try:
+            barrier = tcpstore_barrier.TCPStoreBarrier(**kwargs)
+        except BaseException as e:  # noqa: BLE001 - reported
+            elapsed = time.monotonic() - start
+            reply = {
+                "outcome": "raised",
+                "type": type(e).__name__,
+                "value_or_type_error": isinstance(e, (ValueError, TypeError)),
+                "dist_error": isinstance(e, DistError),
+                "message": str(e)[:4000],
+            }
+        else:
+            elapsed = time.monotonic() - start
+            reply = {"outcome": "constructed", "sequence": barrier.sequence}
+            barrier.close()
+        reply["elapsed"] = elapsed
+        _write_frame(out, reply)
+    del live
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "worker":
+        worker_main()
+    elif sys.argv[1] == "rank":
+        rank, world_size, master_address, port, rounds, timeout = sys.argv[2:8]
+        rank_main(
+            int(rank),
+            int(world_size),
+            master_address,
+            int(port),
+            int(rounds),
+            float(timeout),
+        )
+    else:
+        raise SystemExit(f"unknown mode {sys.argv[1]!r}")
