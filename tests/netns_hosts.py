@@ -24,6 +24,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -239,29 +240,40 @@ class IsolatedWorker:
         self._start_timeout = start_timeout
         self._proc = None
         self.live_port = None
-        self.stderr_path = None
+        # What the worker printed, for a failing test to show.
+        self.stderr = None
 
     def start(self):
-        self.stderr_path = Path(os.environ.get("TMPDIR", "/tmp")) / (
-            f"tsb-worker-{unique_token()}.log"
+        if self.stderr is None:
+            self.stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            [
+                "unshare", "--net", "--", "sh", "-c",
+                'ip link set lo up && exec "$0" "$1" worker',
+                sys.executable, str(TESTS / "netns_hosts.py"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            cwd=TESTS,
+            start_new_session=True,
         )
-        with open(self.stderr_path, "wb") as stderr:
-            self._proc = subprocess.Popen(
-                [
-                    "unshare", "--net", "--", "sh", "-c",
-                    'ip link set lo up && exec "$0" "$1" worker',
-                    sys.executable, str(TESTS / "netns_hosts.py"),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                cwd=TESTS,
-                start_new_session=True,
+        try:
+            hello = _read_frame(
+                self._proc.stdout.fileno(), time.monotonic() + self._start_timeout
             )
-        hello = _read_frame(
-            self._proc.stdout.fileno(), time.monotonic() + self._start_timeout
-        )
+        except (WorkerHung, WorkerDied):
+            self.stop()
+            message = f"the worker did not start:\n{self.stderr_tail()}"
+            raise WorkerDied(message) from None
         self.live_port = hello["live_port"]
+
+    def stderr_tail(self, size=3000):
+        if self.stderr is None:
+            return ""
+        self.stderr.seek(0, os.SEEK_END)
+        self.stderr.seek(max(0, self.stderr.tell() - size))
+        return self.stderr.read().decode(errors="replace")
 
     def call(self, kwargs, timeout):
         """The outcome dict of one constructor call; WorkerHung after
@@ -295,6 +307,12 @@ class IsolatedWorker:
         self._proc.wait(timeout=10)
         self._close_pipes()
         self._proc = None
+
+    def close(self):
+        self.stop()
+        if self.stderr is not None:
+            self.stderr.close()
+            self.stderr = None
 
 
 def worker_main():

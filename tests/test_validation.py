@@ -249,7 +249,7 @@ def isolated():
     worker = netns_hosts.IsolatedWorker()
     worker.start()
     yield worker
-    worker.stop()
+    worker.close()
 
 
 UNRESOLVABLE = "no-such-host.invalid"
@@ -383,7 +383,10 @@ def test_arbitrary_arguments_construct_or_raise_a_documented_error_quickly(
     except netns_hosts.WorkerHung:
         pytest.fail(f"the constructor hung (> {NEVER_HANGS} s) on {arguments!r}")
     except netns_hosts.WorkerDied as e:
-        pytest.fail(f"the constructor crashed the process on {arguments!r}: {e}")
+        pytest.fail(
+            f"the constructor crashed the process on {arguments!r}: {e}\n"
+            f"{isolated.stderr_tail()}"
+        )
     event(outcome["outcome"] + " " + outcome.get("type", ""))
     if outcome["outcome"] == "constructed":
         return
