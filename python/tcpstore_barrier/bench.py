@@ -117,8 +117,11 @@ def main(args: argparse.Namespace) -> int:
         progress.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
-    finally:
+    except KeyboardInterrupt:
+        # run_world has killed the ranks on the way out.
         progress.close()
+        print("interrupted", file=sys.stderr)
+        return 130
     print("\n".join(describe_run(config, cpus)))
     print()
     print(format_table([summary for summary, _, _ in runs]))
