@@ -1,0 +1,209 @@
+"""The C++ side: the trainer example as a user builds it, and the ctest suite.
+
+The example is configured against the installed package exactly as the
+README says, so a broken CMake package fails here; it then shares barriers
+with Python ranks of this library and of torch. The core's own C++ tests
+(tests/cpp) are built from this source tree and run by ctest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cpp_ranks
+import protocol_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = "2"
+
+
+def run_checked(command, timeout, **kwargs):
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+    assert proc.returncode == 0, (
+        f"{' '.join(map(str, command))} exited with {proc.returncode}\n"
+        f"{proc.stdout[-20000:]}\n{proc.stderr[-20000:]}"
+    )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cmake():
+    exe = shutil.which("cmake")
+    if exe is None:
+        pytest.skip("cmake is not installed (pip install cmake)")
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler (c++, g++ or $CXX) is installed")
+    return exe
+
+
+def cmake_build(cmake, source, build_dir, *options):
+    run_checked([cmake, "-S", source, "-B", build_dir, *options], timeout=300)
+    run_checked([cmake, "--build", build_dir, "-j", JOBS], timeout=900)
+
+
+@pytest.fixture(scope="session")
+def trainer(cmake, tmp_path_factory):
+    """examples/cpp_trainer, built against the installed package."""
+    import tcpstore_barrier
+    import torch.utils
+
+    build_dir = tmp_path_factory.mktemp("cpp_trainer")
+    # What the README tells a user to pass.
+    prefix_path = ";".join(
+        [tcpstore_barrier.cmake_prefix_path, torch.utils.cmake_prefix_path]
+    )
+    cmake_build(
+        cmake,
+        ROOT / "examples" / "cpp_trainer",
+        build_dir,
+        f"-DCMAKE_PREFIX_PATH={prefix_path}",
+    )
+    return build_dir / "trainer"
+
+
+@pytest.fixture(scope="session")
+def ctest_build(cmake, tmp_path_factory):
+    """This tree's core and tests/cpp, built with -DTCPSTORE_BARRIER_BUILD_TESTS=ON."""
+    build_dir = tmp_path_factory.mktemp("ctest")
+    cmake_build(
+        cmake,
+        ROOT,
+        build_dir,
+        "-DTCPSTORE_BARRIER_BUILD_TESTS=ON",
+        "-DTCPSTORE_BARRIER_BUILD_PYTHON=OFF",
+        f"-DPython_EXECUTABLE={sys.executable}",
+    )
+    return build_dir
+
+
+def test_cpp_trainer_shares_barriers_with_python_ranks(
+    trainer, run_rank_threads, port, tmp_path
+):
+    world_size, rounds, keep_alive = 3, 30, []
+    stamps = run_rank_threads(
+        cpp_ranks.mixed_rank,
+        world_size,
+        port,
+        rounds,
+        trainer,
+        tmp_path,
+        keep_alive,
+        timeout=120,
+    )
+    keep_alive.clear()
+    assert [len(s) for s in stamps] == [rounds] * world_size
+    # The trainer prints microseconds; allow for that rounding only.
+    resolution = 1e-6
+    for s in range(rounds):
+        last_entry = max(stamps[r][s][0] for r in range(world_size))
+        first_exit = min(stamps[r][s][1] for r in range(world_size))
+        assert first_exit + resolution >= last_entry, (
+            f"round {s} released before every rank entered"
+        )
+    # Only the last step's shard is kept once every rank has written it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step{rounds - 1}-rank1.bin"]
+
+
+def test_cpp_trainers_alone_checkpoint_and_close(trainer, port, tmp_path):
+    world_size, rounds = 3, 20
+    procs = [
+        subprocess.Popen(
+            cpp_ranks.trainer_command(
+                trainer, rank, world_size, port, rounds, tmp_path
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world_size)
+    ]
+    try:
+        outputs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} exited {p.returncode}\n{out}\n{err}"
+        assert len(cpp_ranks.trainer_stamps(out)) == rounds
+        assert f"rank {rank} of {world_size}: {rounds} checkpoint barriers" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"step{rounds - 1}-rank{r}.bin" for r in range(world_size)
+    ]
+
+
+def test_cpp_trainer_timeout_names_the_rank_that_never_came(trainer, port, tmp_path):
+    proc = subprocess.Popen(
+        cpp_ranks.trainer_command(trainer, 0, 2, port, 3, tmp_path, timeout=2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Rank 1 joins the store but never enters a barrier.
+        absent = protocol_ranks.torch_barrier(1, 2, port)
+        out, err = proc.communicate(timeout=60)
+        del absent
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, f"{out}\n{err}"
+    assert "checkpoint barrier of step 0 timed out; missing ranks: [1]" in err
+    assert "step 0 entered" not in out
+
+
+def test_cpp_trainer_rejects_a_rank_outside_the_world(trainer, port, tmp_path):
+    proc = subprocess.run(
+        cpp_ranks.trainer_command(trainer, 3, 3, port, 1, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "global_rank must be in [0, global_world_size=3), got 3" in proc.stderr
+
+
+def test_python_example_keeps_only_the_last_complete_checkpoint(tmp_path):
+    run_checked(
+        [
+            sys.executable,
+            ROOT / "examples" / "python_trainer.py",
+            "--world-size", "3",
+            "--iterations", "3",
+            "--checkpoint-dir", tmp_path,
+        ],  # fmt: skip
+        timeout=120,
+    )
+    shards = sorted(p.name for p in tmp_path.iterdir())
+    assert shards == [f"step2-rank{r}.pt" for r in range(3)]
+
+
+def test_ctest_cases_pass(cmake, ctest_build):
+    ctest = Path(cmake).with_name("ctest")
+    proc = run_checked(
+        [ctest, "--test-dir", ctest_build, "--output-on-failure", "--no-tests=error"],
+        timeout=900,
+    )
+    assert "100% tests passed" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sanitizers", ["address,undefined", "thread"])
+def test_ctest_cases_pass_under_sanitizers(cmake, sanitizers, tmp_path):
+    """Runs tests/cpp/run_sanitizers.sh, as CI may call it directly."""
+    proc = run_checked(
+        ["bash", ROOT / "tests" / "cpp" / "run_sanitizers.sh", sanitizers],
+        timeout=1200,
+        env={
+            **os.environ,
+            "PYTHON": sys.executable,
+            "SANITIZE_BUILD_ROOT": str(tmp_path),
+        },
+    )
+    assert "100% tests passed" in proc.stdout
