@@ -38,7 +38,14 @@ std::string strArg(py::handle value, const char* name) {
   if (!PyUnicode_Check(value.ptr())) {
     wrongType(name, "a str", value);
   }
-  return value.cast<std::string>();
+  Py_ssize_t size = 0;
+  const char* utf8 = PyUnicode_AsUTF8AndSize(value.ptr(), &size);
+  if (utf8 == nullptr) {
+    PyErr_Clear();
+    throw py::value_error(
+        py::str("{} must be encodable as UTF-8, got {!r}").format(name, value).cast<std::string>());
+  }
+  return std::string(utf8, static_cast<std::size_t>(size));
 }
 
 bool boolArg(py::handle value, const char* name) {

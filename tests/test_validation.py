@@ -158,12 +158,6 @@ def test_wrong_type_is_rejected_naming_argument_and_value(port, name, value):
     assert_rejected(TypeError, port, name, value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core (bindings strArg): a str that is not valid UTF-8 (lone "
-    "surrogate) escapes as pybind11's RuntimeError 'Unable to cast Python "
-    "instance...', naming neither the argument nor the value",
-)
 @pytest.mark.parametrize("name", ["barrier_prefix", "master_address"])
 def test_unencodable_string_is_rejected_naming_the_argument(port, name):
     assert_rejected((ValueError, TypeError), port, name, "ckpt\ud800")
@@ -211,13 +205,6 @@ def test_refused_connection_is_a_clear_error_naming_host_and_port(port):
     assert init - 0.05 <= elapsed <= 3 * init + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: joining a store that refuses connections overshoots "
-    "timeout_barrier_init_secs by 0.3-1.2 s at 1 s and up to 3.4 s at 2 s, "
-    "because c10d's TCPStore client restarts its whole connect timeout on "
-    "retry and sleeps jittered backoffs past the deadline",
-)
 def test_refused_connection_gives_up_within_half_a_second_of_init_timeout():
     init, attempts = 1.0, 6
     elapsed = []
@@ -277,12 +264,6 @@ def test_unresolvable_master_address_on_joining_rank_fails_in_bounded_time(isola
     assert outcome["elapsed"] <= 3 * init + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: a joining rank retries an unresolvable master_address "
-    "until timeout_barrier_init_secs has passed (and overshoots it), then "
-    "reports a connect timeout; rank 0 says at once that it does not resolve",
-)
 def test_unresolvable_master_address_on_joining_rank_says_so_within_init_timeout(
     isolated,
 ):

@@ -31,7 +31,7 @@ struct ReleaseWatcher::State {
   std::exception_ptr error;
 
   std::vector<std::function<void(c10d::Store&)>> jobs;
-  bool runningJobs = false;
+  std::size_t runningJobs = 0;
 };
 
 ReleaseWatcher::ReleaseWatcher(c10::intrusive_ptr<c10d::Store> store)
@@ -112,9 +112,9 @@ void ReleaseWatcher::runInBackground(std::function<void(c10d::Store&)> job) {
   state_->changed.notify_all();
 }
 
-bool ReleaseWatcher::backgroundBusy() const {
+std::size_t ReleaseWatcher::backgroundJobs() const {
   std::lock_guard<std::mutex> lock(state_->mutex);
-  return state_->runningJobs || !state_->jobs.empty();
+  return state_->runningJobs + state_->jobs.size();
 }
 
 std::exception_ptr ReleaseWatcher::failure() const {
@@ -217,11 +217,12 @@ void ReleaseWatcher::run(std::shared_ptr<State> state) {
       state->changed.notify_all();
       continue;
     }
-    auto jobs = std::move(state->jobs);
-    state->jobs.clear();
-    state->runningJobs = true;
+    // One job at a time, so that a watch requested meanwhile goes first.
+    auto job = std::move(state->jobs.front());
+    state->jobs.erase(state->jobs.begin());
+    state->runningJobs = 1;
     lock.unlock();
-    for (auto& job : jobs) {
+    {
       try {
         job(*state->store);
       } catch (const c10::Error& e) {
@@ -233,7 +234,7 @@ void ReleaseWatcher::run(std::shared_ptr<State> state) {
       }
     }
     lock.lock();
-    state->runningJobs = false;
+    state->runningJobs = 0;
   }
 }
 

@@ -66,8 +66,8 @@ class ReleaseWatcher {
   // that is already pending: store housekeeping kept off the caller's path.
   void runInBackground(std::function<void(c10d::Store&)> job);
 
-  // Whether a background job is queued or running.
-  bool backgroundBusy() const;
+  // How many background jobs are queued or running.
+  std::size_t backgroundJobs() const;
 
   std::exception_ptr failure() const;
 

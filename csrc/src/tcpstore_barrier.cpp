@@ -12,7 +12,7 @@
 #include <fmt/ranges.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
-#include "listen_socket.h"
+#include "sockets.h"
 #include "release_watcher.h"
 
 namespace tcpstore_barrier {
@@ -29,6 +29,7 @@ const std::vector<uint8_t> kReleasedBytes(
     kReleasedValue.end());
 // Outside any round's key space: round keys are `{prefix}{digits}/...`.
 constexpr std::string_view kMembersSuffix = "/library_ranks";
+constexpr std::string_view kAllMembersSuffix = "/all_library_ranks";
 constexpr std::string_view kClosedSuffix = "/closed";
 constexpr std::string_view kAllClosedSuffix = "/all_closed";
 
@@ -41,9 +42,15 @@ constexpr std::chrono::milliseconds kInterruptSlice{100};
 // this stays under the half second.
 constexpr std::chrono::milliseconds kInlineWait{200};
 
-// Finished rounds' keys are deleted every this many rounds: the store holds
-// at most about twice as many rounds' keys as this, besides one per rank.
-constexpr int64_t kCleanupEvery = 16;
+// Finished rounds' keys are deleted every this many rounds, and at most
+// kMaxQueuedCleanups batches wait for the watcher before the caller deletes
+// one itself: the store holds a few dozen keys besides one per rank.
+constexpr int64_t kCleanupEvery = 4;
+constexpr std::size_t kMaxQueuedCleanups = 2;
+
+// How long rank 0's close() waits for peers to register when no round has
+// completed yet (after one has, every rank of the round had registered).
+constexpr std::chrono::milliseconds kFirstRegistrationGrace{2000};
 
 // TCPStore keeps timeouts in milliseconds; beyond this a timeout is a typo.
 constexpr double kMaxTimeoutSeconds = 365.0 * 24 * 3600;
@@ -205,6 +212,9 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
   if (options.masterAddress.empty()) {
     throw std::invalid_argument("master_address must not be empty");
   }
+  if (options.masterAddress.find('\0') != std::string::npos) {
+    throw std::invalid_argument("master_address must not contain a NUL character");
+  }
   checkNonNegative(options.initTimeout, "timeout_barrier_init_secs");
   checkNonNegative(timeout_, "timeout_secs");
 
@@ -223,11 +233,23 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
   }
   storeAddress_ = fmt::format("{}:{}", options.masterAddress, port);
   try {
+    if (!hostsStore_) {
+      const auto start = std::chrono::steady_clock::now();
+      waitUntilReachable(
+          options.masterAddress, port, start + options.initTimeout);
+      storeOptions.timeout = std::max(
+          std::chrono::ceil<std::chrono::milliseconds>(
+              start + options.initTimeout - std::chrono::steady_clock::now()),
+          std::chrono::milliseconds(1));
+    }
     auto store = c10::make_intrusive<c10d::TCPStore>(
         options.masterAddress, storeOptions);
+    store->setTimeout(options.initTimeout);
     usesLibUV_ = store->isLibUvBackend();
     // Counted so that close() on rank 0 knows how many ranks to wait for.
-    store->add(prefix_ + std::string(kMembersSuffix), 1);
+    if (store->add(prefix_ + std::string(kMembersSuffix), 1) == worldSize_) {
+      store->set(prefix_ + std::string(kAllMembersSuffix), kReleasedBytes);
+    }
     store_ = std::move(store);
   } catch (const c10::DistStoreError& e) {
     throw c10::DistStoreError(
@@ -416,7 +438,6 @@ void TCPStoreBarrier::enterRound() {
   }
   const int64_t members = store_->add(numMembersKey_, 1);
   arrived_ = true;
-  firstArriver_ = members == 1;
   if (members >= worldSize_) {
     // The last arriver releases the others and has nothing to wait for.
     store_->set(releaseKey_.front(), kReleasedBytes);
@@ -448,7 +469,6 @@ void TCPStoreBarrier::completeRound(
 void TCPStoreBarrier::finishRound() {
   arrived_ = false;
   released_ = false;
-  firstArriver_ = false;
   if (watcher_) {
     watcher_->reset();
   }
@@ -533,27 +553,29 @@ void TCPStoreBarrier::deleteFinishedRounds() {
   // Round s has released, so every rank has returned from round s-1 and the
   // keys of rounds up to s-1 are no longer read. They are deleted in
   // batches on the watcher's connection: off the caller's path, with one
-  // thread wake-up per batch. Should the previous batch still be running
-  // (rounds outpacing deletes), this one runs here instead, so the store
-  // stays bounded.
+  // thread wake-up per batch. Should batches pile up (rounds outpacing
+  // deletes, as in a tight loop of a few ranks), this one runs here
+  // instead, so that the store stays bounded.
   if (sequence_ == 0 || sequence_ % kCleanupEvery != 0) {
+    return;
+  }
+  // The ranks take turns, so that no one connection carries every delete.
+  if ((sequence_ / kCleanupEvery) % worldSize_ != rank_) {
     return;
   }
   const int64_t newest = sequence_ - 1;
   std::function<void(c10d::Store&)> job;
   if (protocol_ == Protocol::kNative) {
-    // Every rank is ours here, so the ranks take turns.
-    if ((sequence_ / kCleanupEvery) % worldSize_ == rank_) {
-      job = [prefix = prefix_, newest](c10d::Store& store) {
-        for (int64_t old = newest; old > newest - kCleanupEvery; --old) {
-          store.deleteKey(roundKey(prefix, old, kServerBarrierSuffix));
-        }
-      };
-    }
-  } else if (firstArriver_) {
-    // The first arriver of the round has had the most slack. Batches whose
-    // first arriver was a torch rank are left behind, so walk back until a
-    // round is found already deleted.
+    job = [prefix = prefix_, newest](c10d::Store& store) {
+      for (int64_t old = newest; old > newest - kCleanupEvery; --old) {
+        store.deleteKey(roundKey(prefix, old, kServerBarrierSuffix));
+      }
+    };
+  } else {
+    // A torch rank never takes its turn, so walk back past this batch
+    // until a round is found already deleted. Walkers that meet stop at
+    // each other's deletes; the one still deleting carries on down, so no
+    // round is skipped.
     job = [prefix = prefix_, newest](c10d::Store& store) {
       for (int64_t old = newest; old >= 0; --old) {
         if (!store.deleteKey(roundKey(prefix, old, kNumMembersSuffix))) {
@@ -566,7 +588,7 @@ void TCPStoreBarrier::deleteFinishedRounds() {
   if (!job) {
     return;
   }
-  if (watcher().backgroundBusy()) {
+  if (watcher().backgroundJobs() >= kMaxQueuedCleanups) {
     job(*store_);
   } else {
     watcher().runInBackground(std::move(job));
@@ -601,6 +623,16 @@ void TCPStoreBarrier::close() {
   const std::string closedKey = prefix_ + std::string(kClosedSuffix);
   const std::string allClosedKey = prefix_ + std::string(kAllClosedSuffix);
   try {
+    if (hostsStore_ && sequence_ == 0) {
+      // Before a first round, a peer may not have registered yet: give it a
+      // moment (a fleet with torch's ranks never completes the count).
+      try {
+        store->wait(
+            {prefix_ + std::string(kAllMembersSuffix)},
+            std::min(timeout_, kFirstRegistrationGrace));
+      } catch (const c10::DistStoreError&) {
+      }
+    }
     const int64_t closedRanks = store->add(closedKey, 1);
     const int64_t libraryRanks =
         store->add(prefix_ + std::string(kMembersSuffix), 0);

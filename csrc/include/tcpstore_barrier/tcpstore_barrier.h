@@ -206,7 +206,6 @@ class TCPStoreBarrier {
   int64_t sequence_ = 0;
   bool arrived_ = false;
   bool released_ = false;
-  bool firstArriver_ = false;
 
   // Keys of the current round, rebuilt once per round into reused buffers.
   std::string rankKey_;

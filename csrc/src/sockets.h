@@ -1,5 +1,6 @@
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -32,5 +33,17 @@ class UniqueFd {
 // TCPStoreOptions::masterListenFd. Throws c10::DistNetworkError naming the
 // host and port when the name does not resolve or the port is taken.
 UniqueFd openListenSocket(const std::string& host, uint16_t port);
+
+// Returns once a TCP connection to `host`:`port` succeeds, retrying refused
+// connections with short back-offs until `deadline`. A name that does not
+// resolve fails at once. Throws c10::DistNetworkError with the last cause.
+//
+// TCPStore's client waits out its whole timeout on a refused connection,
+// sleeps, then tries again with another whole timeout, so on its own it
+// overshoots timeout_barrier_init_secs by up to twice over.
+void waitUntilReachable(
+    const std::string& host,
+    uint16_t port,
+    std::chrono::steady_clock::time_point deadline);
 
 } // namespace tcpstore_barrier

@@ -1,0 +1,172 @@
+#include "sockets.h"
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <thread>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include <c10/util/Exception.h>
+#include <fmt/format.h>
+
+namespace tcpstore_barrier {
+namespace {
+
+struct AddrInfoDeleter {
+  void operator()(addrinfo* info) const noexcept {
+    freeaddrinfo(info);
+  }
+};
+
+[[noreturn]] void throwNetworkError(const std::string& message) {
+  throw c10::DistNetworkError(
+      {__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, message);
+}
+
+using AddrInfoPtr = std::unique_ptr<addrinfo, AddrInfoDeleter>;
+
+// Resolves `host`; nullptr while the resolver reports a temporary failure.
+AddrInfoPtr resolve(const std::string& host, uint16_t port, int flags) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV | flags;
+  addrinfo* found = nullptr;
+  const std::string service = std::to_string(port);
+  const int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &found);
+  if (rc == EAI_AGAIN) {
+    return nullptr;
+  }
+  if (rc != 0) {
+    throwNetworkError(fmt::format(
+        "master_address '{}' does not resolve: {}", host, gai_strerror(rc)));
+  }
+  return AddrInfoPtr(found);
+}
+
+// One non-blocking connect attempt, bounded by `timeout`; "" on success,
+// else why it failed.
+std::string tryConnect(const addrinfo& a, std::chrono::milliseconds timeout) {
+  UniqueFd fd(::socket(a.ai_family, a.ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (fd.get() < 0) {
+    return std::strerror(errno);
+  }
+  if (::connect(fd.get(), a.ai_addr, a.ai_addrlen) == 0) {
+    return "";
+  }
+  if (errno != EINPROGRESS) {
+    return std::strerror(errno);
+  }
+  pollfd pfd{fd.get(), POLLOUT, 0};
+  const int ready = ::poll(&pfd, 1, static_cast<int>(timeout.count()));
+  if (ready <= 0) {
+    return ready == 0 ? "connection timed out" : std::strerror(errno);
+  }
+  int error = 0;
+  socklen_t length = sizeof(error);
+  ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &error, &length);
+  return error == 0 ? "" : std::strerror(error);
+}
+
+} // namespace
+
+UniqueFd::~UniqueFd() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+  }
+}
+
+UniqueFd& UniqueFd::operator=(UniqueFd&& other) noexcept {
+  if (this != &other) {
+    UniqueFd old(fd_);
+    fd_ = other.release();
+  }
+  return *this;
+}
+
+UniqueFd openListenSocket(const std::string& host, uint16_t port) {
+  AddrInfoPtr addresses = resolve(host, port, AI_ADDRCONFIG);
+  if (!addresses) {
+    throwNetworkError(fmt::format(
+        "master_address '{}' does not resolve: the name server is not "
+        "answering",
+        host));
+  }
+
+  // Peers connect to the first address the name resolves to, so bind that
+  // one; the next is only a fallback when this host cannot use it.
+  std::string lastError;
+  for (addrinfo* a = addresses.get(); a != nullptr; a = a->ai_next) {
+    UniqueFd fd(::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, 0));
+    if (fd.get() < 0) {
+      lastError = std::strerror(errno);
+      continue;
+    }
+    // Like TCPStore's own listener: a restarted job must not wait out
+    // TIME_WAIT on the port.
+    int on = 1;
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
+    if (::bind(fd.get(), a->ai_addr, a->ai_addrlen) != 0) {
+      if (errno == EADDRINUSE) {
+        throwNetworkError(fmt::format(
+            "tcpstore_port {} on master_address '{}' is already in use",
+            port,
+            host));
+      }
+      lastError = std::strerror(errno);
+      continue;
+    }
+    if (::listen(fd.get(), SOMAXCONN) != 0) {
+      lastError = std::strerror(errno);
+      continue;
+    }
+    return fd;
+  }
+  throwNetworkError(fmt::format(
+      "cannot listen on master_address '{}' tcpstore_port {}: {}",
+      host,
+      port,
+      lastError));
+}
+
+void waitUntilReachable(
+    const std::string& host,
+    uint16_t port,
+    std::chrono::steady_clock::time_point deadline) {
+  using namespace std::chrono;
+  using Clock = steady_clock;
+  milliseconds backoff{10};
+  std::string lastError = "timed out";
+  for (;;) {
+    if (AddrInfoPtr addresses = resolve(host, port, 0)) {
+      for (addrinfo* a = addresses.get(); a != nullptr; a = a->ai_next) {
+        const auto left = ceil<milliseconds>(deadline - Clock::now());
+        lastError = tryConnect(*a, std::max(left, milliseconds(1)));
+        if (lastError.empty()) {
+          return;
+        }
+      }
+    } else {
+      lastError = fmt::format(
+          "master_address '{}' does not resolve: the name server is not "
+          "answering",
+          host);
+    }
+    const auto left = deadline - Clock::now();
+    if (left <= Clock::duration::zero()) {
+      throwNetworkError(lastError);
+    }
+    std::this_thread::sleep_for(
+        std::min<Clock::duration>(backoff, left));
+    backoff = std::min(backoff * 2, milliseconds(250));
+  }
+}
+
+} // namespace tcpstore_barrier
