@@ -130,7 +130,7 @@ std::string describeStore(const c10::intrusive_ptr<c10d::Store>& store) {
   if (auto* tcp = dynamic_cast<c10d::TCPStore*>(store.get())) {
     return fmt::format("the store at {}:{}", tcp->getHost(), tcp->getPort());
   }
-  return "the store";
+  return "the store given to from_store";
 }
 
 } // namespace
@@ -231,7 +231,8 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
     storeOptions.masterListenFd =
         openListenSocket(options.masterAddress, port).release();
   }
-  storeAddress_ = fmt::format("{}:{}", options.masterAddress, port);
+  storeAddress_ =
+      fmt::format("the store at {}:{}", options.masterAddress, port);
   try {
     if (!hostsStore_) {
       const auto start = std::chrono::steady_clock::now();
@@ -255,7 +256,7 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
     throw c10::DistStoreError(
         here(__func__, __LINE__),
         fmt::format(
-            "TCPStoreBarrier rank {} of {}: the store at {} did not gather "
+            "TCPStoreBarrier rank {} of {}: {} did not gather "
             "all ranks within timeout_barrier_init_secs={}: {}",
             rank_,
             worldSize_,
@@ -266,7 +267,7 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
     throw c10::DistNetworkError(
         here(__func__, __LINE__),
         fmt::format(
-            "TCPStoreBarrier rank {} of {}: cannot reach the store at {} "
+            "TCPStoreBarrier rank {} of {}: cannot reach {} "
             "within timeout_barrier_init_secs={}: {}",
             rank_,
             worldSize_,
