@@ -126,7 +126,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("store"), py::arg("global_rank"), py::arg("global_world_size"), py::arg("barrier_prefix"),
            py::arg("timeout_secs"), py::kw_only(), py::arg("protocol") = "torch")
       .def("execute_barrier", &TCPStoreBarrier::executeBarrier, py::call_guard<py::gil_scoped_release>())
-      .def("arrive", &TCPStoreBarrier::arrive, py::call_guard<py::gil_scoped_release>())
+      .def("arrive", &TCPStoreBarrier::arrive, py::call_guard<py::gil_scoped_release>(),
+           "Enters the current round and returns without waiting for the other ranks.")
       .def("wait",
            [](TCPStoreBarrier& self) {
              // A released round completes without a store round trip, so
@@ -137,16 +138,19 @@ PYBIND11_MODULE(_C, m) {
              }
              py::gil_scoped_release nogil;
              self.wait();
-           })
-      .def("close", &TCPStoreBarrier::close, py::call_guard<py::gil_scoped_release>())
+           },
+           "Returns once the round entered by arrive() has released; at once, keeping the GIL, if it has.")
+      .def("close", &TCPStoreBarrier::close, py::call_guard<py::gil_scoped_release>(),
+           "Leaves the store; on rank 0, first waits (up to timeout_secs) for the other ranks to close.")
       .def("__enter__", [](py::object self) { return self; })
       .def(
           "__exit__", [](TCPStoreBarrier& self, const py::args&) { self.close(); },
           py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("sequence", &TCPStoreBarrier::sequence)
-      .def_property_readonly("uses_libuv", &TCPStoreBarrier::usesLibUV)
-      .def_property_readonly("released", &TCPStoreBarrier::released)
-      .def_property_readonly("closed", &TCPStoreBarrier::closed)
+      .def_property_readonly("sequence", &TCPStoreBarrier::sequence, "The sequence number of the next round.")
+      .def_property_readonly("uses_libuv", &TCPStoreBarrier::usesLibUV, "Whether the store's server is libuv's.")
+      .def_property_readonly("released", &TCPStoreBarrier::released,
+                             "Whether the round entered by arrive() has released, so wait() returns at once.")
+      .def_property_readonly("closed", &TCPStoreBarrier::closed, "Whether close() was called.")
       .def_property_readonly("global_rank", &TCPStoreBarrier::rank)
       .def_property_readonly("global_world_size", &TCPStoreBarrier::worldSize)
       .def_property_readonly("barrier_prefix", &TCPStoreBarrier::barrierPrefix)
@@ -158,7 +162,7 @@ PYBIND11_MODULE(_C, m) {
                              [](const TCPStoreBarrier& self) {
                                return self.protocol() == Protocol::kNative ? "native" : "torch";
                              })
-      .def_property_readonly("store", &TCPStoreBarrier::store)
+      .def_property_readonly("store", &TCPStoreBarrier::store, "The torch.distributed.Store the barrier uses.")
       .def("__repr__", [](const TCPStoreBarrier& self) {
         return py::str("TCPStoreBarrier(global_rank={}, global_world_size={}, barrier_prefix={!r}, "
                        "sequence={}, protocol={!r})")

@@ -276,6 +276,11 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
             e.what_without_backtrace()));
   }
   prepareRoundKeys();
+  LOG(INFO) << "TCPStoreBarrier rank " << rank_ << " of " << worldSize_
+            << " joined " << storeAddress_ << " (prefix '" << prefix_
+            << "', " << (usesLibUV_ ? "libuv" : "legacy") << " server, "
+            << (protocol_ == Protocol::kTorch ? "torch" : "native")
+            << " protocol, timeout " << seconds(timeout_) << ")";
 }
 
 TCPStoreBarrier::TCPStoreBarrier(
