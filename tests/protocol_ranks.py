@@ -8,35 +8,32 @@ import time
 from conftest_shared import LOOPBACK
 
 
+def torch_arguments(rank, world_size, port, prefix="ckpt", timeout=30):
+    """torch's constructor arguments for a rank of a barrier on 127.0.0.1:port."""
+    return {
+        "global_rank": rank,
+        "global_world_size": world_size,
+        "barrier_prefix": prefix,
+        "timeout_barrier_init_secs": timeout,
+        "use_checkpoint_barrier_tcpstore_libuv": True,
+        "tcpstore_port": port,
+        "master_address": LOOPBACK,
+        "timeout_secs": timeout,
+    }
+
+
 def native_barrier(rank, world_size, port, prefix="ckpt", timeout=30.0, **kwargs):
     from tcpstore_barrier import TCPStoreBarrier
 
     return TCPStoreBarrier(
-        global_rank=rank,
-        global_world_size=world_size,
-        barrier_prefix=prefix,
-        timeout_barrier_init_secs=timeout,
-        use_checkpoint_barrier_tcpstore_libuv=True,
-        tcpstore_port=port,
-        master_address=LOOPBACK,
-        timeout_secs=timeout,
-        **kwargs,
+        **torch_arguments(rank, world_size, port, prefix, timeout), **kwargs
     )
 
 
 def torch_barrier(rank, world_size, port, prefix="ckpt", timeout=30):
     from torch.distributed.checkpoint._experimental.barriers import TCPStoreBarrier
 
-    return TCPStoreBarrier(
-        global_rank=rank,
-        global_world_size=world_size,
-        barrier_prefix=prefix,
-        timeout_barrier_init_secs=timeout,
-        use_checkpoint_barrier_tcpstore_libuv=True,
-        tcpstore_port=port,
-        master_address=LOOPBACK,
-        timeout_secs=timeout,
-    )
+    return TCPStoreBarrier(**torch_arguments(rank, world_size, port, prefix, timeout))
 
 
 def timestamped_rounds(rank, world_size, port, rounds, torch_ranks=(), protocol="torch"):
