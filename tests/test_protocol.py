@@ -17,7 +17,7 @@ import pytest
 
 import protocol_ranks
 from conftest import LOOPBACK
-from tcpstore_barrier import TCPStoreBarrier
+from tcpstore_barrier import BarrierTimeoutError, TCPStoreBarrier
 
 
 def assert_no_early_release(stamps, rounds):
@@ -28,7 +28,9 @@ def assert_no_early_release(stamps, rounds):
         assert first_exit >= last_entry, f"round {s} released before every rank entered"
 
 
-def make_pair(port, world_size=2, prefix="test_barrier", use_libuv=True, **kwargs):
+def make_pair(
+    port, world_size=2, prefix="test_barrier", use_libuv=True, timeout_secs=30, **kwargs
+):
     """Ranks 0..world_size-1 of one barrier, built concurrently (rank 0 waits for all)."""
     barriers = [None] * world_size
 
@@ -41,7 +43,7 @@ def make_pair(port, world_size=2, prefix="test_barrier", use_libuv=True, **kwarg
             use_checkpoint_barrier_tcpstore_libuv=use_libuv,
             tcpstore_port=port,
             master_address=LOOPBACK,
-            timeout_secs=30,
+            timeout_secs=timeout_secs,
             **kwargs,
         )
 
@@ -195,3 +197,25 @@ def test_import_works_as_the_first_import_of_a_program():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "tcpstore_barrier"
+
+
+
+def test_native_timeout_names_only_ranks_that_never_arrived(port):
+    # Native ranks write their rank key only once a round is slow, so rank 1,
+    # arriving 50 ms before rank 0 times out, has not written it yet when
+    # rank 0 names the missing: the server's count must keep it off the list.
+    barriers = make_pair(port, world_size=3, timeout_secs=1.0, protocol="native")
+    late = threading.Timer(0.95, lambda: run_quietly(barriers[1].execute_barrier))
+    late.start()
+    with pytest.raises(BarrierTimeoutError) as caught:
+        barriers[0].execute_barrier()
+    late.join()
+    assert caught.value.missing_ranks == [2]
+    assert caught.value.barrier_key == "test_barrier0/barrier"
+
+
+def run_quietly(call):
+    try:
+        call()
+    except BarrierTimeoutError:
+        pass

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string_view>
+#include <thread>
 #include <utility>
 
 #include <c10/util/Logging.h>
@@ -360,14 +361,16 @@ void TCPStoreBarrier::executeBarrier() {
 void TCPStoreBarrier::waitInline(
     std::chrono::steady_clock::time_point deadline) {
   // Most rounds release within moments: waiting on this thread's own
-  // connection then saves two thread hand-offs per round. Only a caller
-  // that must act on interrupts meanwhile moves on to the watcher, after a
-  // short first wait (c10d logs a warning each time a wait times out, so
-  // this happens at most once per round).
+  // connection then saves two thread hand-offs per round. A caller that
+  // must act on interrupts meanwhile moves on to the watcher after a short
+  // first wait (c10d logs a warning each time a wait times out, so this
+  // happens at most once per round). So does every native round: only a
+  // round that is slow to release writes this rank's `rank{r}` key, which
+  // halves the store's work per round.
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   auto slice = std::chrono::ceil<std::chrono::milliseconds>(deadline - start);
-  if (interruptCheck_) {
+  if (interruptCheck_ || protocol_ == Protocol::kNative) {
     slice = std::min(slice, kInlineWait);
   }
   if (slice.count() <= 0) {
@@ -389,6 +392,7 @@ void TCPStoreBarrier::waitInline(
     // The server counts a cancelled BARRIER request; the watcher must not
     // send another.
     watcher().markJoined(releaseKey_.front());
+    announceArrival();
   }
 }
 
@@ -399,6 +403,9 @@ void TCPStoreBarrier::arrive() {
   }
   try {
     enterRound();
+    if (protocol_ == Protocol::kNative) {
+      announceArrival();
+    }
     if (!released_) {
       // Start watching for the release now, so that a wait() called after
       // other work may find the round already released. For the native
@@ -432,16 +439,20 @@ ReleaseWatcher& TCPStoreBarrier::watcher() {
   return *watcher_;
 }
 
-void TCPStoreBarrier::enterRound() {
-  // torch's class announces the round it joins under `rank{r}` first; the
-  // value is what names a missing rank when a round times out. A set has no
-  // reply, so it costs no round trip of its own.
+void TCPStoreBarrier::announceArrival() {
   store_->set(rankKey_, sequenceValue_);
+}
+
+void TCPStoreBarrier::enterRound() {
   if (protocol_ == Protocol::kNative) {
-    // The arrival itself is the server BARRIER request sent by the watcher.
+    // The arrival is the server BARRIER request itself, sent by the wait.
     arrived_ = true;
     return;
   }
+  // torch's class announces the round it joins under `rank{r}` first; the
+  // value is what names a missing rank when a round times out. A set has no
+  // reply, so it costs no round trip of its own.
+  announceArrival();
   const int64_t members = store_->add(numMembersKey_, 1);
   arrived_ = true;
   if (members >= worldSize_) {
@@ -526,6 +537,30 @@ void TCPStoreBarrier::waitForRelease(
 }
 
 std::vector<int64_t> TCPStoreBarrier::missingRanks() {
+  auto missing = ranksBehind();
+  if (protocol_ != Protocol::kNative) {
+    return missing;
+  }
+  // A native rank writes its `rank{r}` key only once its round has been
+  // slow for kInlineWait, so a rank that arrived just before this timeout
+  // may not have written it yet: the server's count says how many arrived.
+  const auto count = [&] {
+    if (!store_->check(releaseKey_)) {
+      return int64_t{0};
+    }
+    return parseInt(store_->get(releaseKey_.front())).value_or(0);
+  };
+  const auto giveUp =
+      std::chrono::steady_clock::now() + kInlineWait + kInterruptSlice;
+  while (worldSize_ - static_cast<int64_t>(missing.size()) < count() &&
+         std::chrono::steady_clock::now() < giveUp) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    missing = ranksBehind();
+  }
+  return missing;
+}
+
+std::vector<int64_t> TCPStoreBarrier::ranksBehind() {
   std::vector<std::string> keys;
   keys.reserve(static_cast<std::size_t>(worldSize_));
   for (int64_t r = 0; r < worldSize_; ++r) {

@@ -184,7 +184,9 @@ class TCPStoreBarrier {
   void prepareRoundKeys();
   ReleaseWatcher& watcher();
   void watchRelease(std::chrono::steady_clock::time_point deadline);
+  void announceArrival();
   std::vector<int64_t> missingRanks();
+  std::vector<int64_t> ranksBehind();
   [[noreturn]] void rethrowStoreFailure(const std::exception& e) const;
   void checkOpen() const;
 
