@@ -11,6 +11,7 @@ import torch
 import tcpstore_barrier
 
 from . import bench
+from ._bench import importtime, memory
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -38,6 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_bench_arguments(bench_parser)
     bench_parser.set_defaults(run=bench.main)
+    memory_parser = commands.add_parser(
+        "bench-memory",
+        help="measure memory per barrier object and the store's over many barriers",
+    )
+    memory.add_memory_arguments(memory_parser)
+    memory_parser.set_defaults(run=memory.main)
+    import_parser = commands.add_parser(
+        "bench-import", help="measure `import tcpstore_barrier` after `import torch`"
+    )
+    importtime.add_import_arguments(import_parser)
+    import_parser.set_defaults(run=importtime.main)
     info_parser = commands.add_parser(
         "info", help="print our version and the torch versions built with and running"
     )

@@ -7,6 +7,10 @@
 - ``stats``: medians, percentiles and the per-world-size summary.
 - ``report``: the table, the JSON document and the plot.
 - ``progress``: the progress line on stderr.
+- ``memory``: ``bench-memory``, memory per barrier object and of the store
+  over many barriers (its own processes, summaries and report).
+- ``importtime``: ``bench-import``, the import time of the package.
 
-Everything but ``rank`` and ``launch`` is pure and needs no store.
+Everything but ``rank``, ``launch`` and the process halves of ``memory`` is
+pure and needs no store.
 """

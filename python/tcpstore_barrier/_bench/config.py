@@ -27,12 +27,35 @@ Ours and torch's run in alternating blocks of --iters barriers (ours, torch,
 floor, then torch, ours, floor, ...) in the same processes, each on its own
 store, so that machine noise hits both alike. Each block starts with
 --warmup untimed barriers, which also line the ranks up.
+
+Where the time goes (the second table): rank 0 reads the CPU time of each
+store's server thread (/proc/self/task/TID/schedstat) around every block,
+and the first rank of each process its process's CPU time; per barrier, and
+the server's per request, given the requests a round sends the store: 3N+1
+for torch's class (N sets, N adds, the last arriver's set, N waits), 3N+2.25
+for ours with --protocol torch (no wait for the last arriver; finished
+rounds' deletes), N+1 with --protocol native (N server-side BARRIER
+requests; deletes; rank keys are only written in rounds slower than 200 ms).
+
+--ranks threads --processes K spreads the N rank threads over K processes
+(contiguous ranks, rank 0 in the first): each thread has its own barrier
+objects and store connections, so large worlds fit on a small machine.
+
+--split-phase measures, instead, one loop iteration of a rank that does
+--work-us of pure-Python work each barrier: "split" is arrive(), the work,
+wait(); "serial" the work, then execute_barrier(); "work" the work alone;
+"torch" torch's execute_barrier() after the work. Use it with --busy-thread
+to see what overlapping the round with the work saves under GIL contention.
 """
 
 EPILOG = """\
 torch's class always uses the libuv TCPStore backend, whatever it is given;
 --backend only changes ours (and the floor's store).
-Example: python -m tcpstore_barrier bench --world-size 2 4 8 --json out.json
+Examples:
+  python -m tcpstore_barrier bench --world-size 2 4 8 --json out.json
+  python -m tcpstore_barrier bench --ranks threads --processes 8 \\
+      --world-size 16 64 256 1024 --iters 100 --rounds 1
+  python -m tcpstore_barrier bench --split-phase --busy-thread --world-size 2
 """
 
 RanksMode = Literal["processes", "threads"]
@@ -48,6 +71,8 @@ class BenchConfig:
     rounds: int = 4
     warmup: int = 5
     ranks: RanksMode = "processes"
+    #: With ranks as threads: at most this many processes share the ranks.
+    processes: int = 1
     busy_thread: bool = False
     backend: Literal["libuv", "legacy"] = "libuv"
     protocol: Literal["torch", "native"] = "torch"
@@ -56,11 +81,19 @@ class BenchConfig:
     timeout_secs: float = 600.0
     json_path: str | None = None
     plot_path: str | None = None
+    split_phase: bool = False
+    work_us: float = 200.0
 
     @property
     def use_libuv(self) -> bool:
         """The use_checkpoint_barrier_tcpstore_libuv value ours is given."""
         return self.backend == "libuv"
+
+    def processes_for(self, world_size: int) -> int:
+        """How many processes run the ranks of ``world_size``."""
+        if self.ranks == "processes":
+            return world_size
+        return min(self.processes, world_size)
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as plain JSON values."""
@@ -78,6 +111,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
     return value
 
 
@@ -107,8 +147,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add("--warmup", type=_non_negative_int, default=defaults.warmup,
         help=f"untimed barriers before each block (default: {defaults.warmup})")
     add("--ranks", choices=["processes", "threads"], default=defaults.ranks,
-        help="one process per rank, or every rank a thread of one process, each "
-        "with its own barriers and store clients (default: processes)")
+        help="one process per rank, or every rank a thread of one process (or "
+        "of --processes K), each with its own barriers and store clients "
+        "(default: processes)")
+    add("--processes", type=_positive_int, metavar="K",
+        help="with --ranks threads: spread the rank threads over at most K "
+        "processes, contiguous ranks each (default: 1)")
     add("--busy-thread", action="store_true",
         help="run a CPU-bound pure-Python thread in each rank process while "
         "measuring, as a trainer's data-loading threads do")
@@ -132,17 +176,38 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the configuration, versions and every raw sample here")
     add("--plot", dest="plot_path", metavar="FILE.png",
         help="plot latency against world size (needs matplotlib)")
+    add("--split-phase", action="store_true",
+        help="measure arrive(), work, wait() against work, execute_barrier() "
+        "per loop iteration (see above); best with --busy-thread")
+    add("--work-us", type=_non_negative_float, metavar="US",
+        default=defaults.work_us,
+        help="with --split-phase: the pure-Python work per iteration, in "
+        "microseconds of this machine, calibrated once "
+        f"(default: {defaults.work_us:g})")
 # fmt: on
 
 
+class ConfigError(ValueError):
+    """Options that parse one by one but do not go together."""
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    """The :class:`BenchConfig` that parsed ``bench`` options describe."""
+    """The :class:`BenchConfig` that parsed ``bench`` options describe.
+
+    Raises :class:`ConfigError` for options that do not go together.
+    """
+    processes = getattr(args, "processes", None)
+    if processes is not None and args.ranks != "threads":
+        raise ConfigError("--processes needs --ranks threads")
+    if args.split_phase and args.plot_path is not None:
+        raise ConfigError("--plot does not apply to --split-phase")
     return BenchConfig(
         world_sizes=tuple(args.world_size),
         iters=args.iters,
         rounds=args.rounds,
         warmup=args.warmup,
         ranks=args.ranks,
+        processes=1 if processes is None else processes,
         busy_thread=args.busy_thread,
         backend=args.backend,
         protocol=args.protocol,
@@ -151,6 +216,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         timeout_secs=args.timeout_secs,
         json_path=args.json_path,
         plot_path=args.plot_path,
+        split_phase=args.split_phase,
+        work_us=args.work_us,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue as queue_module
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 
 from . import rank as rank_module
 from .config import RanksMode
-from .rank import LOOPBACK, RankPlan
+from .rank import LOOPBACK, RankPlan, fds_needed, rank_groups
 
 _PRELOAD = ["tcpstore_barrier", "tcpstore_barrier._bench.rank"]
 
@@ -45,22 +46,45 @@ def _context() -> Any:
     return context
 
 
+def check_fd_limit(plan: RankPlan, groups: list[tuple[int, ...]]) -> None:
+    """Raise BenchError if the process hosting the stores cannot have enough
+    file descriptors even at the hard limit (the ranks raise the soft one)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return
+    host = next(g for g in groups if 0 in g)
+    needed = fds_needed(len(host), plan.world_size, True, plan.torch_port is not None)
+    if needed > hard:
+        raise BenchError(
+            f"world size {plan.world_size}: the process of rank 0 needs about "
+            f"{needed} file descriptors, over the hard limit of {hard} "
+            "(ulimit -Hn); use more --processes, --no-torch or a smaller world"
+        )
+
+
 def run_world(
     plan: RankPlan,
     ranks: RanksMode,
     deadline: float,
     on_progress: Callable[[int], None],
+    processes: int = 1,
 ) -> list[dict[str, Any]]:
     """Run every rank of ``plan`` and return their figures, indexed by rank.
 
     ``deadline`` is a time.monotonic() value; ``on_progress`` receives the
-    index of each block rank 0 finishes (-1 once the barriers exist). Every
-    process started here is gone when this returns or raises.
+    index of each block rank 0 finishes (-1 once the barriers exist). With
+    ranks as threads, they are spread over at most ``processes`` processes.
+    Every process started here is gone when this returns or raises.
     """
+    if ranks == "processes":
+        groups = [(rank,) for rank in range(plan.world_size)]
+    else:
+        groups = rank_groups(plan.world_size, processes)
+    check_fd_limit(plan, groups)
     context = _context()
     events = context.Queue()
     if ranks == "processes":
-        processes = [
+        workers = [
             context.Process(
                 target=rank_module.process_main,
                 args=(rank, plan, events),
@@ -70,23 +94,24 @@ def run_world(
             for rank in range(plan.world_size)
         ]
     else:
-        processes = [
+        workers = [
             context.Process(
                 target=rank_module.threads_main,
-                args=(plan, events),
-                name="bench-ranks",
+                args=(plan, events, group),
+                name=f"bench-ranks{group[0]}-{group[-1]}",
                 daemon=True,
             )
+            for group in groups
         ]
     try:
-        for process in processes:
+        for process in workers:
             process.start()
-        figures = _collect(events, plan.world_size, processes, deadline, on_progress)
+        figures = _collect(events, plan.world_size, workers, deadline, on_progress)
     except BaseException:
-        _stop(processes, grace_secs=0)
+        _stop(workers, grace_secs=0)
         raise
     else:
-        _stop(processes, grace_secs=5)
+        _stop(workers, grace_secs=5)
     finally:
         events.close()
     return figures

@@ -6,8 +6,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 #: What a block measures: a block of barriers of one implementation, or
-#: rank 0's bare store round trips while the other ranks wait.
-BlockKind = Literal["ours", "torch", "floor"]
+#: rank 0's bare store round trips while the other ranks wait; with
+#: --split-phase, loop iterations of Python work and a barrier (see
+#: ``rank._time_split_block``).
+BlockKind = Literal[
+    "ours", "torch", "floor", "work", "split", "serial", "torch_serial"
+]
 
 
 @dataclass(frozen=True)
@@ -37,5 +41,22 @@ def ab_schedule(rounds: int, include_torch: bool = True) -> list[Block]:
     blocks = []
     for r, kinds in enumerate(kinds_per_round):
         for kind in kinds:
+            blocks.append(Block(index=len(blocks), round=r, kind=kind))
+    return blocks
+
+
+def split_schedule(rounds: int, include_torch: bool = True) -> list[Block]:
+    """Blocks of --split-phase: each round the work alone, then the ways of
+    doing it with a barrier, in an order that reverses every other round."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    blocks: list[Block] = []
+    for r in range(rounds):
+        ways: list[BlockKind] = ["split", "serial"]
+        if include_torch:
+            ways.append("torch_serial")
+        if r % 2 == 1:
+            ways.reverse()
+        for kind in ["work", *ways]:
             blocks.append(Block(index=len(blocks), round=r, kind=kind))
     return blocks
