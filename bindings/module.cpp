@@ -9,6 +9,8 @@ using namespace tcpstore_barrier;
 
 namespace {
 
+constexpr std::chrono::milliseconds kArrivalWithGil{20};
+
 [[noreturn]] void wrongType(const char* name, const char* expected, py::handle value) {
   throw py::type_error(py::str("{} must be {}, got {} {!r}")
                            .format(name, expected, Py_TYPE(value.ptr())->tp_name, value)
@@ -126,8 +128,21 @@ PYBIND11_MODULE(_C, m) {
            py::arg("store"), py::arg("global_rank"), py::arg("global_world_size"), py::arg("barrier_prefix"),
            py::arg("timeout_secs"), py::kw_only(), py::arg("protocol") = "torch")
       .def("execute_barrier", &TCPStoreBarrier::executeBarrier, py::call_guard<py::gil_scoped_release>())
-      .def("arrive", &TCPStoreBarrier::arrive, py::call_guard<py::gil_scoped_release>(),
-           "Enters the current round and returns without waiting for the other ranks.")
+      .def("arrive",
+           [](TCPStoreBarrier& self) {
+             // The arrival is one round trip: waiting for it with the GIL
+             // held is far cheaper than getting the GIL back from a busy
+             // Python thread (a switch interval, 5 ms). Only a store slow
+             // to answer makes us let go of it.
+             self.startArrival();
+             if (self.awaitArrival(kArrivalWithGil)) {
+               return;
+             }
+             py::gil_scoped_release nogil;
+             self.finishArrival();
+           },
+           "Enters the current round and returns once this rank's arrival reached the store, "
+           "without waiting for the other ranks.")
       .def("wait",
            [](TCPStoreBarrier& self) {
              // A released round completes without a store round trip, so

@@ -26,6 +26,9 @@ struct ReleaseWatcher::State {
   // server keeps counting a cancelled BARRIER request, so a retry must not
   // send another one.
   std::string joinedBarrier;
+  std::function<bool(c10d::Store&)> arrival;
+  // Whether the last arrival handed over has reached the store.
+  bool arrivalDone = true;
   bool requested = false;
   Status status = Status::kIdle;
   std::exception_ptr error;
@@ -59,7 +62,8 @@ void ReleaseWatcher::watch(
     const std::string& key,
     Clock::time_point deadline,
     Kind kind,
-    int64_t worldSize) {
+    int64_t worldSize,
+    std::function<bool(c10d::Store&)> arrival) {
   {
     std::lock_guard<std::mutex> lock(state_->mutex);
     const bool sameKey = state_->key.front() == key;
@@ -74,6 +78,12 @@ void ReleaseWatcher::watch(
     state_->deadline = deadline;
     state_->kind = kind;
     state_->worldSize = worldSize;
+    // A later request for the same round only extends the deadline; it
+    // must not drop an arrival the thread has not run yet.
+    if (arrival) {
+      state_->arrival = std::move(arrival);
+      state_->arrivalDone = false;
+    }
     state_->requested = true;
     state_->status = Status::kWatching;
     state_->error = nullptr;
@@ -110,6 +120,17 @@ void ReleaseWatcher::runInBackground(std::function<void(c10d::Store&)> job) {
     state_->jobs.push_back(std::move(job));
   }
   state_->changed.notify_all();
+}
+
+bool ReleaseWatcher::awaitArrival(Clock::time_point until) {
+  std::unique_lock<std::mutex> lock(state_->mutex);
+  state_->changed.wait_until(lock, until, [&] {
+    return state_->arrivalDone || state_->status == Status::kFailed;
+  });
+  if (state_->status == Status::kFailed && state_->error) {
+    std::rethrow_exception(state_->error);
+  }
+  return state_->arrivalDone;
 }
 
 std::size_t ReleaseWatcher::backgroundJobs() const {
@@ -185,12 +206,27 @@ void ReleaseWatcher::run(std::shared_ptr<State> state) {
       state->requested = false;
       key.front().assign(state->key.front());
       const auto deadline = state->deadline;
+      auto arrival = std::move(state->arrival);
+      state->arrival = nullptr;
       lock.unlock();
 
       Status result = Status::kReleased;
       std::exception_ptr error;
       try {
-        waitForRelease(*state, key, deadline);
+        bool releasedByArrival = false;
+        if (arrival) {
+          releasedByArrival = arrival(*state->store);
+          lock.lock();
+          state->arrivalDone = true;
+          if (releasedByArrival) {
+            state->status = Status::kReleased;
+          }
+          lock.unlock();
+          state->changed.notify_all();
+        }
+        if (!releasedByArrival) {
+          waitForRelease(*state, key, deadline);
+        }
       } catch (const c10::DistStoreError&) {
         // TCPStore reports an elapsed wait as DistStoreError; one that
         // comes early means the store itself failed.
@@ -206,6 +242,7 @@ void ReleaseWatcher::run(std::shared_ptr<State> state) {
       }
 
       lock.lock();
+      state->arrivalDone = true;
       // A newer request for the same round (a later deadline) supersedes an
       // expiry; a release stands whatever was asked meanwhile.
       if ((!state->requested || result == Status::kReleased) &&

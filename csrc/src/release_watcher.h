@@ -44,11 +44,18 @@ class ReleaseWatcher {
   // Starts watching `key` until `deadline`, unless that key is already
   // being watched until at least then. Returns at once. For kServerBarrier
   // the first watch of a key is this rank's arrival at it.
+  // `arrival`, if given, runs first on the watcher's connection: this
+  // rank's arrival, returning whether it released the round.
   void watch(
       const std::string& key,
       Clock::time_point deadline,
       Kind kind = Kind::kKey,
-      int64_t worldSize = 0);
+      int64_t worldSize = 0,
+      std::function<bool(c10d::Store&)> arrival = nullptr);
+
+  // Blocks until the arrival handed over with watch() has reached the
+  // store, or `until`; true if it has. Rethrows the arrival's failure.
+  bool awaitArrival(Clock::time_point until);
 
   // Blocks until the watched key is released, the watch ends, or `until`.
   Status waitUntil(Clock::time_point until);

@@ -94,6 +94,27 @@ std::optional<int64_t> parseInt(const std::vector<uint8_t>& bytes) {
   return value;
 }
 
+// Steps 1-3 of torch's protocol for one round; true when this rank arrived
+// last and so released the round.
+bool enterTorchRound(
+    c10d::Store& store,
+    const std::string& rankKey,
+    const std::vector<uint8_t>& sequence,
+    const std::string& numMembersKey,
+    const std::string& releaseKey,
+    int64_t worldSize) {
+  // torch's class announces the round it joins under `rank{r}` first; the
+  // value is what names a missing rank when a round times out. A set has no
+  // reply, so it costs no round trip of its own.
+  store.set(rankKey, sequence);
+  if (store.add(numMembersKey, 1) < worldSize) {
+    return false;
+  }
+  // The last arriver releases the others and has nothing to wait for.
+  store.set(releaseKey, kReleasedBytes);
+  return true;
+}
+
 std::string seconds(std::chrono::milliseconds timeout) {
   return fmt::format("{:g} s", static_cast<double>(timeout.count()) / 1000.0);
 }
@@ -277,6 +298,7 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
             e.what_without_backtrace()));
   }
   prepareRoundKeys();
+  startWatcher();
   LOG(INFO) << "TCPStoreBarrier rank " << rank_ << " of " << worldSize_
             << " joined " << storeAddress_ << " (prefix '" << prefix_
             << "', " << (usesLibUV_ ? "libuv" : "legacy") << " server, "
@@ -307,6 +329,7 @@ TCPStoreBarrier::TCPStoreBarrier(
   }
   storeAddress_ = describeStore(store_);
   prepareRoundKeys();
+  startWatcher();
 }
 
 TCPStoreBarrier::~TCPStoreBarrier() = default;
@@ -397,23 +420,75 @@ void TCPStoreBarrier::waitInline(
 }
 
 void TCPStoreBarrier::arrive() {
+  startArrival();
+  finishArrival();
+}
+
+void TCPStoreBarrier::startArrival() {
   checkOpen();
   if (arrived_) {
     return;
   }
+  // The arrival's round trips run on the watcher's thread and connection,
+  // followed by the watch for the release: a wait() after other work may
+  // then find the round already released, and a Python caller can wait for
+  // the arrival itself without giving up the GIL.
+  std::function<bool(c10d::Store&)> arrival;
+  if (protocol_ == Protocol::kTorch) {
+    arrival = [rankKey = rankKey_,
+               sequence = sequenceValue_,
+               numMembersKey = numMembersKey_,
+               releaseKey = releaseKey_.front(),
+               worldSize = worldSize_](c10d::Store& store) {
+      return enterTorchRound(
+          store, rankKey, sequence, numMembersKey, releaseKey, worldSize);
+    };
+  } else {
+    arrival = [rankKey = rankKey_,
+               sequence = sequenceValue_](c10d::Store& store) {
+      store.set(rankKey, sequence);
+      return false;
+    };
+  }
+  arrived_ = true;
+  watchRelease(std::chrono::steady_clock::now() + timeout_, std::move(arrival));
+}
+
+bool TCPStoreBarrier::awaitArrival(std::chrono::milliseconds patience) {
+  checkOpen();
   try {
-    enterRound();
-    if (protocol_ == Protocol::kNative) {
-      announceArrival();
-    }
-    if (!released_) {
-      // Start watching for the release now, so that a wait() called after
-      // other work may find the round already released. For the native
-      // protocol this is also the arrival.
-      watchRelease(std::chrono::steady_clock::now() + timeout_);
-    }
-  } catch (const c10::DistNetworkError& e) {
+    return watcher().awaitArrival(std::chrono::steady_clock::now() + patience);
+  } catch (const std::exception& e) {
     rethrowStoreFailure(e);
+  }
+}
+
+void TCPStoreBarrier::finishArrival() {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + timeout_;
+  for (;;) {
+    const auto until = interruptCheck_
+        ? std::min(deadline, Clock::now() + kInterruptSlice)
+        : deadline;
+    if (awaitArrival(
+            std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now()))) {
+      return;
+    }
+    if (Clock::now() >= deadline) {
+      throw c10::DistNetworkError(
+          here(__func__, __LINE__),
+          fmt::format(
+              "TCPStoreBarrier rank {} of {}: {} did not answer this rank's "
+              "arrival at sequence {} within timeout_secs={}",
+              rank_,
+              worldSize_,
+              storeAddress_,
+              sequence_,
+              seconds(timeout_)));
+    }
+    if (interruptCheck_) {
+      interruptCheck_();
+    }
   }
 }
 
@@ -423,20 +498,29 @@ bool TCPStoreBarrier::released() const {
 }
 
 void TCPStoreBarrier::watchRelease(
-    std::chrono::steady_clock::time_point deadline) {
+    std::chrono::steady_clock::time_point deadline,
+    std::function<bool(c10d::Store&)> arrival) {
   watcher().watch(
       releaseKey_.front(),
       deadline,
       protocol_ == Protocol::kTorch ? ReleaseWatcher::Kind::kKey
                                     : ReleaseWatcher::Kind::kServerBarrier,
-      worldSize_);
+      worldSize_,
+      std::move(arrival));
 }
 
 ReleaseWatcher& TCPStoreBarrier::watcher() {
-  if (!watcher_) {
-    watcher_ = std::make_unique<ReleaseWatcher>(store_->clone());
-  }
   return *watcher_;
+}
+
+void TCPStoreBarrier::startWatcher() {
+  // Opened here rather than on first need: a connect can stall (c10d looks
+  // up the peer's name), which belongs in construction, not in a round.
+  try {
+    watcher_ = std::make_unique<ReleaseWatcher>(store_->clone());
+  } catch (const c10::DistNetworkError& e) {
+    rethrowStoreFailure(e);
+  }
 }
 
 void TCPStoreBarrier::announceArrival() {
@@ -444,21 +528,16 @@ void TCPStoreBarrier::announceArrival() {
 }
 
 void TCPStoreBarrier::enterRound() {
-  if (protocol_ == Protocol::kNative) {
-    // The arrival is the server BARRIER request itself, sent by the wait.
-    arrived_ = true;
-    return;
-  }
-  // torch's class announces the round it joins under `rank{r}` first; the
-  // value is what names a missing rank when a round times out. A set has no
-  // reply, so it costs no round trip of its own.
-  announceArrival();
-  const int64_t members = store_->add(numMembersKey_, 1);
   arrived_ = true;
-  if (members >= worldSize_) {
-    // The last arriver releases the others and has nothing to wait for.
-    store_->set(releaseKey_.front(), kReleasedBytes);
-    released_ = true;
+  // A native arrival is the server BARRIER request itself, sent by the wait.
+  if (protocol_ == Protocol::kTorch) {
+    released_ = enterTorchRound(
+        *store_,
+        rankKey_,
+        sequenceValue_,
+        numMembersKey_,
+        releaseKey_.front(),
+        worldSize_);
   }
 }
 

@@ -116,9 +116,20 @@ class TCPStoreBarrier {
   // BarrierTimeoutError after `timeout` without that.
   void executeBarrier();
 
-  // Enters the current round and returns without waiting for the others.
-  // Calling it again before wait() has completed the round does nothing.
+  // Enters the current round and returns once this rank's arrival has
+  // reached the store, without waiting for the others. Calling it again
+  // before wait() has completed the round does nothing. It is
+  // startArrival() then finishArrival().
   void arrive();
+
+  // Hands this rank's arrival at the current round to the barrier's own
+  // thread and returns at once.
+  void startArrival();
+  // Waits up to `patience` for the arrival started by startArrival() to
+  // reach the store; true once it has.
+  bool awaitArrival(std::chrono::milliseconds patience);
+  // Waits for it up to `timeout`, then throws c10::DistNetworkError.
+  void finishArrival();
 
   // Completes the round entered by arrive(): returns once every rank has
   // entered it. The time limit counts from this call.
@@ -183,7 +194,10 @@ class TCPStoreBarrier {
   void deleteFinishedRounds();
   void prepareRoundKeys();
   ReleaseWatcher& watcher();
-  void watchRelease(std::chrono::steady_clock::time_point deadline);
+  void startWatcher();
+  void watchRelease(
+      std::chrono::steady_clock::time_point deadline,
+      std::function<bool(c10d::Store&)> arrival = nullptr);
   void announceArrival();
   std::vector<int64_t> missingRanks();
   std::vector<int64_t> ranksBehind();
@@ -202,7 +216,8 @@ class TCPStoreBarrier {
   bool hostsStore_ = false;
   std::string storeAddress_;
   std::function<void()> interruptCheck_;
-  // Created on the first wait, with a connection of its own.
+  // Waits for slow rounds and runs split-phase arrivals and store
+  // housekeeping, on a thread and connection of its own.
   std::unique_ptr<ReleaseWatcher> watcher_;
 
   int64_t sequence_ = 0;
