@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from ._bench import report
 from ._bench.config import (
     BenchConfig,
     ConfigError,
@@ -24,16 +25,6 @@ from ._bench.launch import BenchError, pick_free_ports, run_world
 from ._bench.plot import PlotUnavailable, plot_latency, require_matplotlib
 from ._bench.progress import Progress
 from ._bench.rank import RankPlan, calibrate_work_loops
-from ._bench.report import (
-    COST_LEGEND,
-    build_document,
-    describe_run,
-    format_cost_table,
-    format_split_table,
-    format_table,
-    has_costs,
-    versions,
-)
 from ._bench.results import SplitSummary, WorldSummary, summarize_split, summarize_world
 from ._bench.schedule import Block, ab_schedule, split_schedule
 
@@ -141,11 +132,12 @@ def format_report(summaries: list[WorldSummary | SplitSummary]) -> str:
     """The table(s) printed after a run."""
     split = [s for s in summaries if isinstance(s, SplitSummary)]
     if split:
-        return format_split_table(split)
+        return report.format_split_table(split)
     worlds = [s for s in summaries if isinstance(s, WorldSummary)]
-    text = format_table(worlds)
-    if has_costs(worlds):
-        text += "\n\n" + "\n".join(COST_LEGEND) + "\n\n" + format_cost_table(worlds)
+    text = report.format_table(worlds)
+    if report.has_costs(worlds):
+        legend = "\n".join(report.COST_LEGEND)
+        text += "\n\n" + legend + "\n\n" + report.format_cost_table(worlds)
     return text
 
 
@@ -176,12 +168,12 @@ def main(args: argparse.Namespace) -> int:
         progress.close()
         print("interrupted", file=sys.stderr)
         return 130
-    print("\n".join(describe_run(config, cpus)))
+    print("\n".join(report.describe_run(config, cpus)))
     print()
     summaries = [summary for summary, _, _ in runs]
     print(format_report(summaries))
     if config.json_path is not None:
-        document = build_document(config, versions(), cpus, runs)
+        document = report.build_document(config, report.versions(), cpus, runs)
         with open(config.json_path, "w") as f:
             json.dump(document, f)
         print(f"\nwrote {config.json_path}")

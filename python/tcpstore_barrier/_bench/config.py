@@ -6,6 +6,14 @@ import argparse
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from .argtypes import (
+    _non_negative_float,
+    _non_negative_int,
+    _positive_int,
+    _positive_seconds,
+    describe,
+)
+
 DESCRIPTION = """\
 Measure the latency of one barrier round of this package's TCPStoreBarrier
 ("ours") against torch's Python class
@@ -100,42 +108,12 @@ class BenchConfig:
         return {**asdict(self), "world_sizes": list(self.world_sizes)}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 # One option a statement, so that the options read as a table.
 # fmt: off
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options, description and epilog to ``parser``."""
     defaults = BenchConfig()
-    parser.description = DESCRIPTION
-    parser.epilog = EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    describe(parser, DESCRIPTION, EPILOG)
     add = parser.add_argument
     add("--world-size", type=_positive_int, nargs="+", metavar="N",
         default=list(defaults.world_sizes),

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
+from .argtypes import _positive_int, describe
 from .stats import median
 
 DESCRIPTION = __doc__.split("\n", 1)[1].strip() if __doc__ else ""
@@ -121,17 +122,9 @@ def format_timing(timing: ImportTiming) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench-import`` options and description."""
-    parser.description = DESCRIPTION
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    describe(parser, DESCRIPTION)
     parser.add_argument(
         "--runs", type=_positive_int, default=5,
         help="fresh interpreters to time (default: 5)",

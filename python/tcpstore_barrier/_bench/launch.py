@@ -7,7 +7,7 @@ import queue as queue_module
 import resource
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import rank as rank_module
@@ -84,37 +84,67 @@ def run_world(
     context = _context()
     events = context.Queue()
     if ranks == "processes":
-        workers = [
-            context.Process(
-                target=rank_module.process_main,
-                args=(rank, plan, events),
-                name=f"bench-rank{rank}",
-                daemon=True,
-            )
+        jobs = [
+            (rank_module.process_main, (rank, plan, events), f"bench-rank{rank}")
             for rank in range(plan.world_size)
         ]
     else:
-        workers = [
-            context.Process(
-                target=rank_module.threads_main,
-                args=(plan, events, group),
-                name=f"bench-ranks{group[0]}-{group[-1]}",
-                daemon=True,
-            )
+        jobs = [
+            (rank_module.threads_main, (plan, events, group),
+             f"bench-ranks{group[0]}-{group[-1]}")
             for group in groups
-        ]
+        ]  # fmt: skip
+    workers = [
+        context.Process(target=target, args=args, name=name, daemon=True)
+        for target, args, name in jobs
+    ]
     try:
         for process in workers:
             process.start()
         figures = _collect(events, plan.world_size, workers, deadline, on_progress)
     except BaseException:
-        _stop(workers, grace_secs=0)
+        stop_processes(workers, grace_secs=0)
         raise
     else:
-        _stop(workers, grace_secs=5)
+        stop_processes(workers, grace_secs=5)
     finally:
         events.close()
     return figures
+
+
+def receive_events(
+    events: Any,
+    processes: list[Any],
+    deadline: float,
+    finished: Callable[[], bool],
+    missing: Callable[[], str],
+) -> Iterator[tuple[str, Any, Any]]:
+    """Yield each ``(kind, sender, value)`` event until ``finished()``.
+
+    Raises BenchError once ``deadline`` (time.monotonic()) passes, or once
+    every process has exited with events still wanted; the message starts
+    with ``missing()``, which says who has not reported.
+    """
+    all_gone_since: float | None = None
+    while not finished():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BenchError(f"{missing()} overran --timeout")
+        try:
+            event = events.get(timeout=min(remaining, _POLL_SECS))
+        except queue_module.Empty:
+            if any(p.is_alive() for p in processes):
+                continue
+            # A process that put its last figures and exited may still have
+            # them in the pipe; give them one more poll before giving up.
+            if all_gone_since is None:
+                all_gone_since = time.monotonic()
+                continue
+            codes = [p.exitcode for p in processes]
+            raise BenchError(
+                f"{missing()} exited without reporting (exit codes {codes})"
+            ) from None
+        yield event
 
 
 def _collect(
@@ -125,30 +155,14 @@ def _collect(
     on_progress: Callable[[int], None],
 ) -> list[dict[str, Any]]:
     results: dict[int, dict[str, Any]] = {}
-    all_gone_since: float | None = None
-    while len(results) < world_size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            missing = sorted(set(range(world_size)) - set(results))
-            raise BenchError(
-                f"world size {world_size}: ranks {missing} overran --timeout"
-            )
-        try:
-            kind, rank, value = events.get(timeout=min(remaining, _POLL_SECS))
-        except queue_module.Empty:
-            if any(p.is_alive() for p in processes):
-                continue
-            # A process that put its last figures and exited may still have
-            # them in the pipe; give them one more poll before giving up.
-            if all_gone_since is None:
-                all_gone_since = time.monotonic()
-                continue
-            missing = sorted(set(range(world_size)) - set(results))
-            codes = [p.exitcode for p in processes]
-            raise BenchError(
-                f"world size {world_size}: ranks {missing} exited without "
-                f"reporting (exit codes {codes})"
-            ) from None
+
+    def missing() -> str:
+        ranks = sorted(set(range(world_size)) - set(results))
+        return f"world size {world_size}: ranks {ranks}"
+
+    for kind, rank, value in receive_events(
+        events, processes, deadline, lambda: len(results) >= world_size, missing
+    ):
         if kind == "progress":
             on_progress(value)
         elif kind == "result":
@@ -158,7 +172,8 @@ def _collect(
     return [results[r] for r in range(world_size)]
 
 
-def _stop(processes: list[Any], grace_secs: float) -> None:
+def stop_processes(processes: list[Any], grace_secs: float) -> None:
+    """Give ``processes`` up to ``grace_secs`` in all to exit, then kill the rest."""
     # Ranks that reported exit on their own in well under a second; after a
     # failure the others are stuck in a barrier whose peer is gone.
     grace_end = time.monotonic() + grace_secs
