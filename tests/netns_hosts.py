@@ -184,6 +184,10 @@ def rank_main(rank, world_size, master_address, port, rounds, timeout):
                 "sequence": getattr(e, "sequence", None),
             },
         )
+    # The shutdown rule: rank 0 keeps the store up until the others have
+    # closed (or timeout_secs), so that a survivor still naming the missing
+    # ranks does not lose the store under it.
+    barrier.close()
 
 
 # --- the isolated constructor worker -----------------------------------------
