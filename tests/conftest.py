@@ -42,17 +42,22 @@ class RankFailure(AssertionError):
     pass
 
 
-def _collect(results_queue, world_size, deadline, alive):
+def collect_reports(results_queue, expected, timeout, alive):
+    """Reads ``(rank, ok, value)`` reports until every rank in ``expected``
+    has reported, ``timeout`` s pass, or ``alive(pending)`` says none of the
+    ranks still pending runs. Returns ``(results, failures)`` by rank."""
     results, failures = {}, {}
-    while len(results) + len(failures) < world_size:
+    deadline = time.monotonic() + timeout
+    while pending := expected - results.keys() - failures.keys():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         try:
             rank, ok, value = results_queue.get(timeout=min(remaining, 0.2))
         except queue_module.Empty:
-            if not alive():
-                # Every worker is gone; drain what they managed to send.
+            if not alive(pending):
+                # Let the queue's feeder deliver what they managed to send.
+                time.sleep(0.2)
                 try:
                     while True:
                         rank, ok, value = results_queue.get_nowait()
@@ -75,6 +80,30 @@ def _report(world_size, results, failures, timeout):
     return [results[r] for r in range(world_size)]
 
 
+def _run_workers(make_worker, results_queue, target, world_size, args, timeout, started):
+    """Starts one worker (process or thread) per rank, recorded in
+    ``started`` first so that they are cleaned up whatever happens; returns
+    the results by rank, failing with the ranks' tracebacks or silence."""
+    workers = [
+        make_worker(
+            target=ranks.rank_main,
+            args=(results_queue, target, rank, (world_size, *args)),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    started.extend(workers)
+    for worker in workers:
+        worker.start()
+    results, failures = collect_reports(
+        results_queue,
+        set(range(world_size)),
+        timeout,
+        lambda pending: any(workers[r].is_alive() for r in pending),
+    )
+    return _report(world_size, results, failures, timeout)
+
+
 @pytest.fixture
 def run_ranks(mp_context):
     """run_ranks(target, world_size, *args, timeout=60) -> [result per rank].
@@ -86,27 +115,12 @@ def run_ranks(mp_context):
     started = []
 
     def run(target, world_size, *args, timeout=60.0):
-        results_queue = mp_context.Queue()
-        procs = [
-            mp_context.Process(
-                target=ranks.rank_main,
-                args=(results_queue, target, rank, (world_size, *args)),
-                daemon=True,
-            )
-            for rank in range(world_size)
-        ]
-        started.extend(procs)
-        for p in procs:
-            p.start()
-        results, failures = _collect(
-            results_queue,
-            world_size,
-            time.monotonic() + timeout,
-            lambda: any(p.is_alive() for p in procs),
+        results = _run_workers(
+            mp_context.Process, mp_context.Queue(), target, world_size, args, timeout, started
         )
-        for p in procs:
+        for p in started[-world_size:]:
             p.join(timeout=5)
-        return _report(world_size, results, failures, timeout)
+        return results
 
     yield run
     for p in started:
@@ -120,23 +134,8 @@ def run_rank_threads():
     """run_rank_threads(target, world_size, *args, timeout=60): ranks as threads of this process."""
 
     def run(target, world_size, *args, timeout=60.0):
-        results_queue = queue_module.Queue()
-        threads = [
-            threading.Thread(
-                target=ranks.rank_main,
-                args=(results_queue, target, rank, (world_size, *args)),
-                daemon=True,
-            )
-            for rank in range(world_size)
-        ]
-        for t in threads:
-            t.start()
-        results, failures = _collect(
-            results_queue,
-            world_size,
-            time.monotonic() + timeout,
-            lambda: any(t.is_alive() for t in threads),
+        return _run_workers(
+            threading.Thread, queue_module.Queue(), target, world_size, args, timeout, []
         )
-        return _report(world_size, results, failures, timeout)
 
     return run

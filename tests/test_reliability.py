@@ -10,7 +10,6 @@ with ``pytest -s``).
 
 from __future__ import annotations
 
-import queue as queue_module
 import re
 import signal
 import socket
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 import ranks
 import reliability_ranks as rr
+from conftest import collect_reports
 from conftest_shared import LOOPBACK
 from tcpstore_barrier import BarrierTimeoutError, TCPStoreBarrier
 
@@ -59,28 +59,15 @@ def launch(mp_context, target, world_size, *args, killed=(), timeout=30.0):
         for rank in range(world_size)
     }
     expected = set(range(world_size)) - set(killed)
-    results, failures = {}, {}
     try:
         for p in procs.values():
             p.start()
-        deadline = time.monotonic() + timeout
-        while expected - results.keys() - failures.keys():
-            if time.monotonic() > deadline:
-                break
-            try:
-                rank, ok, value = results_queue.get(timeout=0.2)
-            except queue_module.Empty:
-                pending = expected - results.keys() - failures.keys()
-                if not any(procs[r].is_alive() for r in pending):
-                    time.sleep(0.2)  # let the queue's feeder deliver the rest
-                    try:
-                        while True:
-                            rank, ok, value = results_queue.get_nowait()
-                            (results if ok else failures)[rank] = value
-                    except queue_module.Empty:
-                        break
-                continue
-            (results if ok else failures)[rank] = value
+        results, failures = collect_reports(
+            results_queue,
+            expected,
+            timeout,
+            lambda pending: any(procs[r].is_alive() for r in pending),
+        )
         for p in procs.values():
             p.join(timeout=10)
         exit_codes = {r: p.exitcode for r, p in procs.items()}
