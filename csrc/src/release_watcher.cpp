@@ -156,8 +156,7 @@ void ReleaseWatcher::waitForRelease(
     }
     return left;
   };
-  std::unique_lock<std::mutex> lock(state.mutex, std::defer_lock);
-  lock.lock();
+  std::unique_lock<std::mutex> lock(state.mutex);
   const Kind kind = state.kind;
   const int64_t worldSize = state.worldSize;
   const bool joined = state.joinedBarrier == key.front();

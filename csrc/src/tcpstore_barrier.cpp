@@ -270,8 +270,8 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
     store->setTimeout(options.initTimeout);
     usesLibUV_ = store->isLibUvBackend();
     // Counted so that close() on rank 0 knows how many ranks to wait for.
-    if (store->add(prefix_ + std::string(kMembersSuffix), 1) == worldSize_) {
-      store->set(prefix_ + std::string(kAllMembersSuffix), kReleasedBytes);
+    if (store->add(bookkeepingKey(kMembersSuffix), 1) == worldSize_) {
+      store->set(bookkeepingKey(kAllMembersSuffix), kReleasedBytes);
     }
     store_ = std::move(store);
   } catch (const c10::DistStoreError& e) {
@@ -356,6 +356,12 @@ void TCPStoreBarrier::prepareRoundKeys() {
   releaseKey.append(sequenceText_);
   releaseKey.append(
       protocol_ == Protocol::kTorch ? kLastMemberSuffix : kServerBarrierSuffix);
+}
+
+std::string TCPStoreBarrier::bookkeepingKey(std::string_view suffix) const {
+  std::string key = prefix_;
+  key.append(suffix);
+  return key;
 }
 
 void TCPStoreBarrier::checkOpen() const {
@@ -467,9 +473,7 @@ void TCPStoreBarrier::finishArrival() {
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + timeout_;
   for (;;) {
-    const auto until = interruptCheck_
-        ? std::min(deadline, Clock::now() + kInterruptSlice)
-        : deadline;
+    const auto until = nextInterruptCheck(deadline);
     if (awaitArrival(
             std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now()))) {
       return;
@@ -490,6 +494,14 @@ void TCPStoreBarrier::finishArrival() {
       interruptCheck_();
     }
   }
+}
+
+std::chrono::steady_clock::time_point TCPStoreBarrier::nextInterruptCheck(
+    std::chrono::steady_clock::time_point deadline) const {
+  if (!interruptCheck_) {
+    return deadline;
+  }
+  return std::min(deadline, std::chrono::steady_clock::now() + kInterruptSlice);
 }
 
 bool TCPStoreBarrier::released() const {
@@ -528,7 +540,6 @@ void TCPStoreBarrier::announceArrival() {
 }
 
 void TCPStoreBarrier::enterRound() {
-  arrived_ = true;
   // A native arrival is the server BARRIER request itself, sent by the wait.
   if (protocol_ == Protocol::kTorch) {
     released_ = enterTorchRound(
@@ -539,6 +550,9 @@ void TCPStoreBarrier::enterRound() {
         releaseKey_.front(),
         worldSize_);
   }
+  // Only now: a store that failed mid-arrival must not leave the rank
+  // marked as entered, or a retry would never arrive.
+  arrived_ = true;
 }
 
 void TCPStoreBarrier::wait() {
@@ -565,9 +579,7 @@ void TCPStoreBarrier::completeRound(
 void TCPStoreBarrier::finishRound() {
   arrived_ = false;
   released_ = false;
-  if (watcher_) {
-    watcher_->reset();
-  }
+  watcher().reset();
   ++sequence_;
   prepareRoundKeys();
 }
@@ -580,9 +592,7 @@ void TCPStoreBarrier::waitForRelease(
   // Extends a watch started by arrive(): the time limit counts from here.
   watchRelease(deadline);
   for (;;) {
-    const auto until = interruptCheck_
-        ? std::min(deadline, Clock::now() + kInterruptSlice)
-        : deadline;
+    const auto until = nextInterruptCheck(deadline);
     const Status status = releases.waitUntil(until);
     if (status == Status::kReleased) {
       released_ = true;
@@ -705,9 +715,6 @@ void TCPStoreBarrier::deleteFinishedRounds() {
       }
     };
   }
-  if (!job) {
-    return;
-  }
   if (watcher().backgroundJobs() >= kMaxQueuedCleanups) {
     job(*store_);
   } else {
@@ -740,22 +747,22 @@ void TCPStoreBarrier::close() {
   }
   // Only ranks of this library take part: torch's class never closes, so
   // waiting for it would always cost the whole timeout.
-  const std::string closedKey = prefix_ + std::string(kClosedSuffix);
-  const std::string allClosedKey = prefix_ + std::string(kAllClosedSuffix);
+  const std::string closedKey = bookkeepingKey(kClosedSuffix);
+  const std::string allClosedKey = bookkeepingKey(kAllClosedSuffix);
   try {
     if (hostsStore_ && sequence_ == 0) {
       // Before a first round, a peer may not have registered yet: give it a
       // moment (a fleet with torch's ranks never completes the count).
       try {
         store->wait(
-            {prefix_ + std::string(kAllMembersSuffix)},
+            {bookkeepingKey(kAllMembersSuffix)},
             std::min(timeout_, kFirstRegistrationGrace));
       } catch (const c10::DistStoreError&) {
       }
     }
     const int64_t closedRanks = store->add(closedKey, 1);
     const int64_t libraryRanks =
-        store->add(prefix_ + std::string(kMembersSuffix), 0);
+        store->add(bookkeepingKey(kMembersSuffix), 0);
     if (closedRanks >= libraryRanks) {
       store->set(allClosedKey, kReleasedBytes);
     } else if (hostsStore_) {

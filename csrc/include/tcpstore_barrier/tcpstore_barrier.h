@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <c10/util/Exception.h>
@@ -203,6 +204,11 @@ class TCPStoreBarrier {
   std::vector<int64_t> ranksBehind();
   [[noreturn]] void rethrowStoreFailure(const std::exception& e) const;
   void checkOpen() const;
+  // When a blocked caller next stops to check for interrupts.
+  std::chrono::steady_clock::time_point nextInterruptCheck(
+      std::chrono::steady_clock::time_point deadline) const;
+  // A key of the barrier's own, outside every round's key space.
+  std::string bookkeepingKey(std::string_view suffix) const;
 
   c10::intrusive_ptr<c10d::Store> store_;
   int64_t rank_;
