@@ -4,8 +4,11 @@
 
 #include <tcpstore_barrier/tcpstore_barrier.h>
 
+#include "binding_support.h"
+
 namespace py = pybind11;
 using namespace tcpstore_barrier;
+using tcpstore_barrier::detail::BarrierAccess;
 
 namespace {
 
@@ -57,6 +60,17 @@ bool boolArg(py::handle value, const char* name) {
   return value.ptr() == Py_True;
 }
 
+std::optional<std::chrono::milliseconds> peerTimeoutArg(py::handle value) {
+  if (value.is_none()) {
+    return std::nullopt;
+  }
+  return secondsArg(value, "peer_timeout_secs");
+}
+
+py::list ranksOf(const std::vector<int64_t>& ranks) {
+  return py::cast(ranks);
+}
+
 Protocol protocolArg(const std::string& protocol) {
   if (protocol == "torch") {
     return Protocol::kTorch;
@@ -86,11 +100,20 @@ PYBIND11_MODULE(_C, m) {
   py::register_local_exception_translator([](std::exception_ptr error) {
     try {
       std::rethrow_exception(error);
+    } catch (const PeerLostError& e) {
+      py::object type = py::module_::import("tcpstore_barrier._errors").attr("PeerLostError");
+      py::object exception =
+          type(e.what_without_backtrace(), ranksOf(e.missingRanks()), e.barrierKey(), e.sequence(),
+               std::chrono::duration<double>(e.timeout()).count(), ranksOf(e.lostRanks()));
+      PyErr_SetObject(type.ptr(), exception.ptr());
     } catch (const BarrierTimeoutError& e) {
       py::object type = py::module_::import("tcpstore_barrier._errors").attr("BarrierTimeoutError");
-      py::object exception = type(
-          e.what_without_backtrace(), e.missingRanks(), e.barrierKey(), e.sequence(),
-          std::chrono::duration<double>(e.timeout()).count());
+      py::object exception = type(e.what_without_backtrace(), ranksOf(e.missingRanks()), e.barrierKey(),
+                                  e.sequence(), std::chrono::duration<double>(e.timeout()).count());
+      PyErr_SetObject(type.ptr(), exception.ptr());
+    } catch (const StoreUnreachableError& e) {
+      py::object type = py::module_::import("tcpstore_barrier._errors").attr("StoreUnreachableError");
+      py::object exception = type(e.what_without_backtrace(), e.sequence(), ranksOf(e.lostRanks()));
       PyErr_SetObject(type.ptr(), exception.ptr());
     }
   });
@@ -99,7 +122,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](py::handle global_rank, py::handle global_world_size, py::handle barrier_prefix,
                        py::handle timeout_barrier_init_secs, py::handle use_checkpoint_barrier_tcpstore_libuv,
                        py::handle tcpstore_port, py::handle master_address, py::handle timeout_secs,
-                       const std::string& protocol) {
+                       const std::string& protocol, py::handle peer_timeout_secs) {
              TCPStoreBarrierOptions options{
                  intArg(global_rank, "global_rank"),
                  intArg(global_world_size, "global_world_size"),
@@ -109,24 +132,31 @@ PYBIND11_MODULE(_C, m) {
                  intArg(tcpstore_port, "tcpstore_port"),
                  strArg(master_address, "master_address"),
                  secondsArg(timeout_secs, "timeout_secs"),
-                 protocolArg(protocol)};
+                 protocolArg(protocol),
+                 peerTimeoutArg(peer_timeout_secs)};
              py::gil_scoped_release nogil;
              return withSignalChecks(std::make_unique<TCPStoreBarrier>(std::move(options)));
            }),
            py::arg("global_rank"), py::arg("global_world_size"), py::arg("barrier_prefix"),
            py::arg("timeout_barrier_init_secs"), py::arg("use_checkpoint_barrier_tcpstore_libuv"),
            py::arg("tcpstore_port"), py::arg("master_address"), py::arg("timeout_secs"), py::kw_only(),
-           py::arg("protocol") = "torch")
+           py::arg("protocol") = "torch", py::arg("peer_timeout_secs") = 5.0)
       // TCPStoreBarrier.from_store in Python: joins a store the program has.
       .def(py::init([](c10::intrusive_ptr<c10d::Store> store, py::handle global_rank, py::handle global_world_size,
-                       py::handle barrier_prefix, py::handle timeout_secs, const std::string& protocol) {
-             return withSignalChecks(std::make_unique<TCPStoreBarrier>(
-                 std::move(store), intArg(global_rank, "global_rank"),
-                 intArg(global_world_size, "global_world_size"), strArg(barrier_prefix, "barrier_prefix"),
-                 secondsArg(timeout_secs, "timeout_secs"), protocolArg(protocol)));
+                       py::handle barrier_prefix, py::handle timeout_secs, const std::string& protocol,
+                       py::handle peer_timeout_secs) {
+             auto rank = intArg(global_rank, "global_rank");
+             auto worldSize = intArg(global_world_size, "global_world_size");
+             auto prefix = strArg(barrier_prefix, "barrier_prefix");
+             auto timeout = secondsArg(timeout_secs, "timeout_secs");
+             auto peerTimeout = peerTimeoutArg(peer_timeout_secs);
+             auto kind = protocolArg(protocol);
+             py::gil_scoped_release nogil;
+             return withSignalChecks(std::make_unique<TCPStoreBarrier>(std::move(store), rank, worldSize,
+                                                                       std::move(prefix), timeout, kind, peerTimeout));
            }),
            py::arg("store"), py::arg("global_rank"), py::arg("global_world_size"), py::arg("barrier_prefix"),
-           py::arg("timeout_secs"), py::kw_only(), py::arg("protocol") = "torch")
+           py::arg("timeout_secs"), py::kw_only(), py::arg("protocol") = "torch", py::arg("peer_timeout_secs") = 5.0)
       .def("execute_barrier", &TCPStoreBarrier::executeBarrier, py::call_guard<py::gil_scoped_release>())
       .def("arrive",
            [](TCPStoreBarrier& self) {
@@ -134,12 +164,13 @@ PYBIND11_MODULE(_C, m) {
              // held is far cheaper than getting the GIL back from a busy
              // Python thread (a switch interval, 5 ms). Only a store slow
              // to answer makes us let go of it.
-             self.startArrival();
-             if (self.awaitArrival(kArrivalWithGil)) {
+             BarrierAccess::sendArrival(self);
+             if (BarrierAccess::arrivalAnswered(self, kArrivalWithGil)) {
+               self.arrive();
                return;
              }
              py::gil_scoped_release nogil;
-             self.finishArrival();
+             self.arrive();
            },
            "Enters the current round and returns once this rank's arrival reached the store, "
            "without waiting for the other ranks.")
@@ -177,7 +208,17 @@ PYBIND11_MODULE(_C, m) {
                              [](const TCPStoreBarrier& self) {
                                return self.protocol() == Protocol::kNative ? "native" : "torch";
                              })
-      .def_property_readonly("store", &TCPStoreBarrier::store, "The torch.distributed.Store the barrier uses.")
+      .def_property_readonly("peer_timeout_secs",
+                             [](const TCPStoreBarrier& self) -> std::optional<double> {
+                               if (auto limit = self.peerTimeout()) {
+                                 return std::chrono::duration<double>(*limit).count();
+                               }
+                               return std::nullopt;
+                             })
+      .def_property_readonly("store",
+                             py::cpp_function(&TCPStoreBarrier::store, py::call_guard<py::gil_scoped_release>()),
+                             "A torch.distributed.Store on the barrier's store (on ranks other than 0, "
+                             "a client opened on first use).")
       .def("__repr__", [](const TCPStoreBarrier& self) {
         return py::str("TCPStoreBarrier(global_rank={}, global_world_size={}, barrier_prefix={!r}, "
                        "sequence={}, protocol={!r})")

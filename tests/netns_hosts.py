@@ -144,7 +144,7 @@ def _emit(**event):
     print(json.dumps(event), flush=True)
 
 
-def rank_main(rank, world_size, master_address, port, rounds, timeout):
+def rank_main(rank, world_size, master_address, port, rounds, timeout, peer_timeout):
     """Constructs, runs `rounds` timestamped barriers, reports them; then on
     "go" from stdin one more barrier, reporting how it ended."""
     from tcpstore_barrier import TCPStoreBarrier
@@ -158,6 +158,7 @@ def rank_main(rank, world_size, master_address, port, rounds, timeout):
         tcpstore_port=port,
         master_address=master_address,
         timeout_secs=timeout,
+        peer_timeout_secs=peer_timeout,
     )
     stamps = []
     for _ in range(rounds):
@@ -181,6 +182,7 @@ def rank_main(rank, world_size, master_address, port, rounds, timeout):
                 "type": type(e).__name__,
                 "message": str(e)[:2000],
                 "missing_ranks": getattr(e, "missing_ranks", None),
+                "lost_ranks": getattr(e, "lost_ranks", None),
                 "sequence": getattr(e, "sequence", None),
             },
         )
@@ -377,7 +379,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "worker":
         worker_main()
     elif sys.argv[1] == "rank":
-        rank, world_size, master_address, port, rounds, timeout = sys.argv[2:8]
+        rank, world_size, master_address, port, rounds, timeout, peer = sys.argv[2:9]
         rank_main(
             int(rank),
             int(world_size),
@@ -385,6 +387,7 @@ if __name__ == "__main__":
             int(port),
             int(rounds),
             float(timeout),
+            None if peer == "off" else float(peer),
         )
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]!r}")

@@ -44,7 +44,7 @@ def hosts():
 class Ranks:
     """One rank process per host, reporting JSON lines."""
 
-    def __init__(self, hosts, rounds):
+    def __init__(self, hosts, rounds, timeout=None, peer_timeout="off"):
         self.events = queue_module.Queue()
         self.logs = []
         self.procs = []
@@ -64,7 +64,8 @@ class Ranks:
                     hosts.addresses[0],
                     str(port),
                     str(rounds),
-                    str(TIMEOUT),
+                    str(TIMEOUT if timeout is None else timeout),
+                    str(peer_timeout),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -167,6 +168,48 @@ def run_rounds_then_cut_one_host(hosts):
 
 def test_three_hosts_run_500_barriers_then_name_the_host_cut_off(hosts):
     run_rounds_then_cut_one_host(hosts)
+
+
+PEER_TIMEOUT = 1.0
+
+
+def cut_after_rounds(hosts, cut):
+    """Runs a few rounds, takes host `cut` off the network (its connections
+    stay open: nothing is closed, packets just stop), then one more round
+    with a timeout far above the peer timeout; returns the survivors'."""
+    ranks = Ranks(hosts, 20, timeout=60.0, peer_timeout=PEER_TIMEOUT)
+    try:
+        ranks.collect("rounds", range(WORLD_SIZE), timeout=120)
+        hosts.cut(cut)
+        ranks.tell(range(WORLD_SIZE), "go")
+        survivors = [r for r in range(WORLD_SIZE) if r != cut]
+        last = ranks.collect("last", survivors, timeout=30)
+        return {r: last[r] for r in survivors}
+    finally:
+        ranks.stop()
+
+
+def test_a_partitioned_peer_is_named_lost_within_the_peer_timeout(hosts):
+    cut = WORLD_SIZE - 1
+    last = cut_after_rounds(hosts, cut)
+    for outcome in last.values():
+        error = outcome["error"]
+        assert error is not None and error["type"] == "PeerLostError", outcome
+        assert error["lost_ranks"] == [cut]
+        assert outcome["elapsed"] <= PEER_TIMEOUT + 2.0
+    print(f"FIGURE netns_partitioned_peer_named_after_s: "
+          f"{max(o['elapsed'] for o in last.values()):.3f}")
+
+
+def test_a_partitioned_store_host_is_reported_within_the_peer_timeout(hosts):
+    last = cut_after_rounds(hosts, 0)
+    for outcome in last.values():
+        error = outcome["error"]
+        assert error is not None and error["type"] == "StoreUnreachableError", outcome
+        assert f"{hosts.addresses[0]}:" in error["message"]
+        assert outcome["elapsed"] <= PEER_TIMEOUT + 2.0
+    print(f"FIGURE netns_partitioned_store_host_reported_after_s: "
+          f"{max(o['elapsed'] for o in last.values()):.3f}")
 
 
 # 500 rounds of a few 4 ms round trips, plus retransmissions after losses.

@@ -2,6 +2,8 @@
 
 #include <fcntl.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -51,28 +53,38 @@ AddrInfoPtr resolve(const std::string& host, uint16_t port, int flags) {
   return AddrInfoPtr(found);
 }
 
-// One non-blocking connect attempt, bounded by `timeout`; "" on success,
-// else why it failed.
-std::string tryConnect(const addrinfo& a, std::chrono::milliseconds timeout) {
+// One non-blocking connect attempt, bounded by `timeout`: the socket on
+// success, else why it failed.
+UniqueFd tryConnect(
+    const addrinfo& a,
+    std::chrono::milliseconds timeout,
+    std::string& error) {
   UniqueFd fd(::socket(a.ai_family, a.ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (fd.get() < 0) {
-    return std::strerror(errno);
+    error = std::strerror(errno);
+    return UniqueFd();
   }
   if (::connect(fd.get(), a.ai_addr, a.ai_addrlen) == 0) {
-    return "";
+    return fd;
   }
   if (errno != EINPROGRESS) {
-    return std::strerror(errno);
+    error = std::strerror(errno);
+    return UniqueFd();
   }
   pollfd pfd{fd.get(), POLLOUT, 0};
   const int ready = ::poll(&pfd, 1, static_cast<int>(timeout.count()));
   if (ready <= 0) {
-    return ready == 0 ? "connection timed out" : std::strerror(errno);
+    error = ready == 0 ? "connection timed out" : std::strerror(errno);
+    return UniqueFd();
   }
-  int error = 0;
-  socklen_t length = sizeof(error);
-  ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &error, &length);
-  return error == 0 ? "" : std::strerror(error);
+  int soError = 0;
+  socklen_t length = sizeof(soError);
+  ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &soError, &length);
+  if (soError != 0) {
+    error = std::strerror(soError);
+    return UniqueFd();
+  }
+  return fd;
 }
 
 } // namespace
@@ -136,7 +148,7 @@ UniqueFd openListenSocket(const std::string& host, uint16_t port) {
       lastError));
 }
 
-void waitUntilReachable(
+UniqueFd connectSocket(
     const std::string& host,
     uint16_t port,
     std::chrono::steady_clock::time_point deadline) {
@@ -148,9 +160,9 @@ void waitUntilReachable(
     if (AddrInfoPtr addresses = resolve(host, port, 0)) {
       for (addrinfo* a = addresses.get(); a != nullptr; a = a->ai_next) {
         const auto left = ceil<milliseconds>(deadline - Clock::now());
-        lastError = tryConnect(*a, std::max(left, milliseconds(1)));
-        if (lastError.empty()) {
-          return;
+        UniqueFd fd = tryConnect(*a, std::max(left, milliseconds(1)), lastError);
+        if (fd.get() >= 0) {
+          return fd;
         }
       }
     } else {
@@ -163,10 +175,29 @@ void waitUntilReachable(
     if (left <= Clock::duration::zero()) {
       throwNetworkError(lastError);
     }
-    std::this_thread::sleep_for(
-        std::min<Clock::duration>(backoff, left));
+    // The host may not be listening yet: rank 0 starts when it starts.
+    std::this_thread::sleep_for(std::min<Clock::duration>(backoff, left));
     backoff = std::min(backoff * 2, milliseconds(250));
   }
+}
+
+void tuneStoreSocket(int fd, std::chrono::milliseconds silenceLimit) {
+  const int on = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+  // Keepalive notices a host that vanished while the connection idles, and
+  // TCP_USER_TIMEOUT one that stopped acknowledging what we sent: the
+  // kernel then fails the socket instead of retransmitting for 15 minutes.
+  // A frozen process whose kernel still acknowledges is caught by our own
+  // reply deadlines.
+  ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
+  const int idleSecs = static_cast<int>(std::max<int64_t>(1, silenceLimit.count() / 2000));
+  const int intervalSecs = 1;
+  const int probes = 3;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idleSecs, sizeof(idleSecs));
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intervalSecs, sizeof(intervalSecs));
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes));
+  const unsigned int userTimeoutMs = static_cast<unsigned int>(silenceLimit.count());
+  ::setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof(userTimeoutMs));
 }
 
 } // namespace tcpstore_barrier

@@ -34,16 +34,16 @@ class UniqueFd {
 // host and port when the name does not resolve or the port is taken.
 UniqueFd openListenSocket(const std::string& host, uint16_t port);
 
-// Returns once a TCP connection to `host`:`port` succeeds, retrying refused
+// A non-blocking TCP connection to `host`:`port`, retrying refused
 // connections with short back-offs until `deadline`. A name that does not
 // resolve fails at once. Throws c10::DistNetworkError with the last cause.
-//
-// TCPStore's client waits out its whole timeout on a refused connection,
-// sleeps, then tries again with another whole timeout, so on its own it
-// overshoots timeout_barrier_init_secs by up to twice over.
-void waitUntilReachable(
+UniqueFd connectSocket(
     const std::string& host,
     uint16_t port,
     std::chrono::steady_clock::time_point deadline);
+
+// Options of a store connection: no Nagle delay, and kernel-level failure
+// detection scaled to `silenceLimit`.
+void tuneStoreSocket(int fd, std::chrono::milliseconds silenceLimit);
 
 } // namespace tcpstore_barrier

@@ -101,6 +101,9 @@ Args parseArgs(int argc, char** argv) {
   if (args.rank < 0 || args.worldSize < 0 || args.port < 0) {
     throw std::invalid_argument("--rank, --world-size and --port are required");
   }
+  if (args.port < 1 || args.port > 65535) {
+    throw std::invalid_argument("--port must be in 1..65535");
+  }
   if (args.iterations < 0) {
     throw std::invalid_argument("--iterations must not be negative");
   }
@@ -139,7 +142,7 @@ int train(const Args& args) {
       args.prefix,
       args.initTimeoutSecs,
       args.useLibUV,
-      tcpstore_barrier::checkedPort(args.port),
+      static_cast<uint16_t>(args.port),
       args.masterAddress,
       args.timeoutSecs);
   std::filesystem::create_directories(args.checkpointDir);

@@ -22,7 +22,11 @@ from ._compat import check_torch_version
 check_torch_version(built_with_torch, torch.__version__)
 
 from ._barrier import TCPStoreBarrier  # noqa: E402
-from ._errors import BarrierTimeoutError  # noqa: E402
+from ._errors import (  # noqa: E402
+    BarrierTimeoutError,
+    PeerLostError,
+    StoreUnreachableError,
+)
 from ._registry import register_with_torch  # noqa: E402
 
 TCPStoreBarrier.__module__ = __name__
@@ -34,6 +38,8 @@ cmake_prefix_path: str = str(importlib.resources.files(__name__) / "lib" / "cmak
 
 __all__ = [
     "BarrierTimeoutError",
+    "PeerLostError",
+    "StoreUnreachableError",
     "TCPStoreBarrier",
     "__version__",
     "built_with_torch",

@@ -42,6 +42,10 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
         protocol: ``"torch"`` (default) speaks torch's keys, so torch's ranks
             can join; ``"native"`` uses the store's server-side barrier, one
             round trip per rank, for fleets made only of this library's ranks.
+        peer_timeout_secs: how long a peer of this library, or the store
+            host, may stay silent before a waiting rank raises
+            :class:`~tcpstore_barrier.PeerLostError` (default 5 s, as torch
+            elastic's heartbeat); ``None`` turns liveness off.
     """
 
     #: The name under which torch's ``create_barrier_from_config`` finds it.
@@ -59,11 +63,13 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
         timeout_secs: float,
         *,
         protocol: str = "torch",
+        peer_timeout_secs: float | None = 5.0,
     ) -> None:
         logger.info(
             "Initializing TCPStoreBarrier master_address=%s tcpstore_port=%s "
             "rank=%s world_size=%s barrier_prefix=%s timeout_barrier_init_secs=%s "
-            "use_checkpoint_barrier_tcpstore_libuv=%s timeout_secs=%s protocol=%s",
+            "use_checkpoint_barrier_tcpstore_libuv=%s timeout_secs=%s protocol=%s "
+            "peer_timeout_secs=%s",
             master_address,
             tcpstore_port,
             global_rank,
@@ -73,6 +79,7 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
             use_checkpoint_barrier_tcpstore_libuv,
             timeout_secs,
             protocol,
+            peer_timeout_secs,
         )
         super().__init__(
             global_rank,
@@ -84,6 +91,7 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
             master_address,
             _seconds(timeout_secs),
             protocol=protocol,
+            peer_timeout_secs=_seconds(peer_timeout_secs),
         )
 
     @classmethod
@@ -96,6 +104,7 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
         timeout_secs: float = 300,
         *,
         protocol: str = "torch",
+        peer_timeout_secs: float | None = 5.0,
     ) -> TCPStoreBarrier:
         """Joins barriers over a store the program already has.
 
@@ -105,13 +114,14 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
         """
         logger.info(
             "Initializing TCPStoreBarrier from %s rank=%s world_size=%s "
-            "barrier_prefix=%s timeout_secs=%s protocol=%s",
+            "barrier_prefix=%s timeout_secs=%s protocol=%s peer_timeout_secs=%s",
             type(store).__name__,
             global_rank,
             global_world_size,
             barrier_prefix,
             timeout_secs,
             protocol,
+            peer_timeout_secs,
         )
         barrier = cls.__new__(cls)
         _C.TCPStoreBarrier.__init__(
@@ -122,6 +132,7 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
             barrier_prefix,
             _seconds(timeout_secs),
             protocol=protocol,
+            peer_timeout_secs=_seconds(peer_timeout_secs),
         )
         return barrier
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch.distributed import DistStoreError
+from torch.distributed import DistNetworkError, DistStoreError
 
 
 class BarrierTimeoutError(DistStoreError):
@@ -44,3 +44,65 @@ class BarrierTimeoutError(DistStoreError):
                 self.timeout_secs,
             ),
         )
+
+
+class PeerLostError(BarrierTimeoutError):
+    """Ranks of this library stopped showing that they are alive.
+
+    Raised in a waiting rank once a peer's heartbeat (sent from C++ by every
+    rank of this library) has been silent for ``peer_timeout_secs``: the
+    round can never complete, so there is no point waiting out
+    ``timeout_secs``. Every surviving rank names the same ``lost_ranks``.
+    A subclass of :class:`BarrierTimeoutError`, so existing handlers catch
+    it; unlike a timeout, every later call raises it again.
+
+    Attributes:
+        lost_ranks: sorted ranks declared lost.
+        timeout_secs: the peer timeout that ran out.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        missing_ranks: list[int],
+        barrier_key: str,
+        sequence: int,
+        timeout_secs: float,
+        lost_ranks: list[int],
+    ) -> None:
+        super().__init__(message, missing_ranks, barrier_key, sequence, timeout_secs)
+        self.lost_ranks = sorted(lost_ranks)
+
+    def __reduce__(self):
+        return (
+            type(self),
+            (
+                self.args[0],
+                self.missing_ranks,
+                self.barrier_key,
+                self.sequence,
+                self.timeout_secs,
+                self.lost_ranks,
+            ),
+        )
+
+
+class StoreUnreachableError(PeerLostError, DistNetworkError):
+    """The store host is gone or stopped answering.
+
+    Both a :class:`torch.distributed.DistNetworkError` (what torch raises for
+    a store that went away) and a :class:`PeerLostError` (rank 0, which hosts
+    the store, is lost). The message says which store, the rank, prefix and
+    sequence, and what this rank knew of the round. The barrier is then
+    unusable: every later call raises this error again.
+
+    Attributes:
+        lost_ranks: ``[0]`` when the barrier created the store (rank 0 hosts
+            it), else ``[]``.
+    """
+
+    def __init__(self, message: str, sequence: int, lost_ranks: list[int]) -> None:
+        PeerLostError.__init__(self, message, [], "", sequence, 0.0, lost_ranks)
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.sequence, self.lost_ranks))

@@ -6,7 +6,6 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include <c10/util/Exception.h>
@@ -15,17 +14,19 @@
 
 namespace tcpstore_barrier {
 
-class ReleaseWatcher;
-
 // Which keys a barrier round uses on the store.
 enum class Protocol {
   // torch.distributed.elastic.utils.store.barrier's keys, so that torch's
   // Python TCPStoreBarrier ranks can share the barrier with ours.
   kTorch,
   // TCPStore's server-side BARRIER request: one round trip per rank. Every
-  // rank of the barrier must use it.
+  // rank of the barrier must use it, and the store must be a TCPStore.
   kNative,
 };
+
+// The default of TCPStoreBarrierOptions::peerTimeout: torch elastic's
+// rendezvous declares a silent node dead after 5 s too.
+constexpr std::chrono::milliseconds kDefaultPeerTimeout{5000};
 
 // Everything a barrier needs, in the units it uses. The torch-shaped
 // constructor below fills one of these.
@@ -39,6 +40,9 @@ struct TCPStoreBarrierOptions {
   std::string masterAddress;
   std::chrono::milliseconds timeout = std::chrono::seconds(300);
   Protocol protocol = Protocol::kTorch;
+  // How long a peer of this library, or the store host, may stay silent
+  // before a waiting rank gives up on it; nullopt turns liveness off.
+  std::optional<std::chrono::milliseconds> peerTimeout = kDefaultPeerTimeout;
 };
 
 // Raised when a barrier round does not complete in time. It names the ranks
@@ -46,12 +50,11 @@ struct TCPStoreBarrierOptions {
 class BarrierTimeoutError : public c10::DistStoreError {
  public:
   BarrierTimeoutError(
+      std::string message,
       std::string barrierKey,
       int64_t sequence,
       std::chrono::milliseconds timeout,
-      std::vector<int64_t> missingRanks,
-      int64_t rank,
-      int64_t worldSize);
+      std::vector<int64_t> missingRanks);
 
   const std::string& barrierKey() const noexcept {
     return barrierKey_;
@@ -73,12 +76,63 @@ class BarrierTimeoutError : public c10::DistStoreError {
   std::vector<int64_t> missingRanks_;
 };
 
+// Raised in a waiting rank when peers of this library stopped showing that
+// they are alive for the peer timeout: the round can never complete. Every
+// surviving rank names the same lost ranks. timeout() is the peer timeout.
+class PeerLostError : public BarrierTimeoutError {
+ public:
+  PeerLostError(
+      std::string message,
+      std::string barrierKey,
+      int64_t sequence,
+      std::chrono::milliseconds peerTimeout,
+      std::vector<int64_t> missingRanks,
+      std::vector<int64_t> lostRanks);
+
+  const std::vector<int64_t>& lostRanks() const noexcept {
+    return lostRanks_;
+  }
+
+ private:
+  std::vector<int64_t> lostRanks_;
+};
+
+// Raised when the store host is gone (its connections closed or reset) or
+// stopped answering (frozen, or cut off with its connections left open).
+// After it, every call of the barrier raises it again.
+class StoreUnreachableError : public c10::DistNetworkError {
+ public:
+  StoreUnreachableError(
+      std::string message,
+      int64_t sequence,
+      std::vector<int64_t> lostRanks);
+
+  int64_t sequence() const noexcept {
+    return sequence_;
+  }
+  // The rank that hosts the store when this barrier created it ({0}); empty
+  // for a store given to the barrier.
+  const std::vector<int64_t>& lostRanks() const noexcept {
+    return lostRanks_;
+  }
+
+ private:
+  int64_t sequence_;
+  std::vector<int64_t> lostRanks_;
+};
+
+namespace detail {
+struct BarrierState;
+struct BarrierAccess;
+} // namespace detail
+
 // A reusable barrier over a c10d::TCPStore that speaks the key protocol of
 // torch.distributed.checkpoint._experimental.barriers.TCPStoreBarrier.
 //
 // One object per rank; it is not meant to be shared between threads. A round
 // that times out or is interrupted stays entered: the next call resumes
-// waiting for the same round instead of entering it twice.
+// waiting for the same round instead of entering it twice. After a peer or
+// the store host is lost, every call raises that error again.
 class TCPStoreBarrier {
  public:
   // torch's parameters, in torch's order.
@@ -104,7 +158,9 @@ class TCPStoreBarrier {
       int64_t global_world_size,
       std::string barrier_prefix,
       std::chrono::milliseconds timeout,
-      Protocol protocol = Protocol::kTorch);
+      Protocol protocol = Protocol::kTorch,
+      std::optional<std::chrono::milliseconds> peerTimeout =
+          kDefaultPeerTimeout);
 
   ~TCPStoreBarrier();
 
@@ -119,18 +175,8 @@ class TCPStoreBarrier {
 
   // Enters the current round and returns once this rank's arrival has
   // reached the store, without waiting for the others. Calling it again
-  // before wait() has completed the round does nothing. It is
-  // startArrival() then finishArrival().
+  // before wait() has completed the round does nothing.
   void arrive();
-
-  // Hands this rank's arrival at the current round to the barrier's own
-  // thread and returns at once.
-  void startArrival();
-  // Waits up to `patience` for the arrival started by startArrival() to
-  // reach the store; true once it has.
-  bool awaitArrival(std::chrono::milliseconds patience);
-  // Waits for it up to `timeout`, then throws c10::DistNetworkError.
-  void finishArrival();
 
   // Completes the round entered by arrive(): returns once every rank has
   // entered it. The time limit counts from this call.
@@ -138,110 +184,41 @@ class TCPStoreBarrier {
 
   // Whether the round entered by arrive() is already released, so that a
   // wait() would return without blocking.
-  bool released() const;
+  bool released();
 
   // The sequence number of the next round to complete.
-  int64_t sequence() const noexcept {
-    return sequence_;
-  }
+  int64_t sequence() const noexcept;
+  bool usesLibUV() const noexcept;
+  int64_t rank() const noexcept;
+  int64_t worldSize() const noexcept;
+  const std::string& barrierPrefix() const noexcept;
+  std::chrono::milliseconds timeout() const noexcept;
+  std::optional<std::chrono::milliseconds> peerTimeout() const noexcept;
+  Protocol protocol() const noexcept;
 
-  bool usesLibUV() const noexcept {
-    return usesLibUV_;
-  }
+  // A c10d view of the barrier's store: the store rank 0 hosts, the store
+  // given to from_store, or on other ranks a client opened on first call.
+  c10::intrusive_ptr<c10d::Store> store();
 
-  int64_t rank() const noexcept {
-    return rank_;
-  }
-  int64_t worldSize() const noexcept {
-    return worldSize_;
-  }
-  const std::string& barrierPrefix() const noexcept {
-    return prefix_;
-  }
-  std::chrono::milliseconds timeout() const noexcept {
-    return timeout_;
-  }
-  Protocol protocol() const noexcept {
-    return protocol_;
-  }
-  const c10::intrusive_ptr<c10d::Store>& store() const noexcept {
-    return store_;
-  }
-
-  // Called, without any lock held, between the slices of a blocking wait so
+  // Called, without any lock held, about every 100 ms of a blocking call so
   // that an embedding runtime can act on signals; whatever it throws ends
-  // the wait and leaves the round entered.
+  // the call and leaves the round entered.
   void setInterruptCheck(std::function<void()> check);
 
   // Leaves the store. The shutdown rule: the rank that hosts the store
-  // (rank 0) waits, up to `timeout`, until every rank of this library on
-  // the store has called close(), so that no peer still finishing the last
-  // round loses the store under it; other ranks only announce that they are
-  // closing. torch's Python ranks never close and are not waited for. A
-  // barrier over a store from elsewhere (from_store) leaves it as it is.
-  // Destroying a barrier without close() tears its store down at once.
-  // Idempotent.
+  // (rank 0) waits, up to `timeout`, until every other rank of this library
+  // on the store has closed (or been lost), so that no peer still finishing
+  // the last round loses the store under it; other ranks only say that they
+  // have closed, in their last request. torch's Python ranks never close and
+  // are not waited for. A barrier over a store from elsewhere (from_store)
+  // leaves it as it is. Destroying a barrier without close() tears its
+  // store down at once. Idempotent; never throws for a store failure.
   void close();
-  bool closed() const noexcept {
-    return !store_;
-  }
+  bool closed() const noexcept;
 
  private:
-  void enterRound();
-  void waitInline(std::chrono::steady_clock::time_point deadline);
-  void waitForRelease(std::chrono::steady_clock::time_point deadline);
-  void completeRound(std::chrono::steady_clock::time_point deadline);
-  void finishRound();
-  void deleteFinishedRounds();
-  void prepareRoundKeys();
-  ReleaseWatcher& watcher();
-  void startWatcher();
-  void watchRelease(
-      std::chrono::steady_clock::time_point deadline,
-      std::function<bool(c10d::Store&)> arrival = nullptr);
-  void announceArrival();
-  std::vector<int64_t> missingRanks();
-  std::vector<int64_t> ranksBehind();
-  [[noreturn]] void rethrowStoreFailure(const std::exception& e) const;
-  void checkOpen() const;
-  // When a blocked caller next stops to check for interrupts.
-  std::chrono::steady_clock::time_point nextInterruptCheck(
-      std::chrono::steady_clock::time_point deadline) const;
-  // A key of the barrier's own, outside every round's key space.
-  std::string bookkeepingKey(std::string_view suffix) const;
-
-  c10::intrusive_ptr<c10d::Store> store_;
-  int64_t rank_;
-  int64_t worldSize_;
-  std::string prefix_;
-  std::chrono::milliseconds timeout_;
-  Protocol protocol_;
-  bool usesLibUV_ = false;
-  // Created by this object (not from_store): close() does the handshake.
-  bool ownsStore_ = false;
-  bool hostsStore_ = false;
-  std::string storeAddress_;
-  std::function<void()> interruptCheck_;
-  // Waits for slow rounds and runs split-phase arrivals and store
-  // housekeeping, on a thread and connection of its own.
-  std::unique_ptr<ReleaseWatcher> watcher_;
-
-  int64_t sequence_ = 0;
-  bool arrived_ = false;
-  bool released_ = false;
-
-  // Keys of the current round, rebuilt once per round into reused buffers.
-  std::string rankKey_;
-  std::string sequenceText_;
-  std::string numMembersKey_;
-  // torch: `{prefix}{s}/last_member`; native: the server barrier's key.
-  std::vector<std::string> releaseKey_;
-  std::vector<uint8_t> sequenceValue_;
+  friend struct detail::BarrierAccess;
+  std::unique_ptr<detail::BarrierState> state_;
 };
-
-// Argument checks shared with the bindings, so that every entry point
-// rejects the same values with the same messages (std::invalid_argument).
-uint16_t checkedPort(int64_t port);
-std::chrono::milliseconds checkedTimeout(double seconds, const char* name);
 
 } // namespace tcpstore_barrier

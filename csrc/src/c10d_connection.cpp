@@ -1,0 +1,155 @@
+// A StoreConnection over c10d's Store API, for stores that are not TCPStores
+// (a HashStore, a FileStore). Deadlines hold only as far as that store's own
+// timeouts do; nothing here can cut a call to it short.
+#include <poll.h>
+
+#include <algorithm>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "store_connection.h"
+
+namespace tcpstore_barrier {
+namespace {
+
+// How long one wait on the store lasts before the alarm is looked at again.
+constexpr std::chrono::milliseconds kWaitSlice{50};
+
+std::vector<uint8_t> bytesOf(std::string_view text) {
+  return {text.begin(), text.end()};
+}
+
+std::string textOf(const std::vector<uint8_t>& bytes) {
+  return {bytes.begin(), bytes.end()};
+}
+
+class C10dConnection final : public StoreConnection {
+ public:
+  explicit C10dConnection(c10::intrusive_ptr<c10d::Store> store)
+      : store_(std::move(store)),
+        description_(fmt::format(
+            "the store given to from_store ({})",
+            typeid(*store_).name())) {}
+
+  void set(std::string_view key, std::string_view value) override {
+    store_->set(std::string(key), bytesOf(value));
+  }
+
+  void flush(Clock::time_point) override {}
+
+  int64_t add(std::string_view key, int64_t delta, Clock::time_point) override {
+    return store_->add(std::string(key), delta);
+  }
+
+  void sendAdd(std::string_view key, int64_t delta, Clock::time_point) override {
+    added_ = store_->add(std::string(key), delta);
+  }
+
+  bool replyReady(Clock::time_point) override {
+    return true;
+  }
+
+  int64_t readAdd(Clock::time_point) override {
+    return added_;
+  }
+
+  bool check(const std::vector<std::string>& keys, Clock::time_point) override {
+    return store_->check(keys);
+  }
+
+  std::vector<bool> checkEach(
+      const std::vector<std::string>& keys,
+      Clock::time_point) override {
+    std::vector<bool> exists;
+    exists.reserve(keys.size());
+    for (const auto& key : keys) {
+      exists.push_back(store_->check({key}));
+    }
+    return exists;
+  }
+
+  std::vector<std::string> multiGet(
+      const std::vector<std::string>& keys,
+      Clock::time_point) override {
+    std::vector<std::string> values;
+    values.reserve(keys.size());
+    for (const auto& key : keys) {
+      values.push_back(textOf(store_->get(key)));
+    }
+    return values;
+  }
+
+  bool deleteKey(std::string_view key, Clock::time_point) override {
+    return store_->deleteKey(std::string(key));
+  }
+
+  std::string compareSet(
+      std::string_view key,
+      std::string_view expected,
+      std::string_view desired,
+      Clock::time_point) override {
+    return textOf(store_->compareSet(
+        std::string(key), bytesOf(expected), bytesOf(desired)));
+  }
+
+  void startWait(std::string_view key, Clock::time_point) override {
+    waitedKey_.assign(1, std::string(key));
+  }
+
+  void startServerBarrier(std::string_view, int64_t, Clock::time_point)
+      override {
+    throw std::invalid_argument(
+        "protocol 'native' needs a TCPStore (or a PrefixStore over one)");
+  }
+
+  bool awaitRelease(Clock::time_point until, int alarmFd) override {
+    for (;;) {
+      const auto sliceStart = Clock::now();
+      const auto slice = std::max(
+          std::chrono::milliseconds(1),
+          std::min(
+              kWaitSlice,
+              std::chrono::ceil<std::chrono::milliseconds>(until - sliceStart)));
+      try {
+        store_->wait(waitedKey_, slice);
+        return true;
+      } catch (const c10::Error&) {
+        // Stores report an elapsed wait as an error; an early one is real.
+        if (Clock::now() < sliceStart + slice) {
+          throw;
+        }
+      }
+      if (alarmFd >= 0) {
+        pollfd pfd{alarmFd, POLLIN, 0};
+        if (::poll(&pfd, 1, 0) > 0) {
+          return false;
+        }
+      }
+      if (Clock::now() >= until) {
+        return false;
+      }
+    }
+  }
+
+  void abort() noexcept override {}
+
+  const std::string& describe() const override {
+    return description_;
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::Store> store_;
+  std::string description_;
+  std::vector<std::string> waitedKey_;
+  int64_t added_ = 0;
+};
+
+} // namespace
+
+std::unique_ptr<StoreConnection> openC10dConnection(
+    c10::intrusive_ptr<c10d::Store> store) {
+  return std::make_unique<C10dConnection>(std::move(store));
+}
+
+} // namespace tcpstore_barrier

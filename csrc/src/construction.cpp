@@ -1,0 +1,321 @@
+// Joining the store: rank 0 hosts a c10d::TCPStore server, every rank opens
+// its two connections (the caller's and the worker's), announces itself
+// and, with its own store, waits for the others as c10d's clients do. Also
+// the error types and the accessors.
+#include <tcpstore_barrier/tcpstore_barrier.h>
+
+#include <algorithm>
+#include <utility>
+
+#include <c10/util/Logging.h>
+#include <fmt/format.h>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "arguments.h"
+#include "barrier_state.h"
+#include "sockets.h"
+
+namespace tcpstore_barrier {
+
+using detail::BarrierState;
+
+namespace {
+
+c10::SourceLocation here(const char* function, int line) {
+  return {function, __FILE__, static_cast<uint32_t>(line)};
+}
+
+std::string seconds(std::chrono::milliseconds duration) {
+  return fmt::format("{:g} s", static_cast<double>(duration.count()) / 1000.0);
+}
+
+// c10 errors append a C++ backtrace to what(); a message that wraps one
+// carries only its text.
+const char* withoutBacktrace(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
+    return error->what_without_backtrace();
+  }
+  return e.what();
+}
+
+void checkPeerTimeout(std::optional<std::chrono::milliseconds> peerTimeout) {
+  if (peerTimeout) {
+    checkPositive(*peerTimeout, "peer_timeout_secs");
+  }
+}
+
+// What every constructor does once the store is reachable: the protocol,
+// the connections, this rank's first heartbeat, the worker.
+void startRounds(
+    BarrierState& state,
+    std::optional<StoreAddress> address,
+    Clock::time_point deadline) {
+  state.protocol = makeRoundProtocol(
+      state.protocolKind, state.rank, state.worldSize, state.prefix);
+  if (address) {
+    state.connection = openWireConnection(
+        *address, deadline, [&state] { state.runInterruptCheck(); });
+    state.background = openWireConnection(*address, deadline);
+  } else {
+    state.connection = openC10dConnection(state.store);
+    state.background = openC10dConnection(state.store);
+  }
+  state.address = std::move(address);
+  state.liveness = std::make_unique<Liveness>(
+      state.rank,
+      state.worldSize,
+      state.prefix,
+      state.peerTimeout,
+      *state.protocol,
+      *state.background);
+  state.liveness->announce(*state.connection, deadline);
+  auto* liveness = state.liveness.get();
+  auto* background = state.background.get();
+  state.worker = std::make_unique<Worker>(
+      liveness->interval(),
+      liveness->enabled() ? std::function<void()>([liveness] { liveness->tick(); })
+                          : nullptr,
+      [background] { background->abort(); });
+}
+
+} // namespace
+
+BarrierTimeoutError::BarrierTimeoutError(
+    std::string message,
+    std::string barrierKey,
+    int64_t sequence,
+    std::chrono::milliseconds timeout,
+    std::vector<int64_t> missingRanks)
+    : c10::DistStoreError(here(__func__, __LINE__), std::move(message)),
+      barrierKey_(std::move(barrierKey)),
+      sequence_(sequence),
+      timeout_(timeout),
+      missingRanks_(std::move(missingRanks)) {}
+
+PeerLostError::PeerLostError(
+    std::string message,
+    std::string barrierKey,
+    int64_t sequence,
+    std::chrono::milliseconds peerTimeout,
+    std::vector<int64_t> missingRanks,
+    std::vector<int64_t> lostRanks)
+    : BarrierTimeoutError(
+          std::move(message),
+          std::move(barrierKey),
+          sequence,
+          peerTimeout,
+          std::move(missingRanks)),
+      lostRanks_(std::move(lostRanks)) {}
+
+StoreUnreachableError::StoreUnreachableError(
+    std::string message,
+    int64_t sequence,
+    std::vector<int64_t> lostRanks)
+    : c10::DistNetworkError(here(__func__, __LINE__), std::move(message)),
+      sequence_(sequence),
+      lostRanks_(std::move(lostRanks)) {}
+
+TCPStoreBarrier::TCPStoreBarrier(
+    int64_t global_rank,
+    int64_t global_world_size,
+    std::string barrier_prefix,
+    int64_t timeout_barrier_init_secs,
+    bool use_checkpoint_barrier_tcpstore_libuv,
+    uint16_t tcpstore_port,
+    std::string master_address,
+    int64_t timeout_secs)
+    : TCPStoreBarrier(TCPStoreBarrierOptions{
+          global_rank,
+          global_world_size,
+          std::move(barrier_prefix),
+          checkedTimeout(
+              static_cast<double>(timeout_barrier_init_secs),
+              "timeout_barrier_init_secs"),
+          use_checkpoint_barrier_tcpstore_libuv,
+          tcpstore_port,
+          std::move(master_address),
+          checkedTimeout(static_cast<double>(timeout_secs), "timeout_secs")}) {}
+
+TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
+    : state_(std::make_unique<BarrierState>()) {
+  BarrierState& state = *state_;
+  checkRankAndWorld(options.globalRank, options.globalWorldSize);
+  const uint16_t port = checkedPort(options.port);
+  checkAddress(options.masterAddress);
+  checkNonNegative(options.initTimeout, "timeout_barrier_init_secs");
+  checkNonNegative(options.timeout, "timeout_secs");
+  checkPeerTimeout(options.peerTimeout);
+  state.rank = options.globalRank;
+  state.worldSize = options.globalWorldSize;
+  state.prefix = std::move(options.barrierPrefix);
+  state.timeout = options.timeout;
+  state.initTimeout = options.initTimeout;
+  state.peerTimeout = options.peerTimeout;
+  state.protocolKind = options.protocol;
+  state.ownsStore = true;
+  state.hostsStore = state.rank == 0;
+  state.usesLibUV = options.useLibUV;
+
+  const auto deadline = Clock::now() + options.initTimeout;
+  const auto storeAddress =
+      fmt::format("the store at {}:{}", options.masterAddress, port);
+  try {
+    if (state.hostsStore) {
+      c10d::TCPStoreOptions serverOptions;
+      serverOptions.port = port;
+      serverOptions.isServer = true;
+      serverOptions.numWorkers = static_cast<std::size_t>(state.worldSize);
+      serverOptions.waitWorkers = true;
+      serverOptions.timeout = options.initTimeout;
+      serverOptions.useLibUV = options.useLibUV;
+      // TCPStore's own server listens on every interface; binding the
+      // socket here keeps it on the interface of master_address.
+      serverOptions.masterListenFd =
+          openListenSocket(options.masterAddress, port).release();
+      auto server = c10::make_intrusive<c10d::TCPStore>(
+          options.masterAddress, serverOptions);
+      state.usesLibUV = server->isLibUvBackend();
+      state.store = std::move(server);
+    }
+    startRounds(
+        state,
+        StoreAddress{options.masterAddress, port, "/"},
+        deadline);
+    if (!state.hostsStore) {
+      // Counted like c10d's clients, so that rank 0 (ours or torch's)
+      // stops waiting for its workers.
+      registerWorker(*state.connection, deadline);
+    }
+  } catch (const c10::DistStoreError& e) {
+    throw c10::DistStoreError(
+        here(__func__, __LINE__),
+        fmt::format(
+            "TCPStoreBarrier rank {} of {}: {} did not gather all ranks "
+            "within timeout_barrier_init_secs={}: {}",
+            state.rank,
+            state.worldSize,
+            storeAddress,
+            seconds(options.initTimeout),
+            withoutBacktrace(e)));
+  } catch (const std::invalid_argument&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw c10::DistNetworkError(
+        here(__func__, __LINE__),
+        fmt::format(
+            "TCPStoreBarrier rank {} of {}: cannot reach {} within "
+            "timeout_barrier_init_secs={}: {}",
+            state.rank,
+            state.worldSize,
+            storeAddress,
+            seconds(options.initTimeout),
+            withoutBacktrace(e)));
+  }
+  LOG(INFO) << "TCPStoreBarrier rank " << state.rank << " of "
+            << state.worldSize << " joined " << storeAddress << " (prefix '"
+            << state.prefix << "', timeout " << seconds(state.timeout)
+            << ", peer timeout "
+            << (state.peerTimeout ? seconds(*state.peerTimeout) : "off")
+            << ")";
+}
+
+TCPStoreBarrier::TCPStoreBarrier(
+    c10::intrusive_ptr<c10d::Store> store,
+    int64_t global_rank,
+    int64_t global_world_size,
+    std::string barrier_prefix,
+    std::chrono::milliseconds timeout,
+    Protocol protocol,
+    std::optional<std::chrono::milliseconds> peerTimeout)
+    : state_(std::make_unique<BarrierState>()) {
+  BarrierState& state = *state_;
+  if (!store) {
+    throw std::invalid_argument("store must not be null");
+  }
+  checkRankAndWorld(global_rank, global_world_size);
+  checkNonNegative(timeout, "timeout_secs");
+  checkPeerTimeout(peerTimeout);
+  auto address = wireAddressOf(*store);
+  if (!address && protocol == Protocol::kNative) {
+    throw std::invalid_argument(
+        "protocol 'native' needs a TCPStore (or a PrefixStore over one)");
+  }
+  if (auto* tcp = dynamic_cast<c10d::TCPStore*>(store.get())) {
+    state.usesLibUV = tcp->isLibUvBackend();
+  }
+  state.rank = global_rank;
+  state.worldSize = global_world_size;
+  state.prefix = std::move(barrier_prefix);
+  state.timeout = timeout;
+  state.initTimeout = timeout;
+  state.peerTimeout = peerTimeout;
+  state.protocolKind = protocol;
+  state.store = std::move(store);
+  try {
+    startRounds(state, std::move(address), Clock::now() + timeout);
+  } catch (const StoreUnavailable& e) {
+    throw c10::DistNetworkError(
+        here(__func__, __LINE__),
+        fmt::format(
+            "TCPStoreBarrier rank {} of {}: {}",
+            state.rank,
+            state.worldSize,
+            e.what()));
+  }
+}
+
+TCPStoreBarrier::~TCPStoreBarrier() = default;
+
+int64_t TCPStoreBarrier::sequence() const noexcept {
+  return state_->sequence;
+}
+bool TCPStoreBarrier::usesLibUV() const noexcept {
+  return state_->usesLibUV;
+}
+int64_t TCPStoreBarrier::rank() const noexcept {
+  return state_->rank;
+}
+int64_t TCPStoreBarrier::worldSize() const noexcept {
+  return state_->worldSize;
+}
+const std::string& TCPStoreBarrier::barrierPrefix() const noexcept {
+  return state_->prefix;
+}
+std::chrono::milliseconds TCPStoreBarrier::timeout() const noexcept {
+  return state_->timeout;
+}
+std::optional<std::chrono::milliseconds> TCPStoreBarrier::peerTimeout()
+    const noexcept {
+  return state_->peerTimeout;
+}
+Protocol TCPStoreBarrier::protocol() const noexcept {
+  return state_->protocolKind;
+}
+bool TCPStoreBarrier::closed() const noexcept {
+  return state_->closed;
+}
+
+c10::intrusive_ptr<c10d::Store> TCPStoreBarrier::store() {
+  BarrierState& state = *state_;
+  if (!state.store && state.address && !state.closed) {
+    c10d::TCPStoreOptions clientOptions;
+    clientOptions.port = state.address->port;
+    clientOptions.isServer = false;
+    clientOptions.waitWorkers = false;
+    clientOptions.timeout = state.initTimeout;
+    clientOptions.useLibUV = state.usesLibUV;
+    state.store =
+        c10::make_intrusive<c10d::TCPStore>(state.address->host, clientOptions);
+  }
+  return state.store;
+}
+
+void TCPStoreBarrier::setInterruptCheck(std::function<void()> check) {
+  state_->interruptCheck = std::move(check);
+}
+
+void TCPStoreBarrier::close() {
+  detail::closeBarrier(*state_);
+}
+
+} // namespace tcpstore_barrier

@@ -1,0 +1,221 @@
+#include "liveness.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <utility>
+
+namespace tcpstore_barrier {
+namespace {
+
+// The store's one server thread spends a few microseconds per request: at
+// this rate heartbeats take well under 1% of it, however many ranks there
+// are (see README, "Liveness").
+constexpr int64_t kHeartbeatsPerSecond = 1000;
+
+constexpr std::string_view kAliveInfix = "/alive/";
+constexpr std::string_view kLostSuffix = "/lost";
+constexpr std::string_view kLostField = "lost=";
+constexpr std::string_view kMissingField = ";missing=";
+
+} // namespace
+
+std::string joinRanks(const std::vector<int64_t>& ranks) {
+  std::string text;
+  for (const int64_t rank : ranks) {
+    if (!text.empty()) {
+      text.push_back(',');
+    }
+    appendDecimal(text, rank);
+  }
+  return text;
+}
+
+std::vector<int64_t> splitRanks(std::string_view text) {
+  std::vector<int64_t> ranks;
+  while (!text.empty()) {
+    const auto comma = text.find(',');
+    if (auto rank = parseDecimal(text.substr(0, comma))) {
+      ranks.push_back(*rank);
+    }
+    text = comma == std::string_view::npos ? "" : text.substr(comma + 1);
+  }
+  return ranks;
+}
+
+Liveness::Liveness(
+    int64_t rank,
+    int64_t worldSize,
+    const std::string& prefix,
+    std::optional<std::chrono::milliseconds> peerTimeout,
+    RoundProtocol& protocol,
+    StoreConnection& connection)
+    : rank_(rank),
+      prefix_(prefix),
+      enabled_(peerTimeout.has_value()),
+      protocol_(protocol),
+      connection_(connection),
+      ownAliveKey_(aliveKey(rank)),
+      alarmFd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+  if (enabled_) {
+    const auto fair = std::chrono::milliseconds(
+        worldSize * 1000 / kHeartbeatsPerSecond);
+    interval_ = std::max(*peerTimeout / 5, fair);
+    silenceLimit_ = std::max(*peerTimeout, 3 * interval_);
+  }
+}
+
+std::string Liveness::aliveKey(int64_t rank) const {
+  std::string key = prefix_;
+  key.append(kAliveInfix);
+  appendDecimal(key, rank);
+  return key;
+}
+
+std::string Liveness::lostKey(int64_t sequence) const {
+  std::string key = prefix_;
+  appendDecimal(key, sequence);
+  key.append(kLostSuffix);
+  return key;
+}
+
+void Liveness::announce(StoreConnection& connection, Clock::time_point deadline) {
+  connection.add(ownAliveKey_, 1, deadline);
+}
+
+void Liveness::enterRound(int64_t sequence, bool watcher) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  round_ = Round{true, watcher, sequence, Clock::now()};
+}
+
+void Liveness::leaveRound() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  round_.waiting = false;
+}
+
+std::optional<Alarm> Liveness::alarm() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return alarm_;
+}
+
+void Liveness::raise(Alarm alarm) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (alarm_) {
+      return;
+    }
+    alarm_ = std::move(alarm);
+  }
+  const uint64_t one = 1;
+  [[maybe_unused]] const auto written = ::write(alarmFd_.get(), &one, sizeof(one));
+}
+
+void Liveness::tick() {
+  Round round;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (alarm_) {
+      return;
+    }
+    round = round_;
+  }
+  const auto now = Clock::now();
+  const auto deadline = now + silenceLimit_;
+  try {
+    connection_.add(ownAliveKey_, 1, deadline);
+    if (!round.waiting) {
+      return;
+    }
+    if (round.watcher && now - round.since >= interval_) {
+      watch(round, deadline);
+    } else {
+      readDeclaredLoss(round, deadline);
+    }
+  } catch (const StoreUnavailable& e) {
+    raise(Alarm{
+        e.silent() ? Alarm::Kind::kStoreSilent : Alarm::Kind::kStoreGone,
+        round.sequence,
+        {},
+        {},
+        e.what()});
+  }
+}
+
+void Liveness::readDeclaredLoss(const Round& round, Clock::time_point deadline) {
+  const std::vector<std::string> key{lostKey(round.sequence)};
+  if (!connection_.check(key, deadline)) {
+    return;
+  }
+  const std::string declared = connection_.multiGet(key, deadline).front();
+  const auto missingAt = declared.find(kMissingField);
+  raise(Alarm{
+      Alarm::Kind::kPeersLost,
+      round.sequence,
+      splitRanks(std::string_view(declared).substr(
+          kLostField.size(), missingAt - kLostField.size())),
+      splitRanks(std::string_view(declared).substr(
+          std::min(declared.size(), missingAt + kMissingField.size()))),
+      {}});
+}
+
+void Liveness::watch(const Round& round, Clock::time_point deadline) {
+  if (round.sequence != seenSequence_) {
+    seen_.clear();
+    seenSequence_ = round.sequence;
+  }
+  const auto missing = protocol_.missingRanks(connection_, round.sequence, deadline);
+  // torch's ranks send no heartbeat: only ranks with a counter are watched.
+  // A rank still constructing may get one later, so look again each time.
+  std::vector<std::string> unknownKeys;
+  std::vector<int64_t> unknownRanks;
+  for (const int64_t rank : missing) {
+    if (members_.count(rank) == 0 && rank != rank_) {
+      unknownKeys.push_back(aliveKey(rank));
+      unknownRanks.push_back(rank);
+    }
+  }
+  if (!unknownKeys.empty()) {
+    const auto exists = connection_.checkEach(unknownKeys, deadline);
+    for (std::size_t i = 0; i < exists.size(); ++i) {
+      if (exists[i]) {
+        members_.insert(unknownRanks[i]);
+      }
+    }
+  }
+  std::vector<std::string> keys;
+  std::vector<int64_t> watched;
+  for (const int64_t rank : missing) {
+    if (members_.count(rank) != 0) {
+      keys.push_back(aliveKey(rank));
+      watched.push_back(rank);
+    }
+  }
+  if (watched.empty()) {
+    readDeclaredLoss(round, deadline);
+    return;
+  }
+  const auto values = connection_.multiGet(keys, deadline);
+  const auto now = Clock::now();
+  std::vector<int64_t> lost;
+  for (std::size_t i = 0; i < watched.size(); ++i) {
+    auto [entry, first] = seen_.try_emplace(watched[i], Seen{values[i], now});
+    if (first || entry->second.value != values[i]) {
+      entry->second = Seen{values[i], now};
+    } else if (now - entry->second.since >= silenceLimit_) {
+      lost.push_back(watched[i]);
+    }
+  }
+  if (lost.empty()) {
+    readDeclaredLoss(round, deadline);
+    return;
+  }
+  std::string declaration(kLostField);
+  declaration.append(joinRanks(lost)).append(kMissingField).append(
+      joinRanks(missing));
+  // The first declaration stands, so that every rank names the same ranks.
+  connection_.compareSet(lostKey(round.sequence), "", declaration, deadline);
+  readDeclaredLoss(round, deadline);
+}
+
+} // namespace tcpstore_barrier

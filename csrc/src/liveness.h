@@ -1,0 +1,125 @@
+// Peer liveness: every rank of this library shows it is alive through the
+// store, and a few ranks of each round watch the others.
+//
+// Each rank's worker adds 1 to `{prefix}/alive/{r}` every interval(), from
+// C++, whatever its Python is doing, between barriers too. The reply is also
+// how a rank notices that the store host stopped answering. While a rank
+// waits in a round, the round's watchers (see RoundProtocol::watches) read
+// the counters of the ranks still missing; one whose counter has not moved
+// for silenceLimit() is lost. The first watcher to declare a loss writes it
+// to `{prefix}{s}/lost` with compareSet, so that every other rank, which
+// asks for that key with its heartbeat, names the same ranks.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "protocols.h"
+#include "sockets.h"
+#include "store_connection.h"
+
+namespace tcpstore_barrier {
+
+struct Alarm {
+  enum class Kind { kPeersLost, kStoreSilent, kStoreGone };
+  Kind kind;
+  int64_t sequence = 0;
+  std::vector<int64_t> lostRanks;
+  std::vector<int64_t> missingRanks;
+  // What the store's failure said.
+  std::string detail;
+};
+
+class Liveness {
+ public:
+  // `connection` is the worker's, used only from tick(); `peerTimeout`
+  // nullopt keeps the counter (it also says who is of this library) but
+  // sends no heartbeats and watches no one.
+  Liveness(
+      int64_t rank,
+      int64_t worldSize,
+      const std::string& prefix,
+      std::optional<std::chrono::milliseconds> peerTimeout,
+      RoundProtocol& protocol,
+      StoreConnection& connection);
+
+  // The heartbeat's period: a fifth of the peer timeout, stretched so that
+  // all ranks together send at most kHeartbeatsPerSecond.
+  std::chrono::milliseconds interval() const noexcept {
+    return interval_;
+  }
+  // How long a rank may stay silent: the peer timeout, or three intervals
+  // when the world is so large that the interval had to stretch.
+  std::chrono::milliseconds silenceLimit() const noexcept {
+    return silenceLimit_;
+  }
+  bool enabled() const noexcept {
+    return enabled_;
+  }
+
+  // The first heartbeat, on the caller's connection during construction:
+  // it registers this rank as one of this library's.
+  void announce(StoreConnection& connection, Clock::time_point deadline);
+
+  // One heartbeat, and the round's watch; on the worker thread.
+  void tick();
+
+  void enterRound(int64_t sequence, bool watcher);
+  void leaveRound();
+
+  // Readable once an alarm is raised; it stays so.
+  int alarmFd() const noexcept {
+    return alarmFd_.get();
+  }
+  std::optional<Alarm> alarm() const;
+
+  std::string aliveKey(int64_t rank) const;
+
+ private:
+  struct Round {
+    bool waiting = false;
+    bool watcher = false;
+    int64_t sequence = 0;
+    Clock::time_point since;
+  };
+  struct Seen {
+    std::string value;
+    Clock::time_point since;
+  };
+
+  void watch(const Round& round, Clock::time_point deadline);
+  void readDeclaredLoss(const Round& round, Clock::time_point deadline);
+  void raise(Alarm alarm);
+  std::string lostKey(int64_t sequence) const;
+
+  int64_t rank_;
+  std::string prefix_;
+  bool enabled_;
+  std::chrono::milliseconds interval_{0};
+  std::chrono::milliseconds silenceLimit_{0};
+  RoundProtocol& protocol_;
+  StoreConnection& connection_;
+  std::string ownAliveKey_;
+  UniqueFd alarmFd_;
+
+  mutable std::mutex mutex_;
+  Round round_;
+  std::optional<Alarm> alarm_;
+
+  // Worker thread only.
+  std::set<int64_t> members_;
+  std::map<int64_t, Seen> seen_;
+  int64_t seenSequence_ = -1;
+};
+
+// "2,5" and back.
+std::string joinRanks(const std::vector<int64_t>& ranks);
+std::vector<int64_t> splitRanks(std::string_view text);
+
+} // namespace tcpstore_barrier

@@ -1,0 +1,272 @@
+#include "protocols.h"
+
+#include <algorithm>
+#include <charconv>
+#include <thread>
+#include <utility>
+
+namespace tcpstore_barrier {
+namespace {
+
+// Key names of torch.distributed.elastic.utils.store.barrier: a round is
+// released by its last member setting `last_member`.
+constexpr std::string_view kNumMembersSuffix = "/num_members";
+constexpr std::string_view kLastMemberSuffix = "/last_member";
+constexpr std::string_view kReleasedValue = "<val_ignored>";
+constexpr std::string_view kServerBarrierSuffix = "/barrier";
+
+class TorchKeysProtocol final : public RoundProtocol {
+ public:
+  using RoundProtocol::RoundProtocol;
+
+  void sendArrival(
+      StoreConnection& connection,
+      int64_t sequence,
+      Clock::time_point deadline) override {
+    // torch's class announces the round it joins under `rank{r}` first; the
+    // value is what names a missing rank when a round times out. It leaves
+    // in the same send as the add.
+    writeRankKey(connection, sequence);
+    numMembersKey_.assign(prefix_).append(sequenceText_).append(
+        kNumMembersSuffix);
+    releaseKey_.assign(prefix_).append(sequenceText_).append(kLastMemberSuffix);
+    connection.sendAdd(numMembersKey_, 1, deadline);
+  }
+
+  bool arrivalAnswered(StoreConnection& connection, Clock::time_point until)
+      override {
+    return connection.replyReady(until);
+  }
+
+  Arrival finishArrival(StoreConnection& connection, Clock::time_point deadline)
+      override {
+    const int64_t order = connection.readAdd(deadline);
+    if (order >= worldSize_) {
+      // The last arriver releases the others and has nothing to wait for.
+      connection.set(releaseKey_, kReleasedValue);
+      connection.flush(deadline);
+      return {true, order};
+    }
+    connection.startWait(releaseKey_, deadline);
+    return {false, order};
+  }
+
+  std::vector<int64_t> missingRanks(
+      StoreConnection& connection,
+      int64_t sequence,
+      Clock::time_point deadline) override {
+    return ranksBehind(connection, sequence, deadline);
+  }
+
+  std::string releaseKey(int64_t sequence) const override {
+    return roundKey(sequence, kLastMemberSuffix);
+  }
+
+  void deleteRounds(
+      StoreConnection& connection,
+      int64_t newest,
+      int64_t count,
+      Clock::time_point deadline) override {
+    // A torch rank never takes its turn, so walk back past this batch until
+    // a round is found already deleted. Walkers that meet stop at each
+    // other's deletes; the one still deleting carries on down, so no round
+    // is skipped.
+    (void)count;
+    for (int64_t old = newest; old >= 0; --old) {
+      if (!connection.deleteKey(roundKey(old, kNumMembersSuffix), deadline)) {
+        return;
+      }
+      connection.deleteKey(roundKey(old, kLastMemberSuffix), deadline);
+    }
+  }
+};
+
+class ServerBarrierProtocol final : public RoundProtocol {
+ public:
+  using RoundProtocol::RoundProtocol;
+
+  void sendArrival(
+      StoreConnection& connection,
+      int64_t sequence,
+      Clock::time_point deadline) override {
+    appendSequence(sequence);
+    releaseKey_.assign(prefix_).append(sequenceText_).append(
+        kServerBarrierSuffix);
+    // The request is the arrival: the server answers it once the count is
+    // reached. The `rank{r}` key waits for noteSlowRound(), which halves the
+    // server's work in rounds that release at once.
+    connection.startServerBarrier(releaseKey_, worldSize_, deadline);
+  }
+
+  bool arrivalAnswered(StoreConnection&, Clock::time_point) override {
+    return true;
+  }
+
+  Arrival finishArrival(StoreConnection&, Clock::time_point) override {
+    return {false, 0};
+  }
+
+  void noteSlowRound(StoreConnection& connection, int64_t sequence) override {
+    writeRankKey(connection, sequence);
+  }
+
+  std::vector<int64_t> missingRanks(
+      StoreConnection& connection,
+      int64_t sequence,
+      Clock::time_point deadline) override {
+    // A rank writes its `rank{r}` key only once its round has been slow, so
+    // one that arrived just now may not have written it yet: the server's
+    // count says how many arrived, and the keys catch up within moments.
+    const std::vector<std::string> countKey{releaseKey(sequence)};
+    const auto arrived = [&] {
+      if (!connection.check(countKey, deadline)) {
+        return int64_t{0};
+      }
+      return parseDecimal(connection.multiGet(countKey, deadline).front())
+          .value_or(0);
+    };
+    auto missing = ranksBehind(connection, sequence, deadline);
+    const auto giveUp = std::min(
+        deadline, Clock::now() + std::chrono::milliseconds(300));
+    while (worldSize_ - static_cast<int64_t>(missing.size()) < arrived() &&
+           Clock::now() < giveUp) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      missing = ranksBehind(connection, sequence, deadline);
+    }
+    return missing;
+  }
+
+  std::string releaseKey(int64_t sequence) const override {
+    return roundKey(sequence, kServerBarrierSuffix);
+  }
+
+  void deleteRounds(
+      StoreConnection& connection,
+      int64_t newest,
+      int64_t count,
+      Clock::time_point deadline) override {
+    for (int64_t old = newest; old > newest - count && old >= 0; --old) {
+      connection.deleteKey(roundKey(old, kServerBarrierSuffix), deadline);
+    }
+  }
+
+ private:
+  void appendSequence(int64_t sequence) {
+    sequenceText_.clear();
+    appendDecimal(sequenceText_, sequence);
+  }
+};
+
+} // namespace
+
+void appendDecimal(std::string& out, int64_t value) {
+  char digits[24];
+  const auto result = std::to_chars(digits, digits + sizeof(digits), value);
+  out.append(digits, result.ptr);
+}
+
+std::optional<int64_t> parseDecimal(std::string_view text) {
+  int64_t value = 0;
+  const auto result =
+      std::from_chars(text.data(), text.data() + text.size(), value);
+  if (result.ec != std::errc() || result.ptr != text.data() + text.size()) {
+    return std::nullopt;
+  }
+  return value;
+}
+
+RoundProtocol::RoundProtocol(
+    int64_t rank,
+    int64_t worldSize,
+    std::string prefix)
+    : rank_(rank),
+      worldSize_(worldSize),
+      prefix_(std::move(prefix)),
+      rankKeySeen_(static_cast<std::size_t>(worldSize), false) {
+  rankKey_ = "rank";
+  appendDecimal(rankKey_, rank_);
+}
+
+void RoundProtocol::noteSlowRound(StoreConnection&, int64_t) {}
+
+bool RoundProtocol::watches(const Arrival& arrival) const {
+  // The first two arrivers wait the longest; ranks 0 and 1 stand in when
+  // the order is unknown (native) or those arrivers are torch's ranks.
+  return (arrival.order >= 1 && arrival.order <= 2) || rank_ < 2;
+}
+
+std::string RoundProtocol::roundKey(
+    int64_t sequence,
+    std::string_view suffix) const {
+  std::string key = prefix_;
+  appendDecimal(key, sequence);
+  key.append(suffix);
+  return key;
+}
+
+void RoundProtocol::writeRankKey(StoreConnection& connection, int64_t sequence) {
+  sequenceText_.clear();
+  appendDecimal(sequenceText_, sequence);
+  connection.set(rankKey_, sequenceText_);
+}
+
+std::vector<int64_t> RoundProtocol::ranksBehind(
+    StoreConnection& connection,
+    int64_t sequence,
+    Clock::time_point deadline) {
+  if (allRankKeys_.empty()) {
+    for (int64_t r = 0; r < worldSize_; ++r) {
+      allRankKeys_.push_back("rank" + std::to_string(r));
+    }
+  }
+  // Before every rank has entered some round, a rank without a key is
+  // missing; reading a missing key is an error on the legacy server.
+  std::vector<std::string> unseen;
+  std::vector<std::size_t> unseenRanks;
+  for (std::size_t r = 0; r < allRankKeys_.size(); ++r) {
+    if (!rankKeySeen_[r]) {
+      unseen.push_back(allRankKeys_[r]);
+      unseenRanks.push_back(r);
+    }
+  }
+  if (!unseen.empty()) {
+    const auto exists = connection.checkEach(unseen, deadline);
+    for (std::size_t i = 0; i < exists.size(); ++i) {
+      rankKeySeen_[unseenRanks[i]] = exists[i];
+    }
+  }
+  std::vector<std::string> keys;
+  std::vector<int64_t> keyRanks;
+  std::vector<int64_t> missing;
+  for (std::size_t r = 0; r < allRankKeys_.size(); ++r) {
+    if (rankKeySeen_[r]) {
+      keys.push_back(allRankKeys_[r]);
+      keyRanks.push_back(static_cast<int64_t>(r));
+    } else {
+      missing.push_back(static_cast<int64_t>(r));
+    }
+  }
+  const auto values = keys.empty() ? std::vector<std::string>{}
+                                   : connection.multiGet(keys, deadline);
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    const auto round = parseDecimal(values[i]);
+    if (!round || *round < sequence) {
+      missing.push_back(keyRanks[i]);
+    }
+  }
+  std::sort(missing.begin(), missing.end());
+  return missing;
+}
+
+std::unique_ptr<RoundProtocol> makeRoundProtocol(
+    Protocol protocol,
+    int64_t rank,
+    int64_t worldSize,
+    const std::string& prefix) {
+  if (protocol == Protocol::kNative) {
+    return std::make_unique<ServerBarrierProtocol>(rank, worldSize, prefix);
+  }
+  return std::make_unique<TorchKeysProtocol>(rank, worldSize, prefix);
+}
+
+} // namespace tcpstore_barrier

@@ -1,0 +1,100 @@
+// What each protocol (tcpstore_barrier::Protocol) knows: the keys of a round,
+// how a rank arrives, who watches its peers, how missing ranks are named and
+// which keys a finished round leaves. Nothing else branches on the protocol.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <tcpstore_barrier/tcpstore_barrier.h>
+
+#include "store_connection.h"
+
+namespace tcpstore_barrier {
+
+struct Arrival {
+  // This rank arrived last: the round is released and nothing is awaited.
+  bool released = false;
+  // This rank's place in the arrival order (1 = first), when known.
+  int64_t order = 0;
+};
+
+class RoundProtocol {
+ public:
+  RoundProtocol(int64_t rank, int64_t worldSize, std::string prefix);
+  virtual ~RoundProtocol() = default;
+
+  // Sends this rank's arrival at round `sequence`.
+  virtual void sendArrival(
+      StoreConnection& connection,
+      int64_t sequence,
+      Clock::time_point deadline) = 0;
+  // Whether the store's answer to the arrival is here (or none is due), so
+  // that finishArrival() will not block.
+  virtual bool arrivalAnswered(
+      StoreConnection& connection,
+      Clock::time_point until) = 0;
+  // Reads the store's answer and, unless the arrival released the round,
+  // starts the wait for the release on `connection`.
+  virtual Arrival finishArrival(
+      StoreConnection& connection,
+      Clock::time_point deadline) = 0;
+
+  // Called once a round has waited kSlowRound without releasing.
+  virtual void noteSlowRound(StoreConnection& connection, int64_t sequence);
+
+  // Whether a rank that entered a round so watches its peers' liveness: a
+  // few ranks per round do, so the store's load does not grow with them.
+  bool watches(const Arrival& arrival) const;
+
+  // The ranks that had not entered round `sequence`.
+  virtual std::vector<int64_t> missingRanks(
+      StoreConnection& connection,
+      int64_t sequence,
+      Clock::time_point deadline) = 0;
+
+  // The key whose setting releases round `sequence`, for messages.
+  virtual std::string releaseKey(int64_t sequence) const = 0;
+
+  // Deletes the keys of rounds `newest`, `newest`-1, ... (at least `count`
+  // of them, once every rank has left them).
+  virtual void deleteRounds(
+      StoreConnection& connection,
+      int64_t newest,
+      int64_t count,
+      Clock::time_point deadline) = 0;
+
+ protected:
+  // Ranks whose `rank{r}` key is missing or below `sequence`.
+  std::vector<int64_t> ranksBehind(
+      StoreConnection& connection,
+      int64_t sequence,
+      Clock::time_point deadline);
+  std::string roundKey(int64_t sequence, std::string_view suffix) const;
+  void writeRankKey(StoreConnection& connection, int64_t sequence);
+
+  int64_t rank_;
+  int64_t worldSize_;
+  std::string prefix_;
+  std::string rankKey_;
+  std::vector<std::string> allRankKeys_;
+  // Ranks whose key was seen once: `rank{r}` keys are never deleted.
+  std::vector<bool> rankKeySeen_;
+  std::string sequenceText_;
+  std::string numMembersKey_;
+  std::string releaseKey_;
+};
+
+std::unique_ptr<RoundProtocol> makeRoundProtocol(
+    Protocol protocol,
+    int64_t rank,
+    int64_t worldSize,
+    const std::string& prefix);
+
+// Decimal text of `value`, and its parse (nullopt unless all digits).
+void appendDecimal(std::string& out, int64_t value);
+std::optional<int64_t> parseDecimal(std::string_view text);
+
+} // namespace tcpstore_barrier

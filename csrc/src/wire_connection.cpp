@@ -1,0 +1,410 @@
+// TCPStore's wire protocol on a socket we own, with a deadline on every call.
+//
+// A request is a QueryType byte and its arguments (strings and byte values
+// as a native uint64 length then the bytes, numbers in native order); the
+// server answers requests in the order they come. Owning the socket is what
+// gives us reply deadlines, interruptible waits, no c10d warning per timed
+// out wait slice, and requests written together in one send.
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include <fmt/format.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "sockets.h"
+#include "store_connection.h"
+#include "torch_compat.h"
+
+namespace tcpstore_barrier {
+namespace {
+
+using c10d::detail::CheckResponseType;
+using c10d::detail::QueryType;
+using c10d::detail::WaitResponseType;
+
+// How often a blocked call stops to run the interrupt check.
+constexpr std::chrono::milliseconds kInterruptSlice{100};
+
+// c10d's client counts itself in this key, without its "/" key prefix.
+constexpr std::string_view kWorkerCountKey = "init/";
+
+int millisUntil(Clock::time_point until) {
+  const auto left =
+      std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now());
+  return static_cast<int>(std::clamp<int64_t>(left.count(), 0, 1 << 30));
+}
+
+class WireConnection final : public StoreConnection {
+ public:
+  WireConnection(
+      UniqueFd fd,
+      StoreAddress address,
+      std::function<void()> interruptCheck)
+      : fd_(std::move(fd)),
+        address_(std::move(address)),
+        description_(
+            fmt::format("the store at {}:{}", address_.host, address_.port)),
+        interruptCheck_(std::move(interruptCheck)) {}
+
+  void set(std::string_view key, std::string_view value) override {
+    begin(QueryType::SET);
+    appendKey(key);
+    appendString(value);
+  }
+
+  void flush(Clock::time_point deadline) override {
+    sendPending(deadline);
+  }
+
+  int64_t add(std::string_view key, int64_t delta, Clock::time_point deadline)
+      override {
+    begin(QueryType::ADD);
+    appendKey(key);
+    appendValue(delta);
+    sendPending(deadline);
+    return readValue<int64_t>(deadline);
+  }
+
+  void sendAdd(std::string_view key, int64_t delta, Clock::time_point deadline)
+      override {
+    begin(QueryType::ADD);
+    appendKey(key);
+    appendValue(delta);
+    sendPending(deadline);
+  }
+
+  bool replyReady(Clock::time_point until) override {
+    while (received_.size() == consumed_) {
+      pollfd pfd{fd_.get(), POLLIN, 0};
+      const int ready = ::poll(&pfd, 1, millisUntil(until));
+      if (ready == 0) {
+        return false;
+      }
+      if (ready > 0) {
+        receiveSome();
+      }
+    }
+    return true;
+  }
+
+  int64_t readAdd(Clock::time_point deadline) override {
+    return readValue<int64_t>(deadline);
+  }
+
+  bool check(const std::vector<std::string>& keys, Clock::time_point deadline)
+      override {
+    begin(QueryType::CHECK);
+    appendKeys(keys);
+    sendPending(deadline);
+    return readValue<CheckResponseType>(deadline) == CheckResponseType::READY;
+  }
+
+  std::vector<bool> checkEach(
+      const std::vector<std::string>& keys,
+      Clock::time_point deadline) override {
+    for (const auto& key : keys) {
+      begin(QueryType::CHECK);
+      appendValue<uint64_t>(1);
+      appendKey(key);
+    }
+    sendPending(deadline);
+    std::vector<bool> exists(keys.size());
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      exists[i] =
+          readValue<CheckResponseType>(deadline) == CheckResponseType::READY;
+    }
+    return exists;
+  }
+
+  std::vector<std::string> multiGet(
+      const std::vector<std::string>& keys,
+      Clock::time_point deadline) override {
+    begin(QueryType::MULTI_GET);
+    appendKeys(keys);
+    sendPending(deadline);
+    std::vector<std::string> values(keys.size());
+    for (auto& value : values) {
+      value = readString(deadline);
+    }
+    return values;
+  }
+
+  bool deleteKey(std::string_view key, Clock::time_point deadline) override {
+    begin(QueryType::DELETE_KEY);
+    appendKey(key);
+    sendPending(deadline);
+    return readValue<int64_t>(deadline) > 0;
+  }
+
+  std::string compareSet(
+      std::string_view key,
+      std::string_view expected,
+      std::string_view desired,
+      Clock::time_point deadline) override {
+    begin(QueryType::COMPARE_SET);
+    appendKey(key);
+    appendString(expected);
+    appendString(desired);
+    sendPending(deadline);
+    return readString(deadline);
+  }
+
+  void startWait(std::string_view key, Clock::time_point deadline) override {
+    begin(QueryType::WAIT);
+    appendValue<uint64_t>(1);
+    appendKey(key);
+    sendPending(deadline);
+    waiting_ = true;
+  }
+
+  void startServerBarrier(
+      std::string_view key,
+      int64_t worldSize,
+      Clock::time_point deadline) override {
+    begin(QueryType::BARRIER);
+    appendKey(key);
+    appendValue(worldSize);
+    sendPending(deadline);
+    waiting_ = true;
+  }
+
+  bool awaitRelease(Clock::time_point until, int alarmFd) override {
+    for (;;) {
+      if (received_.size() > consumed_) {
+        const auto reply = readValue<WaitResponseType>(until);
+        if (reply != WaitResponseType::STOP_WAITING) {
+          fail("answered a wait with an unexpected reply", false);
+        }
+        waiting_ = false;
+        return true;
+      }
+      pollfd fds[2] = {{fd_.get(), POLLIN, 0}, {alarmFd, POLLIN, 0}};
+      const int ready = ::poll(fds, alarmFd >= 0 ? 2 : 1, millisUntil(until));
+      if (ready < 0 && errno != EINTR) {
+        fail(std::strerror(errno), false);
+      }
+      if (alarmFd >= 0 && (fds[1].revents & POLLIN) != 0) {
+        return false;
+      }
+      if (ready > 0 && fds[0].revents != 0) {
+        receiveSome();
+      } else if (Clock::now() >= until) {
+        return false;
+      }
+    }
+  }
+
+  void abort() noexcept override {
+    ::shutdown(fd_.get(), SHUT_RDWR);
+  }
+
+  const std::string& describe() const override {
+    return description_;
+  }
+
+  // c10d's handshake: the magic number, then a ping that proves the server
+  // answers.
+  void validate(Clock::time_point deadline) {
+    begin(QueryType::VALIDATE);
+    appendValue(c10d::detail::validationMagicNumber);
+    const uint32_t nonce = static_cast<uint32_t>(::getpid());
+    begin(QueryType::PING);
+    appendValue(nonce);
+    sendPending(deadline);
+    if (readValue<uint32_t>(deadline) != nonce) {
+      fail("answered the handshake with a wrong nonce", false);
+    }
+  }
+
+  void countWorker(Clock::time_point deadline) {
+    begin(QueryType::ADD);
+    appendString(kWorkerCountKey);
+    appendValue<int64_t>(1);
+    sendPending(deadline);
+    readValue<int64_t>(deadline);
+  }
+
+ private:
+  void begin(QueryType query) {
+    if (!failure_.empty()) {
+      throw StoreUnavailable(failure_, failureSilent_);
+    }
+    pending_.push_back(static_cast<char>(query));
+  }
+
+  template <typename T>
+  void appendValue(T value) {
+    pending_.append(reinterpret_cast<const char*>(&value), sizeof(T));
+  }
+
+  void appendString(std::string_view bytes) {
+    appendValue<uint64_t>(bytes.size());
+    pending_.append(bytes);
+  }
+
+  void appendKey(std::string_view key) {
+    appendValue<uint64_t>(address_.keyPrefix.size() + key.size());
+    pending_.append(address_.keyPrefix);
+    pending_.append(key);
+  }
+
+  void appendKeys(const std::vector<std::string>& keys) {
+    appendValue<uint64_t>(keys.size());
+    for (const auto& key : keys) {
+      appendKey(key);
+    }
+  }
+
+  [[noreturn]] void fail(const std::string& why, bool silent) {
+    failure_ = fmt::format("{} {}", description_, why);
+    failureSilent_ = silent;
+    throw StoreUnavailable(failure_, silent);
+  }
+
+  // Blocks until `events` on the socket, or fails as silent at `deadline`,
+  // running the interrupt check between slices.
+  void awaitSocket(short events, Clock::time_point deadline) {
+    for (;;) {
+      const auto now = Clock::now();
+      if (now >= deadline) {
+        fail(
+            events == POLLOUT ? "stopped taking requests before the deadline"
+                              : "stopped answering before the deadline",
+            true);
+      }
+      auto until = deadline;
+      if (interruptCheck_) {
+        until = std::min(until, now + kInterruptSlice);
+      }
+      pollfd pfd{fd_.get(), events, 0};
+      const int ready = ::poll(&pfd, 1, millisUntil(until));
+      if (ready > 0) {
+        return;
+      }
+      if (ready < 0 && errno != EINTR) {
+        fail(std::strerror(errno), false);
+      }
+      if (interruptCheck_ && Clock::now() < deadline) {
+        interruptCheck_();
+      }
+    }
+  }
+
+  void sendPending(Clock::time_point deadline) {
+    std::size_t sent = 0;
+    while (sent < pending_.size()) {
+      const ssize_t n = ::send(
+          fd_.get(),
+          pending_.data() + sent,
+          pending_.size() - sent,
+          MSG_NOSIGNAL);
+      if (n >= 0) {
+        sent += static_cast<std::size_t>(n);
+      } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        awaitSocket(POLLOUT, deadline);
+      } else if (errno != EINTR) {
+        fail(fmt::format("is gone ({})", std::strerror(errno)), false);
+      }
+    }
+    pending_.clear();
+  }
+
+  void receiveSome() {
+    if (consumed_ == received_.size()) {
+      received_.clear();
+      consumed_ = 0;
+    }
+    char chunk[4096];
+    const ssize_t n = ::recv(fd_.get(), chunk, sizeof(chunk), 0);
+    if (n > 0) {
+      received_.append(chunk, static_cast<std::size_t>(n));
+    } else if (n == 0) {
+      fail("is gone (it closed the connection)", false);
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+      fail(fmt::format("is gone ({})", std::strerror(errno)), false);
+    }
+  }
+
+  void readExact(char* out, std::size_t size, Clock::time_point deadline) {
+    while (received_.size() - consumed_ < size) {
+      awaitSocket(POLLIN, deadline);
+      receiveSome();
+    }
+    std::memcpy(out, received_.data() + consumed_, size);
+    consumed_ += size;
+  }
+
+  template <typename T>
+  T readValue(Clock::time_point deadline) {
+    T value;
+    readExact(reinterpret_cast<char*>(&value), sizeof(T), deadline);
+    return value;
+  }
+
+  std::string readString(Clock::time_point deadline) {
+    const auto size = readValue<uint64_t>(deadline);
+    std::string bytes(size, '\0');
+    readExact(bytes.data(), size, deadline);
+    return bytes;
+  }
+
+  UniqueFd fd_;
+  StoreAddress address_;
+  std::string description_;
+  std::function<void()> interruptCheck_;
+  std::string pending_;
+  std::string received_;
+  std::size_t consumed_ = 0;
+  bool waiting_ = false;
+  std::string failure_;
+  bool failureSilent_ = false;
+};
+
+// Reads PrefixStore's prefix, which it keeps to itself.
+struct PrefixOf : c10d::PrefixStore {
+  static const std::string& of(const c10d::PrefixStore& store) {
+    return store.*(&PrefixOf::prefix_);
+  }
+};
+
+} // namespace
+
+std::unique_ptr<StoreConnection> openWireConnection(
+    const StoreAddress& address,
+    Clock::time_point deadline,
+    std::function<void()> interruptCheck) {
+  UniqueFd fd = connectSocket(address.host, address.port, deadline);
+  tuneStoreSocket(fd.get(), std::chrono::seconds(10));
+  auto connection = std::make_unique<WireConnection>(
+      std::move(fd), address, std::move(interruptCheck));
+  connection->validate(deadline);
+  return connection;
+}
+
+void registerWorker(StoreConnection& connection, Clock::time_point deadline) {
+  dynamic_cast<WireConnection&>(connection).countWorker(deadline);
+}
+
+std::optional<StoreAddress> wireAddressOf(const c10d::Store& store) {
+  // PrefixStore joins its prefix and the key with a "/".
+  std::string prefixes;
+  const c10d::Store* inner = &store;
+  while (const auto* prefixed = dynamic_cast<const c10d::PrefixStore*>(inner)) {
+    prefixes += PrefixOf::of(*prefixed) + "/";
+    inner = const_cast<c10d::PrefixStore*>(prefixed)->getUnderlyingStore().get();
+  }
+  const auto* tcp = dynamic_cast<const c10d::TCPStore*>(inner);
+  if (tcp == nullptr) {
+    return std::nullopt;
+  }
+  return StoreAddress{tcp->getHost(), tcp->getPort(), "/" + prefixes};
+}
+
+} // namespace tcpstore_barrier

@@ -1,0 +1,54 @@
+// A background thread that runs posted jobs in order, and a periodic tick
+// between them. It knows nothing of barriers: liveness gives it the tick,
+// housekeeping and timeout diagnosis give it jobs.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+namespace tcpstore_barrier {
+
+class Worker {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  // `tick` (if set) runs every `interval`; `interrupt` is called from the
+  // destructor to cut short whatever the thread is blocked in.
+  Worker(
+      std::chrono::milliseconds interval,
+      std::function<void()> tick,
+      std::function<void()> interrupt);
+  ~Worker();
+
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  void post(std::function<void()> job);
+
+  // Jobs posted and not yet finished.
+  std::size_t backlog() const;
+
+  // Runs `job` on the thread; false if it had not finished by `deadline`
+  // (it then still runs, and must own what it uses).
+  bool runBefore(std::function<void()> job, Clock::time_point deadline);
+
+ private:
+  void run();
+
+  std::chrono::milliseconds interval_;
+  std::function<void()> tick_;
+  std::function<void()> interrupt_;
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<std::function<void()>> jobs_;
+  std::size_t running_ = 0;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+} // namespace tcpstore_barrier
