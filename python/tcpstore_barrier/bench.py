@@ -1,4 +1,5 @@
-"""``python -m tcpstore_barrier bench``: our barrier against torch's, A/B.
+"""``python -m tcpstore_barrier bench``: our barrier against a C++ reference
+loop and torch's class, interleaved in one run.
 
 The pieces live in :mod:`tcpstore_barrier._bench`; this module runs them in
 order: parse, launch each world size, summarize, print, save.
@@ -8,155 +9,122 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
 
-from ._bench import report
-from ._bench.config import (
-    BenchConfig,
-    ConfigError,
-    add_bench_arguments,
-    config_from_args,
-    cpu_for_rank,
-)
-from ._bench.launch import BenchError, pick_free_ports, run_world
-from ._bench.plot import PlotUnavailable, plot_latency, require_matplotlib
-from ._bench.progress import Progress
-from ._bench.rank import RankPlan, calibrate_work_loops
-from ._bench.results import SplitSummary, WorldSummary, summarize_split, summarize_world
-from ._bench.schedule import Block, ab_schedule, split_schedule
+from ._bench import results
+from ._bench.cli import BenchConfig, ConfigError, add_bench_arguments, config_from_args
+from ._bench.launch import BenchError, pick_free_ports, run_jobs
+from ._bench.rank import RankPlan, calibrate_work_loops, process_main, rank_groups, threads_main
 
-__all__ = [
-    "BenchConfig",
-    "BenchError",
-    "WorldRun",
-    "add_bench_arguments",
-    "main",
-    "run_bench",
-]
-
-#: One world size's summary, schedule and per-rank raw figures.
-WorldRun = tuple[WorldSummary | SplitSummary, list[Block], list[dict[str, Any]]]
-
-# Longest that rank 0's store waits for the other ranks to connect: a minute,
-# and more for worlds so large that connecting them all takes a while.
-_MAX_INIT_SECS = 60.0
-_INIT_SECS_PER_RANK = 0.1
+__all__ = ["BenchConfig", "BenchError", "add_bench_arguments", "main", "run_bench"]
 
 
-def init_timeout_secs(world_size: int, remaining_secs: float) -> float:
-    """How long construction may wait for ``world_size`` ranks."""
-    wanted = max(_MAX_INIT_SECS, _INIT_SECS_PER_RANK * world_size)
-    return min(wanted, remaining_secs)
+class Progress:
+    """Finished blocks out of ``total`` on stderr: a line redrawn in place on
+    a terminal; elsewhere (CI logs) silent for 2 s, then a line per block."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def show(self, label: str, advance: bool = False) -> None:
+        self.done += advance
+        bar = "#" * (24 * self.done // self.total)
+        line = f"[{bar:.<24}] {self.done}/{self.total} {label}"
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + line)
+        elif advance and time.monotonic() - self.started >= 2:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K")
 
 
-def schedule_for(config: BenchConfig) -> list[Block]:
-    """The blocks every world size of ``config`` runs."""
+def blocks_of(config: BenchConfig) -> list[results.Block]:
+    """The schedule every world size of ``config`` runs."""
     if config.split_phase:
-        return split_schedule(config.rounds, config.include_torch)
-    return ab_schedule(config.rounds, config.include_torch)
+        kinds = [k for k in results.SPLIT_KINDS if k != "torch_serial" or config.include_torch]
+        return results.schedule(kinds, config.rounds, first="work")
+    return results.schedule(config.contenders, config.rounds, last="floor")
 
 
-def _plan(
-    config: BenchConfig,
-    world_size: int,
-    schedule: list[Block],
-    cpus: list[int],
-    remaining_secs: float,
-    work_loops: int = 0,
-) -> RankPlan:
-    ports = pick_free_ports(2 if config.include_torch else 1)
-    return RankPlan(
-        world_size=world_size,
-        ours_port=ports[0],
-        torch_port=ports[1] if config.include_torch else None,
-        use_libuv=config.use_libuv,
-        protocol=config.protocol,
-        iters=config.iters,
-        warmup=config.warmup,
-        schedule=tuple(schedule),
-        cpus=tuple(cpu_for_rank(world_size, cpus, config.pin)),
-        busy_thread=config.busy_thread,
-        timeout_secs=remaining_secs,
-        init_timeout_secs=init_timeout_secs(world_size, remaining_secs),
-        deadline_unix=time.time() + remaining_secs,
-        work_loops=work_loops,
-    )
+def run_world(config: BenchConfig, world_size: int, deadline: float, work_loops: int,
+              progress: Progress) -> tuple[Any, list[results.Block], list[Any]]:  # fmt: skip
+    """Run every rank of one world size; its summary, schedule and figures."""
+    plan_blocks = blocks_of(config)
+    # Split phase needs ours and torch's class only.
+    contenders = (("ours", "torch") if config.include_torch else ("ours",)) \
+        if config.split_phase else config.contenders
+    remaining = deadline - time.monotonic()
+    plan = RankPlan(
+        world_size=world_size, contenders=contenders,
+        ports=tuple(pick_free_ports(len(contenders))), use_libuv=config.backend == "libuv",
+        protocol=config.protocol, peer_timeout=config.peer_timeout,
+        schedule=tuple(plan_blocks), iters=config.iters, warmup=config.warmup,
+        busy_thread=config.busy_thread, timeout_secs=remaining,
+        # A minute to connect, more for worlds so large that it takes longer.
+        init_timeout_secs=min(max(60.0, 0.1 * world_size), remaining),
+        deadline_unix=time.time() + remaining, work_loops=work_loops,
+    )  # fmt: skip
+    if config.ranks == "processes":
+        jobs = [(f"bench-rank{r}", process_main, (r, plan)) for r in range(world_size)]
+    else:
+        jobs = [(f"bench-ranks{g[0]}-{g[-1]}", threads_main, (g, plan))
+                for g in rank_groups(world_size, config.processes)]  # fmt: skip
 
-
-def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[WorldRun]:
-    """Run every world size of ``config`` in turn; raise BenchError on failure."""
-    schedule = schedule_for(config)
-    progress = progress or Progress(len(schedule) * len(config.world_sizes))
-    cpus = sorted(os.sched_getaffinity(0))
-    deadline = time.monotonic() + config.timeout_secs
-    # Calibrated here, before any rank or busy thread runs, and the same for
-    # every rank and world size.
-    work_loops = calibrate_work_loops(config.work_us) if config.split_phase else 0
-    runs: list[WorldRun] = []
-    for world_size in config.world_sizes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise BenchError(f"--timeout ran out before world size {world_size}")
-        plan = _plan(config, world_size, schedule, cpus, remaining, work_loops)
-
-        def on_progress(index: int, world_size: int = world_size) -> None:
-            if index < 0:
-                progress.show(f"world size {world_size}: ranks ready")
-                return
-            block = schedule[index]
-            progress.advance(
-                f"world size {world_size}: round {block.round + 1}/{config.rounds} "
-                f"{block.kind}"
-            )
-
-        progress.show(f"world size {world_size}: starting ranks")
-        figures = run_world(
-            plan, config.ranks, deadline, on_progress, config.processes
-        )
-        summary: WorldSummary | SplitSummary
-        if config.split_phase:
-            summary = summarize_split(world_size, schedule, figures, config.iters)
+    def on_progress(index: int) -> None:
+        if index < 0:
+            progress.show(f"world size {world_size}: ranks ready")
         else:
-            summary = summarize_world(
-                world_size, schedule, figures, config.iters, config.protocol
-            )
-        runs.append((summary, schedule, figures))
+            block = plan_blocks[index]
+            progress.show(f"world size {world_size}: round {block.round + 1}/"
+                          f"{config.rounds} {block.kind}", advance=True)  # fmt: skip
+
+    progress.show(f"world size {world_size}: starting ranks")
+    by_rank = run_jobs(jobs, set(range(world_size)), deadline,
+                       f"world size {world_size}: ranks", on_progress)  # fmt: skip
+    figures = [by_rank[r] for r in range(world_size)]
+    if config.split_phase:
+        summary = results.summarize_split(world_size, plan_blocks, figures, config.iters)
+    else:
+        summary = results.summarize_world(world_size, plan_blocks, figures,
+                                          config.contenders, config.iters)  # fmt: skip
+    return summary, plan_blocks, figures
+
+
+def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[tuple]:
+    """Run every world size of ``config`` in turn; raise BenchError on failure."""
+    progress = progress or Progress(len(blocks_of(config)) * len(config.world_sizes))
+    deadline = time.monotonic() + config.timeout_secs
+    # Calibrated before any rank or busy thread runs; the same for all.
+    work_loops = calibrate_work_loops(config.work_us) if config.split_phase else 0
+    runs = []
+    for world_size in config.world_sizes:
+        if deadline <= time.monotonic():
+            raise BenchError(f"--timeout ran out before world size {world_size}")
+        runs.append(run_world(config, world_size, deadline, work_loops, progress))
     progress.close()
     return runs
-
-
-def format_report(summaries: list[WorldSummary | SplitSummary]) -> str:
-    """The table(s) printed after a run."""
-    split = [s for s in summaries if isinstance(s, SplitSummary)]
-    if split:
-        return report.format_split_table(split)
-    worlds = [s for s in summaries if isinstance(s, WorldSummary)]
-    text = report.format_table(worlds)
-    if report.has_costs(worlds):
-        legend = "\n".join(report.COST_LEGEND)
-        text += "\n\n" + legend + "\n\n" + report.format_cost_table(worlds)
-    return text
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the ``bench`` subcommand parsed into ``args``; return the exit code."""
     try:
         config = config_from_args(args)
+        if config.plot_path is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ConfigError("--plot needs matplotlib, which is not installed: "
+                                  "pip install 'tcpstore-barrier[plot]'") from None  # fmt: skip
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if config.plot_path is not None:
-        try:
-            require_matplotlib()
-        except PlotUnavailable as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    cpus = sorted(os.sched_getaffinity(0))
-    blocks_per_world = len(schedule_for(config))
-    progress = Progress(blocks_per_world * len(config.world_sizes))
+    progress = Progress(len(blocks_of(config)) * len(config.world_sizes))
     try:
         runs = run_bench(config, progress)
     except BenchError as e:
@@ -164,22 +132,24 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        # run_world has killed the ranks on the way out.
+        # run_jobs has killed the ranks on the way out.
         progress.close()
         print("interrupted", file=sys.stderr)
         return 130
-    print("\n".join(report.describe_run(config, cpus)))
-    print()
+    run_versions = results.versions()
     summaries = [summary for summary, _, _ in runs]
-    print(format_report(summaries))
+    print(results.describe_run(config, run_versions), end="\n\n")
+    if config.split_phase:
+        print(results.format_split_table(summaries))
+    else:
+        print(results.format_table(summaries, config.contenders))
     if config.json_path is not None:
-        document = report.build_document(config, report.versions(), cpus, runs)
         with open(config.json_path, "w") as f:
-            json.dump(document, f)
+            json.dump(results.build_document(config, run_versions, runs), f)
         print(f"\nwrote {config.json_path}")
     if config.plot_path is not None:
-        plot_latency(
-            [s for s in summaries if isinstance(s, WorldSummary)], config.plot_path
-        )
+        title = (f"{config.ranks}, torch {run_versions['torch']}, "
+                 f"median (solid) and p99 (dashed)")  # fmt: skip
+        results.plot_latency(summaries, config.contenders, config.plot_path, title)
         print(f"wrote {config.plot_path}")
     return 0

@@ -15,11 +15,9 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from statistics import median
 
-from .argtypes import _positive_int, describe
-from .stats import median
-
-DESCRIPTION = __doc__.split("\n", 1)[1].strip() if __doc__ else ""
+from .cli import _positive_int, describe
 
 # Prints the two durations in seconds, torch's first.
 _TIMING_SCRIPT = """\
@@ -28,110 +26,67 @@ start = time.perf_counter()
 import torch
 middle = time.perf_counter()
 import tcpstore_barrier
-end = time.perf_counter()
-print(middle - start, end - middle)
+print(middle - start, time.perf_counter() - middle)
 """
-
-_IMPORTTIME_SCRIPT = "import torch; import tcpstore_barrier"
 
 
 @dataclass(frozen=True)
 class ImportTiming:
-    """Seconds of each run, and the modules that took longest (us, self)."""
+    """Seconds of each run, and the modules that took longest after torch:
+    (module, self us, cumulative us)."""
 
     torch_secs: list[float]
     package_secs: list[float]
     slowest: list[tuple[str, int, int]]
 
-    @property
-    def package_median_ms(self) -> float:
-        return median(self.package_secs) * 1000
-
-    @property
-    def torch_median_ms(self) -> float:
-        return median(self.torch_secs) * 1000
-
-
-def parse_timing(stdout: str) -> tuple[float, float]:
-    """``(torch_secs, package_secs)`` from the timing script's output."""
-    fields = stdout.split()
-    if len(fields) != 2:
-        raise ValueError(f"unexpected timing output: {stdout!r}")
-    return float(fields[0]), float(fields[1])
-
 
 def parse_importtime(stderr: str, after: str = "torch") -> list[tuple[str, int, int]]:
     """``(module, self_us, cumulative_us)`` of every module ``-X importtime``
     reports after the top-level import of ``after`` has finished."""
-    modules: list[tuple[str, int, int]] = []
-    seen_after = False
+    modules, seen_after = [], False
     for line in stderr.splitlines():
-        if not line.startswith("import time:"):
-            continue
-        parts = line[len("import time:") :].split("|")
-        if len(parts) != 3:
-            continue
-        self_text, cumulative_text, name = parts
-        try:
-            self_us, cumulative_us = int(self_text), int(cumulative_text)
-        except ValueError:
-            continue  # the header line
-        # Top-level imports have no indentation beyond the one space.
-        module = name.strip()
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) != 3 or not parts[0].strip().isdigit():
+            continue  # not a timing, or the header
         if seen_after:
-            modules.append((module, self_us, cumulative_us))
-        elif module == after and name == " " + after:
-            seen_after = True
+            modules.append((parts[2].strip(), int(parts[0]), int(parts[1])))
+        # Top-level imports have no indentation beyond the one space.
+        seen_after = seen_after or parts[2] == " " + after
     return modules
 
 
-def time_imports(runs: int, python: str = sys.executable) -> ImportTiming:
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                          timeout=300, check=True)  # fmt: skip
+
+
+def time_imports(runs: int) -> ImportTiming:
     """Time ``runs`` fresh imports, plus one ``-X importtime`` breakdown."""
-    torch_secs, package_secs = [], []
-    for _ in range(runs):
-        result = subprocess.run(
-            [python, "-c", _TIMING_SCRIPT],
-            capture_output=True, text=True, timeout=300, check=True,
-        )  # fmt: skip
-        torch_s, package_s = parse_timing(result.stdout)
-        torch_secs.append(torch_s)
-        package_secs.append(package_s)
-    breakdown = subprocess.run(
-        [python, "-X", "importtime", "-c", _IMPORTTIME_SCRIPT],
-        capture_output=True, text=True, timeout=300, check=True,
-    )  # fmt: skip
-    modules = parse_importtime(breakdown.stderr)
-    slowest = sorted(modules, key=lambda m: m[1], reverse=True)[:8]
-    return ImportTiming(torch_secs, package_secs, slowest)
+    timings = [tuple(map(float, _run("-c", _TIMING_SCRIPT).stdout.split())) for _ in range(runs)]
+    breakdown = _run("-X", "importtime", "-c", "import torch; import tcpstore_barrier")
+    slowest = sorted(parse_importtime(breakdown.stderr), key=lambda m: m[1], reverse=True)
+    return ImportTiming([t[0] for t in timings], [t[1] for t in timings], slowest[:8])
 
 
 def format_timing(timing: ImportTiming) -> str:
-    runs = len(timing.package_secs)
+    ms = [s * 1000 for s in timing.package_secs]
     lines = [
-        f"import tcpstore_barrier after import torch: median "
-        f"{timing.package_median_ms:.1f} ms of {runs} fresh runs "
-        f"(min {min(timing.package_secs) * 1000:.1f}, max "
-        f"{max(timing.package_secs) * 1000:.1f})",
-        f"import torch alone: median {timing.torch_median_ms:.1f} ms",
+        f"import tcpstore_barrier after import torch: median {median(ms):.1f} ms of "
+        f"{len(ms)} fresh runs (min {min(ms):.1f}, max {max(ms):.1f})",
+        f"import torch alone: median {median(timing.torch_secs) * 1000:.1f} ms",
         "",
-        "slowest modules of one -X importtime run after torch (self us, "
-        "cumulative us):",
+        "slowest modules of one -X importtime run after torch (self us, cumulative us):",
     ]
-    for module, self_us, cumulative_us in timing.slowest:
-        lines.append(f"  {self_us:>8}  {cumulative_us:>8}  {module}")
+    lines += [f"  {s:>8}  {c:>8}  {module}" for module, s, c in timing.slowest]
     return "\n".join(lines)
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench-import`` options and description."""
-    describe(parser, DESCRIPTION)
-    parser.add_argument(
-        "--runs", type=_positive_int, default=5,
-        help="fresh interpreters to time (default: 5)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--json", dest="json_path", metavar="FILE", help="write every timing here"
-    )
+    describe(parser, __doc__.split("\n", 1)[1].strip())
+    parser.add_argument("--runs", type=_positive_int, default=5,
+                        help="fresh interpreters to time (default: 5)")  # fmt: skip
+    parser.add_argument("--json", dest="json_path", metavar="FILE", help="write every timing here")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -142,15 +97,14 @@ def main(args: argparse.Namespace) -> int:
         detail = getattr(e, "stderr", "") or ""
         print(f"error: timing the import failed: {e}\n{detail}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(format_timing(timing))
     if args.json_path is not None:
-        document = {
-            **asdict(timing),
-            "package_median_ms": timing.package_median_ms,
-            "torch_median_ms": timing.torch_median_ms,
-        }
         with open(args.json_path, "w") as f:
-            json.dump(document, f)
+            json.dump({**asdict(timing),
+                       "package_median_ms": median(timing.package_secs) * 1000,
+                       "torch_median_ms": median(timing.torch_secs) * 1000}, f)  # fmt: skip
         print(f"\nwrote {args.json_path}")
     return 0
-

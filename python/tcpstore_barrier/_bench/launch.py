@@ -1,24 +1,23 @@
-"""Starting the ranks of one world size and collecting what they send."""
+"""The one way every bench command starts its processes and collects what
+they send: forkserver processes, an event queue, a deadline, and a ``done``
+event that tells them every figure is in."""
 
 from __future__ import annotations
 
 import multiprocessing
 import queue as queue_module
-import resource
 import socket
 import time
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable
 from typing import Any
 
-from . import rank as rank_module
-from .config import RanksMode
-from .rank import LOOPBACK, RankPlan, fds_needed, rank_groups
+LOOPBACK = "127.0.0.1"
 
-_PRELOAD = ["tcpstore_barrier", "tcpstore_barrier._bench.rank"]
-
-# How often the collector looks up from an empty queue to check deadlines
-# and whether the ranks are still alive.
-_POLL_SECS = 0.2
+#: A process to start: a name, its target, and its arguments (the event
+#: queue and ``done`` are appended), or a function of the pids of the
+#: processes started before it.
+Job = tuple[str, Callable[..., None], "tuple[Any, ...] | Callable[[dict[str, int]], tuple]"]
 
 
 class BenchError(RuntimeError):
@@ -27,11 +26,9 @@ class BenchError(RuntimeError):
 
 def pick_free_ports(count: int) -> list[int]:
     """``count`` distinct loopback ports that were free a moment ago."""
-    sockets = []
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(s)
+        for s in sockets:
             s.bind((LOOPBACK, 0))
         return [s.getsockname()[1] for s in sockets]
     finally:
@@ -39,143 +36,87 @@ def pick_free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _context() -> Any:
+def report(name: Any, events: Any, body: Callable[[], Any]) -> None:
+    """Run ``body`` in a bench process and send its figures, or its error,
+    which the parent raises as a BenchError. None: nothing to send."""
+    try:
+        figures = body()
+        if figures is not None:
+            events.put(("result", name, figures))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        events.put(("error", name, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run_jobs(
+    jobs: list[Job],
+    expected: set[Any],
+    deadline: float,
+    what: str,
+    on_progress: Callable[[Any], None] = lambda _: None,
+) -> dict[Any, Any]:
+    """Start ``jobs``, return the figures of every name in ``expected``.
+
+    ``deadline`` is a time.monotonic() value; ``what`` names the run in
+    errors. Every process started here is gone when this returns or raises.
+    """
     context = multiprocessing.get_context("forkserver")
     # Importing torch takes a second or two; the forkserver pays it once.
-    context.set_forkserver_preload(_PRELOAD)
-    return context
-
-
-def check_fd_limit(plan: RankPlan, groups: list[tuple[int, ...]]) -> None:
-    """Raise BenchError if the process hosting the stores cannot have enough
-    file descriptors even at the hard limit (the ranks raise the soft one)."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        return
-    host = next(g for g in groups if 0 in g)
-    needed = fds_needed(len(host), plan.world_size, True, plan.torch_port is not None)
-    if needed > hard:
-        raise BenchError(
-            f"world size {plan.world_size}: the process of rank 0 needs about "
-            f"{needed} file descriptors, over the hard limit of {hard} "
-            "(ulimit -Hn); use more --processes, --no-torch or a smaller world"
-        )
-
-
-def run_world(
-    plan: RankPlan,
-    ranks: RanksMode,
-    deadline: float,
-    on_progress: Callable[[int], None],
-    processes: int = 1,
-) -> list[dict[str, Any]]:
-    """Run every rank of ``plan`` and return their figures, indexed by rank.
-
-    ``deadline`` is a time.monotonic() value; ``on_progress`` receives the
-    index of each block rank 0 finishes (-1 once the barriers exist). With
-    ranks as threads, they are spread over at most ``processes`` processes.
-    Every process started here is gone when this returns or raises.
-    """
-    if ranks == "processes":
-        groups = [(rank,) for rank in range(plan.world_size)]
-    else:
-        groups = rank_groups(plan.world_size, processes)
-    check_fd_limit(plan, groups)
-    context = _context()
-    events = context.Queue()
-    if ranks == "processes":
-        jobs = [
-            (rank_module.process_main, (rank, plan, events), f"bench-rank{rank}")
-            for rank in range(plan.world_size)
-        ]
-    else:
-        jobs = [
-            (rank_module.threads_main, (plan, events, group),
-             f"bench-ranks{group[0]}-{group[-1]}")
-            for group in groups
-        ]  # fmt: skip
-    workers = [
-        context.Process(target=target, args=args, name=name, daemon=True)
-        for target, args, name in jobs
-    ]
+    context.set_forkserver_preload(["tcpstore_barrier", "tcpstore_barrier._bench.rank"])
+    events, done = context.Queue(), context.Event()
+    processes: list[Any] = []
     try:
-        for process in workers:
+        pids: dict[str, int] = {}
+        for name, target, args in jobs:
+            args = args(pids) if callable(args) else args
+            process = context.Process(
+                target=target, args=(*args, events, done), name=name, daemon=True
+            )
+            processes.append(process)
             process.start()
-        figures = _collect(events, plan.world_size, workers, deadline, on_progress)
+            pids[name] = process.pid
+        results = _collect(events, expected, processes, deadline, what, on_progress)
     except BaseException:
-        stop_processes(workers, grace_secs=0)
+        done.set()
+        _stop(processes, grace_secs=0)
         raise
     else:
-        stop_processes(workers, grace_secs=5)
+        # Ranks keep their stores up until every figure is in, then exit.
+        done.set()
+        _stop(processes, grace_secs=max(0.1, min(10.0, deadline - time.monotonic())))
     finally:
         events.close()
-    return figures
+    return results
 
 
-def receive_events(
-    events: Any,
-    processes: list[Any],
-    deadline: float,
-    finished: Callable[[], bool],
-    missing: Callable[[], str],
-) -> Iterator[tuple[str, Any, Any]]:
-    """Yield each ``(kind, sender, value)`` event until ``finished()``.
-
-    Raises BenchError once ``deadline`` (time.monotonic()) passes, or once
-    every process has exited with events still wanted; the message starts
-    with ``missing()``, which says who has not reported.
-    """
-    all_gone_since: float | None = None
-    while not finished():
+def _collect(events, expected, processes, deadline, what, on_progress) -> dict:
+    results: dict[Any, Any] = {}
+    all_gone = False
+    while missing := sorted(expected - results.keys()):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise BenchError(f"{missing()} overran --timeout")
+            raise BenchError(f"{what}: {missing} overran --timeout")
         try:
-            event = events.get(timeout=min(remaining, _POLL_SECS))
+            kind, name, value = events.get(timeout=min(remaining, 0.2))
         except queue_module.Empty:
             if any(p.is_alive() for p in processes):
                 continue
-            # A process that put its last figures and exited may still have
-            # them in the pipe; give them one more poll before giving up.
-            if all_gone_since is None:
-                all_gone_since = time.monotonic()
-                continue
-            codes = [p.exitcode for p in processes]
-            raise BenchError(
-                f"{missing()} exited without reporting (exit codes {codes})"
-            ) from None
-        yield event
-
-
-def _collect(
-    events: Any,
-    world_size: int,
-    processes: list[Any],
-    deadline: float,
-    on_progress: Callable[[int], None],
-) -> list[dict[str, Any]]:
-    results: dict[int, dict[str, Any]] = {}
-
-    def missing() -> str:
-        ranks = sorted(set(range(world_size)) - set(results))
-        return f"world size {world_size}: ranks {ranks}"
-
-    for kind, rank, value in receive_events(
-        events, processes, deadline, lambda: len(results) >= world_size, missing
-    ):
+            # Exited processes may still have figures in the pipe: one more poll.
+            if all_gone:
+                codes = [p.exitcode for p in processes]
+                raise BenchError(f"{what}: {missing} exited without reporting "
+                                 f"(exit codes {codes})") from None  # fmt: skip
+            all_gone = True
+            continue
+        if kind == "error":
+            raise BenchError(f"{what}: {name} failed:\n{value}")
         if kind == "progress":
             on_progress(value)
-        elif kind == "result":
-            results[rank] = value
         else:
-            raise BenchError(f"world size {world_size}: rank {rank} failed:\n{value}")
-    return [results[r] for r in range(world_size)]
+            results[name] = value
+    return results
 
 
-def stop_processes(processes: list[Any], grace_secs: float) -> None:
-    """Give ``processes`` up to ``grace_secs`` in all to exit, then kill the rest."""
-    # Ranks that reported exit on their own in well under a second; after a
-    # failure the others are stuck in a barrier whose peer is gone.
+def _stop(processes: list[Any], grace_secs: float) -> None:
     grace_end = time.monotonic() + grace_secs
     for process in processes:
         if process.pid is not None:

@@ -1,100 +1,384 @@
-"""``bench-memory``: what a barrier costs in memory, and that it stays flat.
-
-This module runs the command: the measurements its options ask for, then
-the tables and the JSON file. The pieces, one concern a module (how the
-measurements work is the command's description, in ``memory_config``):
-
-- ``memory_config``: the command line, parsed into a :class:`MemoryConfig`.
-- ``memory_readings``: a process's RSS, malloc'd bytes, fds and threads.
-- ``memory_processes``: building either barrier in a measurement process,
-  and starting, collecting and stopping those processes.
-- ``memory_objects``: memory per barrier object (the host and measurer
-  processes, and the per-object summary).
-- ``memory_store``: rank 0's RSS and the store's keys over many barriers.
-- ``memory_report``: the tables.
-
-The names callers use are imported here, so ``memory.X`` reaches them all.
-"""
+"""``bench-memory``: what a barrier costs in memory, and that it stays flat."""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from .launch import BenchError
-from .memory_config import (
-    DESCRIPTION,
-    MemoryConfig,
-    add_memory_arguments,
-    memory_config_from_args,
-)
-from .memory_objects import (
-    ObjectsSummary,
-    checkpoints,
-    measure_objects,
-    summarize_objects,
-)
-from .memory_readings import heap_in_use, open_fds, rss_bytes, thread_count
-from .memory_report import format_objects, format_store
-from .memory_store import StoreSummary, measure_store
+from .cli import _positive_int, _positive_seconds, describe
+from .launch import BenchError, pick_free_ports, report, run_jobs
+from .rank import build, raise_fd_limit
 
-__all__ = [
-    "DESCRIPTION",
-    "MemoryConfig",
-    "ObjectsSummary",
-    "StoreSummary",
-    "add_memory_arguments",
-    "checkpoints",
-    "format_objects",
-    "format_store",
-    "heap_in_use",
-    "main",
-    "measure_objects",
-    "measure_store",
-    "memory_config_from_args",
-    "open_fds",
-    "rss_bytes",
-    "run_memory",
-    "summarize_objects",
-    "thread_count",
-]
+DESCRIPTION = """\
+Two measurements, each in fresh forkserver processes (torch preloaded):
+
+- objects: one process ("the measurer") constructs --objects barriers as
+  ranks 1..N of a world whose rank 0 runs in another ("the host") and hosts
+  the store: real joined ranks, each with its own connection, and the
+  server's memory out of the measurer's. Per object: the slopes of RSS and
+  of malloc'd bytes (glibc's mallinfo2, which sees small C++ objects RSS
+  may not) between a tenth of the objects and all, so one-time costs do not
+  count; fds and threads; the host's RSS per joined rank. Ours also after
+  one round (all arrive(), then all wait(), from one thread).
+- store: rank 0 of a world of 2 runs --barriers barriers in a tight loop and
+  samples its RSS and store.num_keys() every --sample-every; then torch's
+  class the same for --torch-barriers."""
 
 
-def run_memory(
-    config: MemoryConfig, log: Callable[[str], None] = lambda _: None
-) -> tuple[list[ObjectsSummary], list[StoreSummary]]:
+@dataclass(frozen=True)
+class MemoryConfig:
+    """What one ``bench-memory`` run measures."""
+
+    objects: int = 200
+    barriers: int = 100_000
+    sample_every: int = 10_000
+    torch_barriers: int = 10_000
+    torch_sample_every: int = 1_000
+    include_torch: bool = True
+    only: str | None = None
+    backend: str = "libuv"
+    protocol: str = "torch"
+    timeout_secs: float = 600.0
+    json_path: str | None = None
+
+    def barrier(self, name: str, rank: int, world_size: int, port: int, prefix: str) -> Any:
+        return build(name, rank, world_size, port, use_libuv=self.backend == "libuv",
+                     protocol=self.protocol, init_timeout_secs=min(60.0, self.timeout_secs),
+                     timeout_secs=self.timeout_secs, prefix=prefix)  # fmt: skip
+
+
+# fmt: off
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench-memory`` options, description and epilog."""
+    d = MemoryConfig()
+    describe(parser, DESCRIPTION, "Example: python -m tcpstore_barrier bench-memory "
+             "--objects 200 --barriers 100000")
+    add = parser.add_argument
+    add("--objects", type=_positive_int, default=d.objects,
+        help=f"barrier objects the measurer constructs (default: {d.objects})")
+    add("--barriers", type=_positive_int, default=d.barriers,
+        help=f"barriers of ours in the store run (default: {d.barriers})")
+    add("--sample-every", type=_positive_int, default=d.sample_every,
+        help=f"barriers between samples of ours (default: {d.sample_every})")
+    add("--torch-barriers", type=_positive_int, default=d.torch_barriers,
+        help=f"barriers of torch's class in the store run (default: {d.torch_barriers})")
+    add("--torch-sample-every", type=_positive_int, default=d.torch_sample_every,
+        help=f"barriers between samples of torch's class (default: {d.torch_sample_every})")
+    add("--only", choices=["objects", "store"], help="run one of the two measurements")
+    add("--no-torch", dest="include_torch", action="store_false", help="measure ours only")
+    add("--backend", choices=["libuv", "legacy"], default=d.backend,
+        help="TCPStore backend of both (default: libuv)")
+    add("--protocol", choices=["torch", "native"], default=d.protocol,
+        help="key protocol of ours (default: torch)")
+    add("--timeout", dest="timeout_secs", type=_positive_seconds, metavar="SECS",
+        default=d.timeout_secs, help=f"give up after this long (default: {d.timeout_secs:g})")
+    add("--json", dest="json_path", metavar="FILE",
+        help="write the configuration and every reading here")
+# fmt: on
+
+
+# --- readings of a process ------------------------------------------------------
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+def heap_in_use() -> int | None:
+    """Bytes malloc has handed out (glibc >= 2.33's mallinfo2), or None. C and
+    C++ allocations and Python's large objects; not pymalloc's arenas."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One process at one moment, after a collection so garbage does not
+    count; with the host's RSS when read by the measurer."""
+
+    rss: int
+    heap: int | None
+    fds: int
+    threads: int
+    host_rss: int | None = None
+
+    @classmethod
+    def now(cls, host_pid: int | None = None) -> Reading:
+        gc.collect()
+        host_rss = None
+        if host_pid is not None:
+            try:
+                host_rss = rss_bytes(host_pid)
+            except OSError:
+                pass
+        return cls(rss_bytes(), heap_in_use(), len(os.listdir("/proc/self/fd")),
+                   len(os.listdir("/proc/self/task")), host_rss)  # fmt: skip
+
+
+# --- objects ------------------------------------------------------------------
+
+
+def checkpoints(objects: int) -> list[int]:
+    """After how many objects the measurer reads: 0, a tenth, half, all."""
+    return sorted({0, max(1, objects // 10), max(1, objects // 2), objects})
+
+
+def objects_host(name: str, port: int, config: MemoryConfig, events: Any, done: Any) -> None:
+    """Rank 0: hosts the store, and serves it until every figure is in."""
+
+    def body() -> None:
+        raise_fd_limit()
+        barrier = config.barrier(name, 0, config.objects + 1, port, "mem/")
+        if name != "torch":
+            barrier.execute_barrier()  # the measurer's round
+        done.wait(config.timeout_secs)
+        if name != "torch":
+            barrier.close()
+
+    report("host", events, body)
+
+
+@dataclass(frozen=True)
+class ObjectsFigures:
+    """The measurer's readings at each checkpoint, and after a round (ours)."""
+
+    constructed: dict[int, Reading]
+    after_round: Reading | None
+    construct_secs: float
+    round_secs: float | None
+
+
+def objects_measurer(name: str, port: int, config: MemoryConfig, host_pid: int,
+                     events: Any, done: Any) -> None:  # fmt: skip
+    """Ranks 1..N, constructed one by one, read at each checkpoint."""
+
+    def body() -> None:
+        raise_fd_limit()
+        # Imported before the first reading, so that its import does not count.
+        import torch.distributed.checkpoint._experimental.barriers  # noqa: F401
+
+        barriers: list[Any] = []
+        marks, readings = checkpoints(config.objects), {0: Reading.now(host_pid)}
+        started = time.perf_counter()
+        for rank in range(1, config.objects + 1):
+            barriers.append(config.barrier(name, rank, config.objects + 1, port, "mem/"))
+            if len(barriers) in marks:
+                readings[len(barriers)] = Reading.now(host_pid)
+        construct_secs, after, round_secs = time.perf_counter() - started, None, None
+        if name != "torch":
+            started = time.perf_counter()
+            for barrier in barriers:
+                barrier.arrive()
+            for barrier in barriers:
+                barrier.wait()
+            round_secs, after = time.perf_counter() - started, Reading.now(host_pid)
+        events.put(("result", "measurer",
+                    ObjectsFigures(readings, after, construct_secs, round_secs)))  # fmt: skip
+        done.wait(config.timeout_secs)
+        for barrier in barriers if name != "torch" else ():
+            barrier.close()
+
+    report("measurer", events, body)
+
+
+@dataclass(frozen=True)
+class ObjectsSummary:
+    """Memory of one barrier object of one implementation, in bytes (counts
+    for fds and threads); "after a round" for ours only."""
+
+    implementation: str
+    objects: int
+    rss_per_object: float
+    rss_per_object_after_round: float | None
+    heap_per_object: float | None
+    heap_per_object_after_round: float | None
+    fds_per_object: float
+    fds_per_object_after_round: float | None
+    threads_per_object: float
+    threads_per_object_after_round: float | None
+    #: The host's (its server's) RSS per joined rank.
+    host_rss_per_rank: float | None
+    host_rss_per_rank_after_round: float | None
+    readings: ObjectsFigures
+
+
+def summarize_objects(name: str, objects: int, raw: ObjectsFigures) -> ObjectsSummary:
+    """RSS and heap as slopes between the first non-zero checkpoint and the
+    last; a round's addition spread over every object; fds and threads as
+    exact counts over all objects."""
+    marks = sorted(raw.constructed)
+    low = next((m for m in marks if 0 < m < objects), 0)
+    first, last, zero, after = (raw.constructed[low], raw.constructed[objects],
+                                raw.constructed[0], raw.after_round)  # fmt: skip
+
+    def slope(key: str) -> float | None:
+        a, b = getattr(first, key), getattr(last, key)
+        return None if a is None or b is None else (b - a) / max(1, objects - low)
+
+    def with_round(key: str) -> float | None:
+        per = slope(key)
+        if after is None or per is None or getattr(after, key) is None:
+            return None
+        return per + (getattr(after, key) - getattr(last, key)) / objects
+
+    def count(key: str, at: Reading | None) -> float | None:
+        return None if at is None else (getattr(at, key) - getattr(zero, key)) / objects
+
+    return ObjectsSummary(
+        name, objects, slope("rss") or 0.0, with_round("rss"), slope("heap"),
+        with_round("heap"), count("fds", last), count("fds", after),
+        count("threads", last), count("threads", after), slope("host_rss"),
+        with_round("host_rss"), raw,
+    )  # fmt: skip
+
+
+# --- the store over many barriers -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreSample:
+    barriers: int
+    rss: int
+    keys: int
+    secs: float
+
+
+def store_rank(name: str, rank: int, port: int, barriers: int, every: int,
+               config: MemoryConfig, events: Any, done: Any) -> None:  # fmt: skip
+    """One of 2 ranks; rank 0 samples its RSS and the store's keys."""
+
+    def body() -> None:
+        barrier = config.barrier(name, rank, 2, port, "flat/")
+        store = barrier._tcp_store if name == "torch" else barrier.store
+        samples, start = [], time.perf_counter()
+        for count in range(1, barriers + 1):
+            barrier.execute_barrier()
+            if rank == 0 and (count == 1 or count % every == 0 or count == barriers):
+                gc.collect()
+                samples.append(StoreSample(count, rss_bytes(), store.num_keys(),
+                                           time.perf_counter() - start))  # fmt: skip
+        events.put(("result", f"rank{rank}", samples))
+        # torch's class cannot wait for its peer: rank 0 keeps the store up.
+        done.wait(config.timeout_secs)
+        if name != "torch":
+            barrier.close()
+
+    report(f"rank{rank}", events, body)
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """Rank 0's RSS and the store's key count over a run of barriers."""
+
+    implementation: str
+    barriers: int
+    samples: list[StoreSample]
+
+    @property
+    def keys_per_barrier(self) -> float:
+        first, last = self.samples[0], self.samples[-1]
+        return (last.keys - first.keys) / max(1, last.barriers - first.barriers)
+
+    @property
+    def barrier_us(self) -> float:
+        first, last = self.samples[0], self.samples[-1]
+        return (last.secs - first.secs) / max(1, last.barriers - first.barriers) * 1e6
+
+
+# --- the command ------------------------------------------------------------------
+
+
+def run_memory(config: MemoryConfig, log=lambda _: None) -> tuple[list, list]:
     """Run the measurements ``config`` asks for; raise BenchError on failure."""
     deadline = time.monotonic() + config.timeout_secs
-    objects: list[ObjectsSummary] = []
-    stores: list[StoreSummary] = []
-    if config.only in (None, "objects"):
-        for implementation in config.implementations():
-            log(f"objects: {implementation}, {config.objects} objects")
-            raw = measure_objects(implementation, config, deadline)
-            objects.append(summarize_objects(implementation, config.objects, raw))
-    if config.only in (None, "store"):
-        runs = [("ours", config.barriers, config.sample_every)]
-        if config.include_torch:
-            runs.append(("torch", config.torch_barriers, config.torch_sample_every))
-        for implementation, barriers, every in runs:
-            log(f"store: {implementation}, {barriers} barriers")
-            samples = measure_store(implementation, barriers, every, config, deadline)
-            stores.append(StoreSummary(implementation, barriers, samples))
+    names = ["ours", "torch"] if config.include_torch else ["ours"]
+    objects, stores = [], []
+    for name in names if config.only in (None, "objects") else ():
+        log(f"objects: {name}, {config.objects} objects")
+        (port,) = pick_free_ports(1)
+        jobs = [("mem-host", objects_host, (name, port, config)),
+                ("mem-measurer", objects_measurer,
+                 lambda pids: (name, port, config, pids["mem-host"]))]  # fmt: skip
+        raw = run_jobs(jobs, {"measurer"}, deadline, f"objects of {name}")["measurer"]
+        objects.append(summarize_objects(name, config.objects, raw))
+    runs = [("ours", config.barriers, config.sample_every),
+            ("torch", config.torch_barriers, config.torch_sample_every)]
+    for name, barriers, every in runs[: len(names)] if config.only in (None, "store") else ():
+        log(f"store: {name}, {barriers} barriers")
+        (port,) = pick_free_ports(1)
+        jobs = [(f"mem-rank{r}", store_rank, (name, r, port, barriers, every, config))
+                for r in (0, 1)]  # fmt: skip
+        samples = run_jobs(jobs, {"rank0", "rank1"}, deadline, f"store of {name}")["rank0"]
+        stores.append(StoreSummary(name, barriers, samples))
     return objects, stores
+
+
+def format_objects(summaries: list[ObjectsSummary]) -> str:
+    """Rows: figures; columns: implementations."""
+    kib = lambda v: "-" if v is None else f"{v / 1024:.1f}"  # noqa: E731
+    count = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [[""] + [s.implementation for s in summaries]]
+    for label, field, show in [
+        ("RSS per object, constructed (KiB)", "rss_per_object", kib),
+        ("RSS per object, after a round (KiB)", "rss_per_object_after_round", kib),
+        ("malloc'd per object, constructed (KiB)", "heap_per_object", kib),
+        ("malloc'd per object, after a round (KiB)", "heap_per_object_after_round", kib),
+        ("fds per object, constructed", "fds_per_object", count),
+        ("fds per object, after a round", "fds_per_object_after_round", count),
+        ("threads per object, constructed", "threads_per_object", count),
+        ("threads per object, after a round", "threads_per_object_after_round", count),
+        ("host RSS per joined rank (KiB)", "host_rss_per_rank", kib),
+        ("host RSS per rank, after a round (KiB)", "host_rss_per_rank_after_round", kib),
+    ]:  # fmt: skip
+        rows.append([label] + [show(getattr(s, field)) for s in summaries])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(t.ljust(w) if c == 0 else t.rjust(w)
+                               for c, (t, w) in enumerate(zip(r, widths))) for r in rows)  # fmt: skip
+
+
+def format_store(summary: StoreSummary) -> str:
+    """One row per sample, then first/last/max."""
+    mib = 1024 * 1024
+    lines = [f"{'barriers':>9}  {'rank0 RSS MiB':>13}  {'store keys':>10}  {'secs':>7}"]
+    lines += [f"{s.barriers:>9}  {s.rss / mib:>13.2f}  {s.keys:>10}  {s.secs:>7.2f}"
+              for s in summary.samples]  # fmt: skip
+    first, last = summary.samples[0], summary.samples[-1]
+    lines.append(
+        f"RSS MiB first {first.rss / mib:.2f}, last {last.rss / mib:.2f}, max "
+        f"{max(s.rss for s in summary.samples) / mib:.2f}; keys first {first.keys}, last "
+        f"{last.keys}, max {max(s.keys for s in summary.samples)} "
+        f"({summary.keys_per_barrier:+.3f} a barrier); {summary.barrier_us:.2f} us a barrier"
+    )
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``bench-memory``; return the exit code."""
-    config = memory_config_from_args(args)
+    config = MemoryConfig(**{k: v for k, v in vars(args).items()
+                             if k in MemoryConfig.__dataclass_fields__})  # fmt: skip
     started = time.monotonic()
 
     def log(text: str) -> None:
-        elapsed = time.monotonic() - started
-        print(f"[{elapsed:6.1f}s] {text}", file=sys.stderr, flush=True)
+        print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
     try:
         objects, stores = run_memory(config, log)
@@ -105,30 +389,20 @@ def main(args: argparse.Namespace) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     if objects:
-        print(
-            f"memory per barrier object: {config.objects} objects as ranks "
-            f"1..{config.objects} of a world of {config.objects + 1}, in one "
-            "process;\nrank 0 hosts the store in another (\"host\"). RSS per "
-            "object is the slope between\n"
-            f"{checkpoints(config.objects)[1]} and {config.objects} objects; "
-            f"ours' protocol: {config.protocol}, backend: {config.backend}"
-        )
-        print()
+        print(f"memory per barrier object: {config.objects} objects as ranks 1..{config.objects} "
+              f"of a world of {config.objects + 1}, in one process;\nrank 0 hosts the store in "
+              f"another (\"host\"). RSS per object is the slope between\n"
+              f"{checkpoints(config.objects)[1]} and {config.objects} objects; ours' protocol: "
+              f"{config.protocol}, backend: {config.backend}\n")  # fmt: skip
         print(format_objects(objects))
     for summary in stores:
-        print()
         who = "ours" if summary.implementation == "ours" else "torch's class"
-        print(
-            f"store over {summary.barriers} barriers of {who} (world size 2, "
-            "ranks as processes, rank 0 hosts the store and samples):"
-        )
+        print(f"\nstore over {summary.barriers} barriers of {who} (world size 2, ranks as "
+              "processes, rank 0 hosts the store and samples):")  # fmt: skip
         print(format_store(summary))
     if config.json_path is not None:
-        document = {
-            "config": asdict(config),
-            "objects": [asdict(s) for s in objects],
-            "stores": [asdict(s) for s in stores],
-        }
+        document = {"config": asdict(config), "objects": [asdict(s) for s in objects],
+                    "stores": [asdict(s) for s in stores]}  # fmt: skip
         with open(config.json_path, "w") as f:
             json.dump(document, f)
         print(f"\nwrote {config.json_path}")

@@ -1,199 +1,137 @@
-"""From the figures the ranks send to one summary per world size."""
+"""The schedule of a world size, and from the ranks' figures to its summary,
+the tables, the JSON document and the plot. Pure: no store in here."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
-from .schedule import Block, BlockKind
-from .stats import LatencySummary, median, ratio, summarize
+if TYPE_CHECKING:
+    from .cli import BenchConfig
+    from .rank import BlockFigures, RankFigures
+
+#: The ratios of medians the table shows, when both contenders ran.
+RATIOS = [("ours", "reference"), ("torch", "ours"), ("ours", "ours-noliveness"),
+          ("torch", "native")]  # fmt: skip
+#: Short names in the table's headers.
+SHORT = {"reference": "ref", "ours-noliveness": "nolive"}
+SPLIT_KINDS = ("split", "serial", "torch_serial")
 
 
-#: Finished rounds' keys are deleted in batches (every 4th round, csrc at
-#: the time of writing): with torch's protocol 2 deletes a round and one
-#: failed delete a batch, with the native protocol 1 delete a round.
-_DELETES_PER_ROUND = {"torch": 2.25, "native": 1.0}
+@dataclass(frozen=True)
+class Block:
+    """One block of the schedule: ``iters`` timed operations of one kind, a
+    contender's barriers, a "floor" of store round trips, or with
+    --split-phase "work", "split", "serial" or "torch_serial" iterations."""
+
+    index: int
+    round: int
+    kind: str
 
 
-def requests_per_round(world_size: int, implementation: str, protocol: str) -> float:
-    """Requests one round sends the store, averaged over rounds.
+def schedule(kinds: Sequence[str], rounds: int, first: str = "", last: str = "") -> list[Block]:
+    """``rounds`` rounds of a block of each of ``kinds``, between ``first`` and
+    ``last`` when given. The order rotates by one each round, so that over
+    len(kinds) rounds each kind runs once in each position and a drift over
+    the run (a CPU warming up, a store growing) favours none of them."""
+    blocks: list[Block] = []
+    for r in range(rounds):
+        shift = r % len(kinds)
+        order = [first, *kinds[shift:], *kinds[:shift], last]
+        blocks += [Block(len(blocks) + i, r, k) for i, k in enumerate(filter(None, order))]
+    return blocks
 
-    torch's class: every rank sets ``rank{r}``, adds to the count and waits
-    for the last member's key, which the last arriver sets: 3N+1. Ours with
-    torch's protocol: the last arriver does not wait (3N), plus deletes.
-    Ours native: one server-side BARRIER request per rank (N), plus deletes;
-    a rank also sets ``rank{r}`` in a round that has not released within
-    200 ms, which is not counted. A set has no reply; an add, a wait and a
-    BARRIER have one.
-    """
-    n = world_size
-    if implementation == "torch":
-        return 3 * n + 1
-    if protocol == "native":
-        return n + _DELETES_PER_ROUND["native"]
-    return 3 * n + _DELETES_PER_ROUND["torch"]
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency of one kind of block at one world size, in microseconds: over
+    every rank's samples of every block; ``wall_per_iter_us`` is a block's
+    wall time over its iterations, averaged over ranks and blocks."""
+
+    samples: int
+    median_us: float
+    p99_us: float
+    wall_per_iter_us: float | None = None
+
+
+def latency(samples_ns: Sequence[int], walls_ns: Sequence[int] = (), iters: int = 0) -> Latency:
+    us = [ns / 1000 for ns in samples_ns]
+    # "inclusive" interpolates as numpy.percentile does by default.
+    p99 = statistics.quantiles(us, n=100, method="inclusive")[98] if len(us) > 1 else us[0]
+    wall = statistics.fmean(walls_ns) / iters / 1000 if walls_ns and iters else None
+    return Latency(len(us), statistics.median(us), p99, wall)
 
 
 @dataclass(frozen=True)
 class CpuCost:
-    """CPU time per barrier of one implementation, in microseconds."""
+    """CPU time per barrier of one contender, in microseconds: its store's
+    server threads, and every rank process (servers included)."""
 
-    #: The store's server thread (rank 0's process).
     server_us: float | None
-    #: Every rank process, servers included (busy threads too, if any).
     total_us: float | None
-    #: Requests a round sends the store (see :func:`requests_per_round`).
-    requests: float
-    #: ``server_us / requests``: the server's cost of one request.
-    server_per_request_us: float | None
 
 
 @dataclass(frozen=True)
 class WorldSummary:
-    """Everything the table shows for one world size."""
+    """Everything the tables show for one world size, by contender."""
 
     world_size: int
-    ours: LatencySummary
-    torch: LatencySummary | None
-    #: A peer's (the last rank's) round trips to ours' store.
-    floor: LatencySummary
-    #: Rank 0's round trips to ours' store, served in rank 0's own process.
-    host_floor: LatencySummary
-    #: A peer's round trips to torch's store (libuv whatever --backend says).
-    torch_store_floor: LatencySummary | None
-    #: Where ours' and torch's CPU time goes, when the ranks measured it.
-    ours_cost: CpuCost | None = None
-    torch_cost: CpuCost | None = None
+    latency: dict[str, Latency]
+    #: Round trips to ours' store from the last rank (a peer) and from rank 0.
+    floor: Latency
+    host_floor: Latency
+    cost: dict[str, CpuCost]
 
-    @property
-    def torch_over_ours(self) -> float | None:
-        """How many times torch's median barrier is ours."""
-        torch_median = self.torch.median_us if self.torch else None
-        return ratio(torch_median, self.ours.median_us)
-
-    @property
-    def ours_over_floor(self) -> float | None:
-        """Our median barrier in units of the median store round trip."""
-        return ratio(self.ours.median_us, self.floor.median_us)
+    def ratio(self, numerator: str, denominator: str) -> float | None:
+        """How many times ``denominator``'s median ``numerator``'s is."""
+        if numerator not in self.latency or denominator not in self.latency:
+            return None
+        return self.latency[numerator].median_us / self.latency[denominator].median_us
 
 
-def _barrier_summary(
-    kind: BlockKind,
-    schedule: Sequence[Block],
-    figures: Sequence[dict[str, Any]],
-    iters: int,
-) -> LatencySummary | None:
-    indices = [b.index for b in schedule if b.kind == kind]
-    if not indices:
+def _blocks(kind: str, plan: Sequence[Block], figures: Sequence[RankFigures]):
+    return [rank.blocks[b.index] for b in plan if b.kind == kind for rank in figures]
+
+
+def _latency_of(kind, plan, figures, iters) -> Latency | None:
+    blocks = _blocks(kind, plan, figures)
+    samples = [ns for block in blocks for ns in block.samples_ns]
+    return latency(samples, [b.wall_ns for b in blocks], iters) if samples else None
+
+
+def _cost(blocks: Sequence[BlockFigures], ranks: int, iters: int) -> CpuCost | None:
+    """Means per barrier over blocks; a block's total sums its ranks' readings."""
+    per_block = [blocks[i : i + ranks] for i in range(0, len(blocks), ranks)]
+    server = [b[0].server_cpu_ns for b in per_block if b[0].server_cpu_ns is not None]
+    total = [sum(r.process_cpu_ns or 0 for r in b) for b in per_block
+             if any(r.process_cpu_ns is not None for r in b)]  # fmt: skip
+    if not server and not total:
         return None
-    samples = [
-        ns
-        for rank in figures
-        for i in indices
-        for ns in rank["blocks"][i]["samples_ns"]
-    ]
-    walls = [rank["blocks"][i]["wall_ns"] for rank in figures for i in indices]
-    return summarize(samples, walls, iters)
-
-
-def _floor_summary(
-    store: str,
-    rank: int,
-    schedule: Sequence[Block],
-    figures: Sequence[dict[str, Any]],
-) -> LatencySummary | None:
-    key = f"{store}_store_ns"
-    blocks = [figures[rank]["blocks"][b.index] for b in schedule if b.kind == "floor"]
-    samples = [ns for block in blocks for ns in block.get(key, ())]
-    return summarize(samples) if samples else None
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def cpu_cost(
-    kind: BlockKind,
-    schedule: Sequence[Block],
-    figures: Sequence[dict[str, Any]],
-    barriers_per_block: int,
-    requests: float,
-) -> CpuCost | None:
-    """Mean CPU time per barrier over the blocks of ``kind``.
-
-    A block's server time is rank 0's reading of that implementation's
-    server thread; its total the sum over ranks of the process CPU time that
-    one rank of each process read. Both are read around the timed
-    ``barriers_per_block`` barriers of the block, after its warm-up.
-    """
-    indices = [b.index for b in schedule if b.kind == kind]
-    if not indices or barriers_per_block < 1:
-        return None
-    server_key = f"{kind}_server_cpu_ns"
-    server = [
-        figures[0]["blocks"][i][server_key] / barriers_per_block / 1000
-        for i in indices
-        if server_key in figures[0]["blocks"][i]
-    ]
-    totals = []
-    for i in indices:
-        readings = [
-            rank["blocks"][i]["process_cpu_ns"]
-            for rank in figures
-            if "process_cpu_ns" in rank["blocks"][i]
-        ]
-        if readings:
-            totals.append(sum(readings) / barriers_per_block / 1000)
-    server_us, total_us = _mean(server), _mean(totals)
-    if server_us is None and total_us is None:
-        return None
-    return CpuCost(
-        server_us=server_us,
-        total_us=total_us,
-        requests=requests,
-        server_per_request_us=ratio(server_us, requests),
-    )
+    mean = lambda ns: statistics.fmean(ns) / iters / 1000 if ns else None  # noqa: E731
+    return CpuCost(mean(server), mean(total))
 
 
 def summarize_world(
-    world_size: int,
-    schedule: Sequence[Block],
-    figures: Sequence[dict[str, Any]],
-    iters: int,
-    protocol: str = "torch",
-) -> WorldSummary:
-    """Pool every rank's samples of each kind of block of one world size.
-
-    ``figures[r]`` is what rank ``r`` returned: ``blocks`` in schedule order,
-    barrier blocks with ``samples_ns`` and ``wall_ns``, floor blocks with
-    ``ours_store_ns`` and maybe ``torch_store_ns`` on the ranks that measured
-    them: rank 0 and the last rank.
-    """
-    if len(figures) != world_size:
-        raise ValueError(f"expected figures of {world_size} ranks, got {len(figures)}")
-    ours = _barrier_summary("ours", schedule, figures, iters)
-    peer = world_size - 1
-    floor = _floor_summary("ours", peer, schedule, figures)
-    host_floor = _floor_summary("ours", 0, schedule, figures)
-    if ours is None or floor is None or host_floor is None:
-        raise ValueError("the schedule has no block of ours or no floor block")
+    world_size: int, plan: Sequence[Block], figures: Sequence[RankFigures],
+    contenders: Sequence[str], iters: int,
+) -> WorldSummary:  # fmt: skip
+    """Pool every rank's samples of each kind of block of one world size."""
+    floors = {r: [ns for b in plan if b.kind == "floor"
+                  for ns in figures[r].blocks[b.index].samples_ns]
+              for r in (0, world_size - 1)}  # fmt: skip
+    costs = {c: _cost(_blocks(c, plan, figures), world_size, iters) for c in contenders}
     return WorldSummary(
         world_size=world_size,
-        ours=ours,
-        torch=_barrier_summary("torch", schedule, figures, iters),
-        floor=floor,
-        host_floor=host_floor,
-        torch_store_floor=_floor_summary("torch", peer, schedule, figures),
-        ours_cost=cpu_cost(
-            "ours", schedule, figures, iters,
-            requests_per_round(world_size, "ours", protocol),
-        ),
-        torch_cost=cpu_cost(
-            "torch", schedule, figures, iters,
-            requests_per_round(world_size, "torch", protocol),
-        ),
-    )  # fmt: skip
+        latency={c: _latency_of(c, plan, figures, iters) for c in contenders},
+        floor=latency(floors[world_size - 1]),
+        host_floor=latency(floors[0]),
+        cost={c: cost for c, cost in costs.items() if cost is not None},
+    )
 
 
 @dataclass(frozen=True)
@@ -201,19 +139,15 @@ class SplitSummary:
     """One world size of --split-phase: per loop iteration, microseconds."""
 
     world_size: int
-    #: The Python work alone.
-    work: LatencySummary
-    #: arrive(), the work, wait().
-    split: LatencySummary
-    #: The work, then execute_barrier().
-    serial: LatencySummary
-    #: The work, then torch's execute_barrier().
-    torch_serial: LatencySummary | None
+    work: Latency
+    split: Latency
+    serial: Latency
+    torch_serial: Latency | None
     #: Share of split iterations whose round had released before wait().
     released_at_wait: float
-    #: Medians within split iterations: arrive() and wait() alone (us).
-    arrive_median_us: float | None = None
-    wait_median_us: float | None = None
+    #: Medians within split iterations: arrive() and wait() alone.
+    arrive_median_us: float
+    wait_median_us: float
 
     @property
     def saved_us(self) -> float:
@@ -221,41 +155,182 @@ class SplitSummary:
         return self.serial.median_us - self.split.median_us
 
 
-def summarize_split(
-    world_size: int,
-    schedule: Sequence[Block],
-    figures: Sequence[dict[str, Any]],
-    iters: int,
-) -> SplitSummary:
+def summarize_split(world_size, plan, figures, iters) -> SplitSummary:
     """Pool every rank's iterations of each kind of --split-phase block."""
-    if len(figures) != world_size:
-        raise ValueError(f"expected figures of {world_size} ranks, got {len(figures)}")
-    parts = {
-        kind: _barrier_summary(kind, schedule, figures, iters)
-        for kind in ("work", "split", "serial", "torch_serial")
-    }
-    work, split, serial = parts["work"], parts["split"], parts["serial"]
-    if work is None or split is None or serial is None:
-        raise ValueError("the schedule lacks a work, split or serial block")
-    split_blocks = [
-        rank["blocks"][b.index]
-        for rank in figures
-        for b in schedule
-        if b.kind == "split"
-    ]
-    released = sum(block.get("released_at_wait", 0) for block in split_blocks)
-
-    def part_median(key: str) -> float | None:
-        values = [ns / 1000 for block in split_blocks for ns in block.get(key, ())]
-        return median(values) if values else None
-
+    parts = {k: _latency_of(k, plan, figures, iters) for k in ("work", *SPLIT_KINDS)}
+    split = _blocks("split", plan, figures)
     return SplitSummary(
-        world_size=world_size,
-        work=work,
-        split=split,
-        serial=serial,
-        torch_serial=parts["torch_serial"],
-        released_at_wait=released / (len(split_blocks) * iters),
-        arrive_median_us=part_median("arrive_ns"),
-        wait_median_us=part_median("wait_ns"),
+        world_size=world_size, **parts,
+        released_at_wait=sum(b.released_at_wait for b in split) / (len(split) * iters),
+        arrive_median_us=statistics.median(ns / 1000 for b in split for ns in b.arrive_ns),
+        wait_median_us=statistics.median(ns / 1000 for b in split for ns in b.wait_ns),
+    )  # fmt: skip
+
+
+# --- text --------------------------------------------------------------------
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _align(columns: Sequence[tuple[str, Callable[[Any], str]]], items: Sequence[Any]) -> str:
+    rows = [[header for header, _ in columns]]
+    rows += [[cell(item) for _, cell in columns] for item in items]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(columns))]
+    return "\n".join("  ".join(t.rjust(w) for t, w in zip(row, widths)) for row in rows)
+
+
+def format_table(summaries: Sequence[WorldSummary], contenders: Sequence[str]) -> str:
+    """One row per world size: each contender's median and p99, the ratios,
+    the floor; in microseconds."""
+    columns: list[tuple[str, Callable[[WorldSummary], str]]] = [("world", lambda s: str(s.world_size))]
+    for c in contenders:
+        name = SHORT.get(c, c)
+        columns += [(f"{name} med", lambda s, c=c: _us(s.latency[c].median_us)),
+                    (f"{name} p99", lambda s, c=c: _us(s.latency[c].p99_us))]  # fmt: skip
+    for a, b in RATIOS:
+        if a in contenders and b in contenders:
+            header = f"{SHORT.get(a, a)}/{SHORT.get(b, b)}"
+            columns.append((header, lambda s, a=a, b=b: _times(s.ratio(a, b))))
+    columns += [("floor med", lambda s: _us(s.floor.median_us)),
+                ("rank0 floor", lambda s: _us(s.host_floor.median_us))]  # fmt: skip
+    text = _align(columns, summaries)
+    if any(s.cost for s in summaries):
+        cost = [("world", lambda s: str(s.world_size))]
+        for c in contenders:
+            name = SHORT.get(c, c)
+            cost += [(f"{name} srv/it", lambda s, c=c: _us(s.cost[c].server_us if c in s.cost else None)),
+                     (f"{name} cpu/it", lambda s, c=c: _us(s.cost[c].total_us if c in s.cost else None))]  # fmt: skip
+        text += ("\n\nwhere the time goes, per barrier (CPU us): srv/it the store's server "
+                 "threads;\ncpu/it every rank process, servers included\n\n" + _align(cost, summaries))  # fmt: skip
+    return text
+
+
+def format_split_table(summaries: Sequence[SplitSummary]) -> str:
+    """One row per world size of --split-phase, per loop iteration (us)."""
+    return _align([
+        ("world", lambda s: str(s.world_size)),
+        ("work med", lambda s: _us(s.work.median_us)),
+        ("split med", lambda s: _us(s.split.median_us)),
+        ("split p99", lambda s: _us(s.split.p99_us)),
+        ("serial med", lambda s: _us(s.serial.median_us)),
+        ("serial p99", lambda s: _us(s.serial.p99_us)),
+        ("saved med", lambda s: _us(s.saved_us)),
+        ("arrive med", lambda s: _us(s.arrive_median_us)),
+        ("wait med", lambda s: _us(s.wait_median_us)),
+        ("torch med", lambda s: _us(s.torch_serial and s.torch_serial.median_us)),
+        ("torch p99", lambda s: _us(s.torch_serial and s.torch_serial.p99_us)),
+        ("released", lambda s: f"{100 * s.released_at_wait:.0f}%"),
+    ], summaries)  # fmt: skip
+
+
+def versions() -> dict[str, str]:
+    """This package's version, the torch it was built with and runs with."""
+    import torch
+
+    import tcpstore_barrier
+
+    return {
+        "tcpstore_barrier": tcpstore_barrier.__version__,
+        "built_with_torch": tcpstore_barrier.built_with_torch,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def describe_run(config: BenchConfig, run_versions: dict[str, str]) -> str:
+    """The lines above the table: what ran, with which torch, how."""
+    v, timeout = run_versions, config.peer_timeout
+    ranks = ("ranks as processes" if config.ranks == "processes"
+             else f"ranks as threads of at most {config.processes} process(es)")  # fmt: skip
+    legend = (f"per loop iteration (us), {config.work_us:g} us of Python work; saved: "
+              "serial - split;\nreleased: split iterations whose round had released "
+              "before wait()" if config.split_phase else
+              "latency per barrier (us); ref: the C++ reference loop; a/b: ratio of "
+              "medians;\nfloor: a store.add round trip from the last rank; rank0 "
+              "floor: from rank 0")  # fmt: skip
+    return (
+        f"torch {v['torch']}, tcpstore_barrier {v['tcpstore_barrier']} (built with "
+        f"torch {v['built_with_torch']}), Python {v['python']}\n"
+        f"{ranks}, {config.iters} barriers x {config.rounds} rounds per contender, "
+        f"{config.warmup} warm-up barriers per block; {os.cpu_count()} CPUs\n"
+        f"store backend {config.backend} (torch's class: always libuv); ours' protocol "
+        f"{config.protocol}; peer timeout "
+        f"{f'{timeout:g} s' if isinstance(timeout, float) else timeout or 'default'}; "
+        f"busy thread: {'yes' if config.busy_thread else 'no'}\n{legend}"
     )
+
+
+# --- JSON and plot ------------------------------------------------------------
+
+
+def summary_json(summary: WorldSummary | SplitSummary) -> dict[str, Any]:
+    """A summary as the ``--json`` document has it: contenders by name."""
+    if isinstance(summary, SplitSummary):
+        return {**asdict(summary), "saved_us": summary.saved_us}
+    return {
+        "world_size": summary.world_size,
+        **{c: asdict(lat) for c, lat in summary.latency.items()},
+        "floor": asdict(summary.floor),
+        "host_floor": asdict(summary.host_floor),
+        **{f"{c}_cost": asdict(cost) for c, cost in summary.cost.items()},
+        **{f"{a}_over_{b}".replace("-", "_"): summary.ratio(a, b) for a, b in RATIOS},
+        "ours_over_floor": summary.latency["ours"].median_us / summary.floor.median_us,
+    }
+
+
+def build_document(config, run_versions, worlds) -> dict[str, Any]:
+    """The ``--json`` document: configuration, versions, summaries, and every
+    rank's raw figures of each block (ns), for any other statistic."""
+    return {
+        "config": config.to_json(),
+        "versions": run_versions,
+        "machine": {"cpu_count": os.cpu_count(),
+                    "allowed_cpus": sorted(os.sched_getaffinity(0))},  # fmt: skip
+        "worlds": [
+            {
+                "world_size": summary.world_size,
+                "summary": summary_json(summary),
+                "ranks": [{k: v for k, v in asdict(r).items() if k != "blocks"} for r in figures],
+                "blocks": [{**asdict(b), "ranks": [asdict(r.blocks[b.index]) for r in figures]}
+                           for b in plan],  # fmt: skip
+            }
+            for summary, plan, figures in worlds
+        ],
+    }
+
+
+def plot_latency(summaries: Sequence[WorldSummary], contenders: Sequence[str], path: str,
+                 title: str) -> None:  # fmt: skip
+    """A PNG of each contender's median (solid) and p99 (dashed) per barrier,
+    and the store round trip, against world size; both axes logarithmic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s.world_size for s in summaries]
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for i, c in enumerate(contenders):
+        color = f"C{i}"
+        axes.plot(sizes, [s.latency[c].median_us for s in summaries], "o-", color=color,
+                  label=f"{c} median")  # fmt: skip
+        axes.plot(sizes, [s.latency[c].p99_us for s in summaries], "--", color=color,
+                  alpha=0.5, label=f"{c} p99")  # fmt: skip
+    axes.plot(sizes, [s.floor.median_us for s in summaries], ":", color="grey",
+              label="one store round trip")  # fmt: skip
+    axes.set(xscale="log", yscale="log", xlabel="world size",
+             ylabel="latency per barrier (us)", title=title)  # fmt: skip
+    axes.set_xticks(sizes, [str(n) for n in sizes])
+    axes.tick_params(axis="x", which="minor", labelbottom=False)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,206 @@
+"""The ``bench`` command line, the option types every bench command shares,
+and the configuration the options parse into."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+#: What can run in one bench, each on its own store: our barrier (with
+#: --protocol), our native protocol, the same without liveness, the C++
+#: reference loop of benchmarks/reference_barrier.cpp, and torch's class.
+CONTENDERS = ("ours", "native", "ours-noliveness", "reference", "torch")
+DEFAULT_CONTENDERS = ("ours", "reference", "torch", "native")
+
+DESCRIPTION = """\
+Latency of one barrier round, N ranks on 127.0.0.1, rank 0 hosting each
+contender's own TCPStore. Contenders (--contenders):
+  ours             this package's TCPStoreBarrier (--protocol, --peer-timeout)
+  native           ours with protocol="native"
+  ours-noliveness  ours with peer_timeout_secs=None
+  reference        torch's three requests a round in a C++ loop with the GIL
+                   released (benchmarks/reference_barrier.cpp)
+  torch            torch's Python class, torch.distributed.checkpoint.
+                   _experimental.barriers.TCPStoreBarrier
+
+Every rank times each execute_barrier() with time.perf_counter_ns; median
+and p99 are over all ranks' samples. The contenders run in blocks of --iters
+barriers (after --warmup untimed ones) in the same rank processes, in an
+order that rotates every round, so that noise hits all alike: compare ratios
+within a run. Each round ends with "floor": store.add round trips to ours'
+store from the last rank and from rank 0, which shares the server's process.
+"Where the time goes": the CPU time of each store's server threads (rank 0,
+/proc/self/task/TID/schedstat) and of every rank process, per barrier.
+
+--split-phase instead times loop iterations of --work-us of Python work and a
+barrier: "split" arrive(), work, wait(); "serial" work, execute_barrier();
+"work" alone; "torch" work, torch's execute_barrier().
+"""
+
+EPILOG = """\
+torch's class always uses the libuv TCPStore backend, whatever it is given;
+--backend changes the other contenders' stores.
+Examples:
+  python -m tcpstore_barrier bench --world-size 2 4 8 --json out.json --plot out.png
+  python -m tcpstore_barrier bench --contenders ours ours-noliveness reference
+  python -m tcpstore_barrier bench --ranks threads --processes 8 \\
+      --world-size 16 64 256 1024 --iters 100 --rounds 1
+  python -m tcpstore_barrier bench --split-phase --busy-thread --world-size 2
+"""
+
+
+# The types keep their leading underscores: for text that does not parse at
+# all argparse prints the function's name ("invalid _positive_int value").
+def _positive_int(text: str) -> int:
+    return _checked(int(text), int(text) >= 1, "must be at least 1")
+
+
+def _non_negative_int(text: str) -> int:
+    return _checked(int(text), int(text) >= 0, "must not be negative")
+
+
+def _non_negative_float(text: str) -> float:
+    return _checked(float(text), float(text) >= 0, "must not be negative")
+
+
+def _positive_seconds(text: str) -> float:
+    return _checked(float(text), float(text) > 0, "must be a positive number")
+
+
+def _checked(value, ok: bool, message: str):
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{message}, got {value}")
+    return value
+
+
+def _seconds_or_off(text: str) -> float | Literal["off"]:
+    return "off" if text == "off" else _positive_seconds(text)
+
+
+def describe(parser: argparse.ArgumentParser, description: str, epilog="") -> None:
+    """Help printed as written: our line breaks and lists are the layout."""
+    parser.description, parser.epilog = description, epilog
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one bench run is asked to do."""
+
+    world_sizes: tuple[int, ...] = (4,)
+    iters: int = 500
+    rounds: int = 4
+    warmup: int = 5
+    ranks: Literal["processes", "threads"] = "processes"
+    #: With ranks as threads: at most this many processes share the ranks.
+    processes: int = 1
+    busy_thread: bool = False
+    backend: Literal["libuv", "legacy"] = "libuv"
+    protocol: Literal["torch", "native"] = "torch"
+    contenders: tuple[str, ...] = DEFAULT_CONTENDERS
+    #: peer_timeout_secs for ours: None leaves the constructor's default.
+    peer_timeout: float | Literal["off"] | None = None
+    timeout_secs: float = 600.0
+    json_path: str | None = None
+    plot_path: str | None = None
+    split_phase: bool = False
+    work_us: float = 200.0
+
+    @property
+    def include_torch(self) -> bool:
+        return "torch" in self.contenders
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "world_sizes": list(self.world_sizes),
+                "contenders": list(self.contenders)}  # fmt: skip
+
+
+# One option a statement, so that the options read as a table.
+# fmt: off
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options, description and epilog to ``parser``."""
+    d = BenchConfig()
+    describe(parser, DESCRIPTION, EPILOG)
+    add = parser.add_argument
+    add("--world-size", type=_positive_int, nargs="+", metavar="N",
+        default=list(d.world_sizes), help="world sizes, run one after the other (default: 4)")
+    add("--iters", type=_positive_int, default=d.iters,
+        help=f"timed barriers per block (default: {d.iters})")
+    add("--rounds", type=_positive_int, default=d.rounds,
+        help=f"rounds: blocks of each contender (default: {d.rounds})")
+    add("--warmup", type=_non_negative_int, default=d.warmup,
+        help=f"untimed barriers before each block (default: {d.warmup})")
+    add("--contenders", nargs="+", choices=CONTENDERS, metavar="NAME",
+        help=f"what to measure, of {', '.join(CONTENDERS)} (default: "
+        f"{' '.join(DEFAULT_CONTENDERS)}; no native with --protocol native)")
+    add("--no-torch", action="store_true", help="leave torch's class out")
+    add("--ranks", choices=["processes", "threads"], default=d.ranks,
+        help="one process per rank, or ranks as threads of one process (or of "
+        "--processes K), each with its own barriers and store clients")
+    add("--processes", type=_positive_int, metavar="K",
+        help="with --ranks threads: spread the rank threads over at most K "
+        "processes, contiguous ranks each (default: 1)")
+    add("--busy-thread", action="store_true",
+        help="run a CPU-bound pure-Python thread in each rank process, as a "
+        "trainer's data-loading threads do")
+    add("--backend", choices=["libuv", "legacy"], default=d.backend,
+        help="TCPStore backend (use_checkpoint_barrier_tcpstore_libuv); torch's "
+        "class always uses libuv (default: libuv)")
+    add("--protocol", choices=["torch", "native"], default=d.protocol,
+        help="key protocol of ours (default: torch)")
+    add("--peer-timeout", type=_seconds_or_off, metavar="SECS|off",
+        help="peer_timeout_secs of ours and native: seconds, or 'off' for None "
+        "(default: the constructor's)")
+    add("--timeout", dest="timeout_secs", type=_positive_seconds, metavar="SECS",
+        default=d.timeout_secs,
+        help=f"give up, killing every rank, after this long (default: {d.timeout_secs:g})")
+    add("--json", dest="json_path", metavar="FILE",
+        help="write the configuration, versions and every raw sample here")
+    add("--plot", dest="plot_path", metavar="FILE.png",
+        help="plot latency against world size (needs matplotlib)")
+    add("--split-phase", action="store_true",
+        help="time arrive(), work, wait() against work, execute_barrier() (see above)")
+    add("--work-us", type=_non_negative_float, metavar="US", default=d.work_us,
+        help="with --split-phase: Python work per iteration, in microseconds of "
+        f"this machine, calibrated once (default: {d.work_us:g})")
+# fmt: on
+
+
+class ConfigError(ValueError):
+    """Options that parse one by one but do not go together."""
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The :class:`BenchConfig` of parsed options; ConfigError if they clash."""
+    if args.processes is not None and args.ranks != "threads":
+        raise ConfigError("--processes needs --ranks threads")
+    if args.split_phase and args.plot_path is not None:
+        raise ConfigError("--plot does not apply to --split-phase")
+    contenders = args.contenders or [
+        c for c in DEFAULT_CONTENDERS if not (c == "native" and args.protocol == "native")
+    ]
+    contenders = list(dict.fromkeys(c for c in contenders if not (args.no_torch and c == "torch")))
+    if "ours" not in contenders:
+        raise ConfigError("--contenders must include ours")
+    wants_liveness = args.peer_timeout is not None or "ours-noliveness" in contenders
+    if wants_liveness and not _has_peer_timeout():
+        raise ConfigError(
+            "this build of tcpstore_barrier has no peer_timeout_secs: "
+            "--peer-timeout and ours-noliveness need the core with liveness"
+        )
+    return BenchConfig(
+        world_sizes=tuple(args.world_size), iters=args.iters, rounds=args.rounds,
+        warmup=args.warmup, ranks=args.ranks, processes=args.processes or 1,
+        busy_thread=args.busy_thread, backend=args.backend, protocol=args.protocol,
+        contenders=tuple(contenders), peer_timeout=args.peer_timeout,
+        timeout_secs=args.timeout_secs, json_path=args.json_path,
+        plot_path=args.plot_path, split_phase=args.split_phase, work_us=args.work_us,
+    )  # fmt: skip
+
+
+def _has_peer_timeout() -> bool:
+    from tcpstore_barrier import TCPStoreBarrier
+
+    return "peer_timeout_secs" in inspect.signature(TCPStoreBarrier).parameters
