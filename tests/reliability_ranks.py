@@ -362,6 +362,9 @@ def many_rounds(rank, world_size, port, rounds, sample_every, torch_ranks=()):
             samples.append((done, store.num_keys()))
     result = None
     if rank == 0:
+        busy_num_keys = store.num_keys()
+        # Deletes wait for the barrier to be quiet (50 ms on every rank).
+        time.sleep(0.5)
         leftover = [
             s
             for s in range(rounds)
@@ -369,6 +372,7 @@ def many_rounds(rank, world_size, port, rounds, sample_every, torch_ranks=()):
             or store.check([f"{PREFIX}{s}/last_member"])
         ]
         result = {
+            "busy_num_keys": busy_num_keys,
             "num_keys": store.num_keys(),
             "samples": samples,
             "rounds_with_keys": leftover,

@@ -246,7 +246,8 @@ def test_bench_memory_end_to_end(tmp_path):
     document = json.loads(out.read_text())
     ours, torch_objects = document["objects"]
     # Ours opens its watcher's connection when it is constructed.
-    assert ours["fds_per_object"] == 2 and torch_objects["fds_per_object"] == 1
+    # Two connections (the caller's and the worker's) and the liveness alarm.
+    assert ours["fds_per_object"] == 3 and torch_objects["fds_per_object"] == 1
     assert ours["threads_per_object_after_round"] == 1
     assert torch_objects["rss_per_object_after_round"] is None
     ours_store, torch_store = document["stores"]

@@ -519,11 +519,23 @@ def test_close_of_the_host_releases_its_port(port):
 
 # --- 6. bounded store --------------------------------------------------------
 
-# Without deletes, N rounds leave 2N keys. "Bounded" is the loose bound:
-# no growth with the number of rounds. The tight bound is issue 3's target.
-LOOSE_KEY_BOUND = 100
+# Without deletes, N rounds leave 2N keys. The core deletes finished rounds
+# in batches of 32 by turns once the barrier is quiet for 50 ms, and at once
+# when 1024 rounds wait: in a tight loop keys of at most that many rounds
+# (plus a batch per rank in flight) remain; once quiet, only the rounds of
+# the latest unfinished batch. Besides rounds: two keys per rank of ours
+# (`rank{r}`, its heartbeat counter) and a few of the store's.
+MAX_PENDING_ROUNDS, BATCH = 1024, 32
 MANY_ROUNDS = 2000
 MIXED_ROUNDS = 300
+
+
+def busy_key_bound(world_size):
+    return 2 * world_size + 4 + 2 * (MAX_PENDING_ROUNDS + BATCH * (world_size + 1))
+
+
+def quiet_key_bound(world_size):
+    return 2 * world_size + 4 + 2 * BATCH
 
 
 @pytest.fixture(scope="module")
@@ -542,32 +554,26 @@ def many_rounds_mixed(mp_context):
 def test_store_does_not_grow_with_the_number_of_rounds(many_rounds_ours):
     counts = [n for _, n in many_rounds_ours["samples"]]
     assert len(counts) == MANY_ROUNDS // 250
-    assert max(counts) <= LOOSE_KEY_BOUND, many_rounds_ours["samples"]
+    assert max(counts) <= busy_key_bound(3), many_rounds_ours["samples"]
+    assert many_rounds_ours["busy_num_keys"] <= busy_key_bound(3)
 
 
 def test_store_does_not_grow_with_a_torch_rank_mixed_in(many_rounds_mixed):
     counts = [n for _, n in many_rounds_mixed["samples"]]
     assert len(counts) == MIXED_ROUNDS // 50
-    assert max(counts) <= LOOSE_KEY_BOUND, many_rounds_mixed["samples"]
+    assert max(counts) <= busy_key_bound(3), many_rounds_mixed["samples"]
 
 
-# The documented bound: one key per rank, a few bookkeeping keys, and the
-# rounds not yet deleted: the current batch of kCleanupEvery = 4 rounds plus
-# up to kMaxQueuedCleanups = 2 batches waiting, 2 keys a round.
-def documented_key_bound(world_size):
-    return world_size + 4 + 2 * 4 * (1 + 2 + 1)
+def test_a_quiet_barrier_deletes_every_finished_batch(many_rounds_ours):
+    assert many_rounds_ours["num_keys"] <= quiet_key_bound(3), many_rounds_ours
+    leftover = many_rounds_ours["rounds_with_keys"]
+    assert not leftover or min(leftover) >= MANY_ROUNDS - BATCH - 1, leftover
 
 
-def test_store_holds_keys_within_the_documented_bound_after_2000_rounds(
-    many_rounds_ours,
-):
-    assert many_rounds_ours["num_keys"] <= documented_key_bound(3), many_rounds_ours
-
-
-def test_store_holds_keys_within_the_documented_bound_with_a_torch_rank_mixed_in(
-    many_rounds_mixed,
-):
-    assert many_rounds_mixed["num_keys"] <= documented_key_bound(3), many_rounds_mixed
+def test_a_quiet_barrier_deletes_the_rounds_of_torch_ranks_turns(many_rounds_mixed):
+    assert many_rounds_mixed["num_keys"] <= quiet_key_bound(3) + 2 * BATCH
+    leftover = many_rounds_mixed["rounds_with_keys"]
+    assert not leftover or min(leftover) >= MIXED_ROUNDS - 2 * BATCH - 1, leftover
 
 
 # --- 7. listening where asked ------------------------------------------------

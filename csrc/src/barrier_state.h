@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -19,6 +21,18 @@
 #include "worker.h"
 
 namespace tcpstore_barrier::detail {
+
+// Finished rounds waiting for their keys to be deleted (housekeeping.cpp):
+// written by the caller as rounds complete, read by the worker.
+struct DeleteQueue {
+  std::mutex mutex;
+  // The newest round of each batch this rank is to delete.
+  std::deque<int64_t> batches;
+  bool scheduled = false;
+  bool urgent = false;
+  Clock::time_point lastRound;
+  int64_t completed = 0;
+};
 
 struct BarrierState {
   int64_t rank = 0;
@@ -43,6 +57,7 @@ struct BarrierState {
   std::unique_ptr<StoreConnection> connection;
   std::unique_ptr<StoreConnection> background;
   std::unique_ptr<Liveness> liveness;
+  DeleteQueue deletes;
   // Last, so that it stops first: its thread uses everything above.
   std::unique_ptr<Worker> worker;
 

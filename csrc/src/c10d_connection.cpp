@@ -80,8 +80,15 @@ class C10dConnection final : public StoreConnection {
     return values;
   }
 
-  bool deleteKey(std::string_view key, Clock::time_point) override {
-    return store_->deleteKey(std::string(key));
+  std::vector<bool> deleteEach(
+      const std::vector<std::string>& keys,
+      Clock::time_point) override {
+    std::vector<bool> existed;
+    existed.reserve(keys.size());
+    for (const auto& key : keys) {
+      existed.push_back(store_->deleteKey(key));
+    }
+    return existed;
   }
 
   std::string compareSet(

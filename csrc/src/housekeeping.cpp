@@ -12,12 +12,15 @@
 namespace tcpstore_barrier::detail {
 namespace {
 
-// Finished rounds' keys are deleted every this many rounds, and at most
-// kMaxBacklog jobs wait for the worker before the caller deletes a batch
-// itself: the store holds a few dozen keys besides a few per rank.
-constexpr int64_t kCleanupEvery = 4;
-constexpr std::size_t kMaxBacklog = 2;
-constexpr std::chrono::milliseconds kDeleteDeadline{2000};
+// Finished rounds' keys are deleted in batches of kBatch rounds, the ranks
+// taking turns, by the worker once its barrier has been quiet for kQuiet:
+// between checkpoints the store is idle, while in a tight loop the deletes
+// would double its server's work per round. Keys of at most
+// kMaxPendingRounds rounds wait so; past that they go at once.
+constexpr int64_t kBatch = 32;
+constexpr std::chrono::milliseconds kQuiet{50};
+constexpr int64_t kMaxPendingRounds = 1024;
+constexpr std::chrono::milliseconds kDeleteDeadline{5000};
 // How often rank 0's close() looks for ranks that have closed.
 constexpr std::chrono::milliseconds kClosePoll{10};
 
@@ -111,39 +114,60 @@ void awaitClosers(
   }
 }
 
+bool tooManyWaiting(const DeleteQueue& queue) {
+  return !queue.batches.empty() &&
+      queue.completed - queue.batches.front() >= kMaxPendingRounds;
+}
+
+// On the worker: deletes the queued batches once the barrier is quiet, or
+// at once when too many rounds wait.
+void deleteWhenQuiet(BarrierState& state) {
+  std::deque<int64_t> batches;
+  {
+    std::lock_guard<std::mutex> lock(state.deletes.mutex);
+    DeleteQueue& queue = state.deletes;
+    if (queue.batches.empty()) {
+      return; // an urgent run took them
+    }
+    const auto quietFrom = queue.lastRound + kQuiet;
+    if (Clock::now() < quietFrom && !tooManyWaiting(queue)) {
+      state.worker->postAt([&state] { deleteWhenQuiet(state); }, quietFrom);
+      return;
+    }
+    batches.swap(queue.batches);
+    queue.scheduled = false;
+    queue.urgent = false;
+  }
+  for (const int64_t newest : batches) {
+    state.protocol->deleteRounds(
+        *state.background, newest, kBatch, Clock::now() + kDeleteDeadline);
+  }
+}
+
 } // namespace
 
 void deleteFinishedRounds(BarrierState& state) {
   // Round s has released, so every rank has returned from round s-1 and the
-  // keys of rounds up to s-1 are no longer read. The ranks take turns, so
-  // that no one connection carries every delete.
+  // keys of rounds up to s-1 are no longer read.
   const int64_t sequence = state.sequence;
-  if (sequence == 0 || sequence % kCleanupEvery != 0 ||
-      (sequence / kCleanupEvery) % state.worldSize != state.rank) {
-    return;
+  const bool myTurn = sequence > 0 && sequence % kBatch == 0 &&
+      (sequence / kBatch) % state.worldSize == state.rank;
+  std::lock_guard<std::mutex> lock(state.deletes.mutex);
+  DeleteQueue& queue = state.deletes;
+  queue.lastRound = Clock::now();
+  queue.completed = sequence;
+  if (myTurn) {
+    queue.batches.push_back(sequence - 1);
   }
-  const int64_t newest = sequence - 1;
-  // Off the caller's path, on the worker; should jobs pile up (rounds
-  // outpacing deletes, as in a tight loop of a few ranks), this batch runs
-  // here instead, so that the store stays bounded.
-  if (state.worker->backlog() >= kMaxBacklog) {
-    try {
-      state.protocol->deleteRounds(
-          *state.connection,
-          newest,
-          kCleanupEvery,
-          Clock::now() + kDeleteDeadline);
-    } catch (const StoreUnavailable& e) {
-      throwStoreUnreachable(state, e.what());
-    }
-    return;
+  if (tooManyWaiting(queue) && !queue.urgent) {
+    queue.urgent = true;
+    queue.scheduled = true;
+    state.worker->post([&state] { deleteWhenQuiet(state); });
+  } else if (!queue.batches.empty() && !queue.scheduled) {
+    queue.scheduled = true;
+    state.worker->postAt(
+        [&state] { deleteWhenQuiet(state); }, queue.lastRound + kQuiet);
   }
-  state.worker->post([protocol = state.protocol.get(),
-                      connection = state.background.get(),
-                      newest] {
-    protocol->deleteRounds(
-        *connection, newest, kCleanupEvery, Clock::now() + kDeleteDeadline);
-  });
 }
 
 void closeBarrier(BarrierState& state) {

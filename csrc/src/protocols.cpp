@@ -51,6 +51,8 @@ class TorchKeysProtocol final : public RoundProtocol {
     return {false, order};
   }
 
+  void noteSlowRound(StoreConnection&, int64_t) override {}
+
   std::vector<int64_t> missingRanks(
       StoreConnection& connection,
       int64_t sequence,
@@ -67,16 +69,22 @@ class TorchKeysProtocol final : public RoundProtocol {
       int64_t newest,
       int64_t count,
       Clock::time_point deadline) override {
-    // A torch rank never takes its turn, so walk back past this batch until
-    // a round is found already deleted. Walkers that meet stop at each
-    // other's deletes; the one still deleting carries on down, so no round
-    // is skipped.
-    (void)count;
-    for (int64_t old = newest; old >= 0; --old) {
-      if (!connection.deleteKey(roundKey(old, kNumMembersSuffix), deadline)) {
-        return;
+    // A torch rank never takes its turn, so walk back past this batch, a
+    // batch at a time, until a round is found already deleted. Walkers that
+    // meet stop at each other's deletes; the one still deleting carries on
+    // down, so no round is skipped.
+    for (int64_t last = newest; last >= 0; last -= count) {
+      std::vector<std::string> keys;
+      for (int64_t old = last; old > last - count && old >= 0; --old) {
+        keys.push_back(roundKey(old, kNumMembersSuffix));
+        keys.push_back(roundKey(old, kLastMemberSuffix));
       }
-      connection.deleteKey(roundKey(old, kLastMemberSuffix), deadline);
+      const auto existed = connection.deleteEach(keys, deadline);
+      for (std::size_t i = 0; i < existed.size(); i += 2) {
+        if (!existed[i]) {
+          return;
+        }
+      }
     }
   }
 };
@@ -106,34 +114,15 @@ class ServerBarrierProtocol final : public RoundProtocol {
     return {false, 0};
   }
 
-  void noteSlowRound(StoreConnection& connection, int64_t sequence) override {
-    writeRankKey(connection, sequence);
-  }
-
   std::vector<int64_t> missingRanks(
       StoreConnection& connection,
       int64_t sequence,
       Clock::time_point deadline) override {
-    // A rank writes its `rank{r}` key only once its round has been slow, so
-    // one that arrived just now may not have written it yet: the server's
-    // count says how many arrived, and the keys catch up within moments.
-    const std::vector<std::string> countKey{releaseKey(sequence)};
-    const auto arrived = [&] {
-      if (!connection.check(countKey, deadline)) {
-        return int64_t{0};
-      }
-      return parseDecimal(connection.multiGet(countKey, deadline).front())
-          .value_or(0);
-    };
-    auto missing = ranksBehind(connection, sequence, deadline);
-    const auto giveUp = std::min(
-        deadline, Clock::now() + std::chrono::milliseconds(300));
-    while (worldSize_ - static_cast<int64_t>(missing.size()) < arrived() &&
-           Clock::now() < giveUp) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      missing = ranksBehind(connection, sequence, deadline);
-    }
-    return missing;
+    return ranksBehindCount(connection, sequence, releaseKey(sequence), deadline);
+  }
+
+  void noteSlowRound(StoreConnection& connection, int64_t sequence) override {
+    writeRankKey(connection, sequence);
   }
 
   std::string releaseKey(int64_t sequence) const override {
@@ -145,15 +134,11 @@ class ServerBarrierProtocol final : public RoundProtocol {
       int64_t newest,
       int64_t count,
       Clock::time_point deadline) override {
+    std::vector<std::string> keys;
     for (int64_t old = newest; old > newest - count && old >= 0; --old) {
-      connection.deleteKey(roundKey(old, kServerBarrierSuffix), deadline);
+      keys.push_back(roundKey(old, kServerBarrierSuffix));
     }
-  }
-
- private:
-  void appendSequence(int64_t sequence) {
-    sequenceText_.clear();
-    appendDecimal(sequenceText_, sequence);
+    connection.deleteEach(keys, deadline);
   }
 };
 
@@ -187,8 +172,6 @@ RoundProtocol::RoundProtocol(
   appendDecimal(rankKey_, rank_);
 }
 
-void RoundProtocol::noteSlowRound(StoreConnection&, int64_t) {}
-
 bool RoundProtocol::watches(const Arrival& arrival) const {
   // The first two arrivers wait the longest; ranks 0 and 1 stand in when
   // the order is unknown (native) or those arrivers are torch's ranks.
@@ -204,10 +187,42 @@ std::string RoundProtocol::roundKey(
   return key;
 }
 
-void RoundProtocol::writeRankKey(StoreConnection& connection, int64_t sequence) {
+void RoundProtocol::appendSequence(int64_t sequence) {
   sequenceText_.clear();
   appendDecimal(sequenceText_, sequence);
+}
+
+void RoundProtocol::writeRankKey(StoreConnection& connection, int64_t sequence) {
+  appendSequence(sequence);
   connection.set(rankKey_, sequenceText_);
+}
+
+std::vector<int64_t> RoundProtocol::ranksBehindCount(
+    StoreConnection& connection,
+    int64_t sequence,
+    const std::string& countKey,
+    Clock::time_point deadline) {
+  // A native rank writes its `rank{r}` key only once its round has been
+  // slow, so one that arrived just now may not have written it yet: the
+  // round's count says how many arrived, and the keys catch up within
+  // moments.
+  const std::vector<std::string> count{countKey};
+  const auto arrived = [&] {
+    if (!connection.check(count, deadline)) {
+      return int64_t{0};
+    }
+    return parseDecimal(connection.multiGet(count, deadline).front())
+        .value_or(0);
+  };
+  auto missing = ranksBehind(connection, sequence, deadline);
+  const auto giveUp =
+      std::min(deadline, Clock::now() + std::chrono::milliseconds(300));
+  while (worldSize_ - static_cast<int64_t>(missing.size()) < arrived() &&
+         Clock::now() < giveUp) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    missing = ranksBehind(connection, sequence, deadline);
+  }
+  return missing;
 }
 
 std::vector<int64_t> RoundProtocol::ranksBehind(

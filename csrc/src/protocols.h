@@ -43,7 +43,7 @@ class RoundProtocol {
       Clock::time_point deadline) = 0;
 
   // Called once a round has waited kSlowRound without releasing.
-  virtual void noteSlowRound(StoreConnection& connection, int64_t sequence);
+  virtual void noteSlowRound(StoreConnection& connection, int64_t sequence) = 0;
 
   // Whether a rank that entered a round so watches its peers' liveness: a
   // few ranks per round do, so the store's load does not grow with them.
@@ -72,7 +72,15 @@ class RoundProtocol {
       StoreConnection& connection,
       int64_t sequence,
       Clock::time_point deadline);
+  // The same, read until it agrees with the number of ranks that
+  // `countKey` says have arrived (for at most 300 ms).
+  std::vector<int64_t> ranksBehindCount(
+      StoreConnection& connection,
+      int64_t sequence,
+      const std::string& countKey,
+      Clock::time_point deadline);
   std::string roundKey(int64_t sequence, std::string_view suffix) const;
+  void appendSequence(int64_t sequence);
   void writeRankKey(StoreConnection& connection, int64_t sequence);
 
   int64_t rank_;

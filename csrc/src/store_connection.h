@@ -73,8 +73,10 @@ class StoreConnection {
   virtual std::vector<std::string> multiGet(
       const std::vector<std::string>& keys,
       Clock::time_point deadline) = 0;
-  // Whether the key existed.
-  virtual bool deleteKey(std::string_view key, Clock::time_point deadline) = 0;
+  // Deletes each of `keys` in one round trip; whether each existed.
+  virtual std::vector<bool> deleteEach(
+      const std::vector<std::string>& keys,
+      Clock::time_point deadline) = 0;
   // Sets `key` to `desired` if its value is `expected` (empty: missing);
   // returns the value it then has.
   virtual std::string compareSet(

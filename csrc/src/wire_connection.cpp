@@ -136,11 +136,19 @@ class WireConnection final : public StoreConnection {
     return values;
   }
 
-  bool deleteKey(std::string_view key, Clock::time_point deadline) override {
-    begin(QueryType::DELETE_KEY);
-    appendKey(key);
+  std::vector<bool> deleteEach(
+      const std::vector<std::string>& keys,
+      Clock::time_point deadline) override {
+    for (const auto& key : keys) {
+      begin(QueryType::DELETE_KEY);
+      appendKey(key);
+    }
     sendPending(deadline);
-    return readValue<int64_t>(deadline) > 0;
+    std::vector<bool> existed(keys.size());
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      existed[i] = readValue<int64_t>(deadline) > 0;
+    }
+    return existed;
   }
 
   std::string compareSet(

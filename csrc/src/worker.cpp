@@ -1,5 +1,6 @@
 #include "worker.h"
 
+#include <algorithm>
 #include <memory>
 #include <utility>
 
@@ -39,9 +40,13 @@ Worker::~Worker() {
 }
 
 void Worker::post(std::function<void()> job) {
+  postAt(std::move(job), Clock::time_point::min());
+}
+
+void Worker::postAt(std::function<void()> job, Clock::time_point notBefore) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    jobs_.push_back(std::move(job));
+    jobs_.push_back(Job{std::move(job), notBefore});
   }
   changed_.notify_all();
 }
@@ -72,24 +77,35 @@ void Worker::run() {
   auto nextTick = Clock::now();
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
-    if (tick_ && Clock::now() >= nextTick) {
+    const auto now = Clock::now();
+    if (tick_ && now >= nextTick) {
       lock.unlock();
       runQuietly(tick_);
       lock.lock();
       nextTick = Clock::now() + interval_;
       continue;
     }
-    if (jobs_.empty()) {
-      const auto wake = [&] { return stopping_ || !jobs_.empty(); };
-      if (tick_) {
-        changed_.wait_until(lock, nextTick, wake);
+    auto wake = tick_ ? nextTick : Clock::time_point::max();
+    auto due = jobs_.end();
+    for (auto job = jobs_.begin(); job != jobs_.end(); ++job) {
+      if (job->notBefore <= now) {
+        due = job;
+        break;
+      }
+      wake = std::min(wake, job->notBefore);
+    }
+    if (due == jobs_.end()) {
+      const std::size_t waiting = jobs_.size();
+      const auto changed = [&] { return stopping_ || jobs_.size() != waiting; };
+      if (wake == Clock::time_point::max()) {
+        changed_.wait(lock, changed);
       } else {
-        changed_.wait(lock, wake);
+        changed_.wait_until(lock, wake, changed);
       }
       continue;
     }
-    auto job = std::move(jobs_.front());
-    jobs_.pop_front();
+    auto job = std::move(due->run);
+    jobs_.erase(due);
     running_ = 1;
     lock.unlock();
     runQuietly(job);

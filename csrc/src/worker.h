@@ -29,6 +29,8 @@ class Worker {
   Worker& operator=(const Worker&) = delete;
 
   void post(std::function<void()> job);
+  // Runs `job` no earlier than `notBefore`; jobs due run in posting order.
+  void postAt(std::function<void()> job, Clock::time_point notBefore);
 
   // Jobs posted and not yet finished.
   std::size_t backlog() const;
@@ -45,7 +47,11 @@ class Worker {
   std::function<void()> interrupt_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;
-  std::deque<std::function<void()>> jobs_;
+  struct Job {
+    std::function<void()> run;
+    Clock::time_point notBefore;
+  };
+  std::deque<Job> jobs_;
   std::size_t running_ = 0;
   bool stopping_ = false;
   std::thread thread_;
