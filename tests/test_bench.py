@@ -245,14 +245,14 @@ def test_bench_memory_end_to_end(tmp_path):
     assert "RSS per object" in result.stdout
     document = json.loads(out.read_text())
     ours, torch_objects = document["objects"]
-    # Ours opens its watcher's connection when it is constructed.
     # Two connections (the caller's and the worker's) and the liveness alarm.
     assert ours["fds_per_object"] == 3 and torch_objects["fds_per_object"] == 1
     assert ours["threads_per_object_after_round"] == 1
     assert torch_objects["rss_per_object_after_round"] is None
     ours_store, torch_store = document["stores"]
     assert [s["barriers"] for s in ours_store["samples"]] == [1, 20, 40, 60]
-    assert max(s["keys"] for s in ours_store["samples"]) < 30
+    # Finished rounds wait for a quiet moment (or 1024 rounds) to be deleted.
+    assert max(s["keys"] for s in ours_store["samples"]) <= 2 * 60 + 30
     torch_keys = [s["keys"] for s in torch_store["samples"]]
     # torch's class keeps 2 keys a round (give or take the peer's next round).
     assert abs(torch_keys[-1] - torch_keys[0] - 2 * (30 - 1)) <= 2
