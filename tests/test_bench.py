@@ -228,7 +228,12 @@ def test_bench_ctrl_c_exits_130_and_kills_every_rank():
          "1000000", "--contenders", "ours"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
-    time.sleep(4)  # ranks started and measuring
+    # Interrupt once the ranks run (the bench, its forkserver and two ranks),
+    # not while a loaded machine is still importing torch.
+    deadline = time.monotonic() + 120
+    while len(processes_with(marker)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130, err
