@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 
 from tcpstore_barrier.__main__ import build_parser, main
-from tcpstore_barrier._bench.cli import BenchConfig, ConfigError, config_from_args
+from tcpstore_barrier._bench.cli import BenchConfig, config_from_args
 from tcpstore_barrier._bench.results import schedule
 from tcpstore_barrier._bench.importtime import parse_importtime
 
@@ -103,20 +103,10 @@ def test_options_that_clash_exit_2_before_starting_ranks(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_liveness_options_need_a_core_with_peer_timeout():
-    """Untested against the core with liveness: it has not landed yet."""
-    from tcpstore_barrier import TCPStoreBarrier
-    import inspect
-
-    if "peer_timeout_secs" in inspect.signature(TCPStoreBarrier).parameters:
-        assert parse_bench("--peer-timeout", "off").peer_timeout == "off"
-        assert parse_bench("--peer-timeout", "2.5").peer_timeout == 2.5
-        assert "ours-noliveness" in parse_bench("--contenders", "ours", "ours-noliveness").contenders
-    else:
-        with pytest.raises(ConfigError, match="peer_timeout_secs"):
-            parse_bench("--peer-timeout", "off")
-        with pytest.raises(ConfigError, match="peer_timeout_secs"):
-            parse_bench("--contenders", "ours", "ours-noliveness")
+def test_liveness_options():
+    assert parse_bench("--peer-timeout", "off").peer_timeout == "off"
+    assert parse_bench("--peer-timeout", "2.5").peer_timeout == 2.5
+    assert "ours-noliveness" in parse_bench("--contenders", "ours", "ours-noliveness").contenders
 
 
 def test_help_says_what_is_measured(capsys):
