@@ -7,6 +7,8 @@
 namespace tcpstore_barrier {
 namespace {
 
+constexpr std::chrono::milliseconds kGracefulStop{200};
+
 // Jobs report their outcome through their own state; a job that throws
 // (housekeeping on a store that is gone) has nothing left to tell.
 void runQuietly(const std::function<void()>& job) noexcept {
@@ -28,14 +30,18 @@ Worker::Worker(
       thread_(&Worker::run, this) {}
 
 Worker::~Worker() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stopping_ = true;
-  }
+  std::unique_lock<std::mutex> lock(mutex_);
+  stopping_ = true;
   changed_.notify_all();
-  if (interrupt_) {
+  // A job or tick in flight normally ends within microseconds: let it, so
+  // that no request is cut off with its reply on the way (the store's
+  // server would log a failed write). One stuck on a silent store is
+  // interrupted.
+  if (!changed_.wait_for(lock, kGracefulStop, [this] { return stopped_; }) &&
+      interrupt_) {
     interrupt_();
   }
+  lock.unlock();
   thread_.join();
 }
 
@@ -112,6 +118,8 @@ void Worker::run() {
     lock.lock();
     running_ = 0;
   }
+  stopped_ = true;
+  changed_.notify_all();
 }
 
 } // namespace tcpstore_barrier

@@ -54,6 +54,7 @@ class Worker {
   std::deque<Job> jobs_;
   std::size_t running_ = 0;
   bool stopping_ = false;
+  bool stopped_ = false;
   std::thread thread_;
 };
 
