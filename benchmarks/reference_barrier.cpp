@@ -1,8 +1,8 @@
 // The bench's reference barrier: torch's three requests a round and nothing
 // else (no timeout naming, no resume, no key cleanup, no Ctrl-C), in C++
 // with the GIL released. Whatever ours spends beyond this is our overhead.
-#include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 
 namespace py = pybind11;
 
@@ -10,8 +10,15 @@ namespace {
 
 class ReferenceBarrier {
  public:
-  ReferenceBarrier(c10::intrusive_ptr<c10d::Store> store, int64_t rank, int64_t worldSize, std::string prefix)
-      : store_(std::move(store)), rank_(rank), worldSize_(worldSize), prefix_(std::move(prefix)) {}
+  ReferenceBarrier(
+      c10::intrusive_ptr<c10d::Store> store,
+      int64_t rank,
+      int64_t worldSize,
+      std::string prefix)
+      : store_(std::move(store)),
+        rank_(rank),
+        worldSize_(worldSize),
+        prefix_(std::move(prefix)) {}
 
   // Round s as torch.distributed.elastic.utils.store.barrier runs it, except
   // that the last arriver does not wait for the key it has just set.
@@ -38,7 +45,18 @@ class ReferenceBarrier {
 
 PYBIND11_MODULE(_reference, m) {
   py::class_<ReferenceBarrier>(m, "ReferenceBarrier")
-      .def(py::init<c10::intrusive_ptr<c10d::Store>, int64_t, int64_t, std::string>(), py::arg("store"),
-           py::arg("rank"), py::arg("world_size"), py::arg("prefix"))
-      .def("execute_barrier", &ReferenceBarrier::executeBarrier, py::call_guard<py::gil_scoped_release>());
+      .def(
+          py::init<
+              c10::intrusive_ptr<c10d::Store>,
+              int64_t,
+              int64_t,
+              std::string>(),
+          py::arg("store"),
+          py::arg("rank"),
+          py::arg("world_size"),
+          py::arg("prefix"))
+      .def(
+          "execute_barrier",
+          &ReferenceBarrier::executeBarrier,
+          py::call_guard<py::gil_scoped_release>());
 }

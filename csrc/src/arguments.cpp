@@ -23,41 +23,45 @@ uint16_t checkedPort(int64_t port) {
 
 std::chrono::milliseconds checkedTimeout(double seconds, const char* name) {
   if (std::isnan(seconds) || seconds < 0 || seconds > kMaxTimeoutSeconds) {
-    throw std::invalid_argument(fmt::format(
-        "{} must be a number of seconds in [0, {:g}], got {}",
-        name,
-        kMaxTimeoutSeconds,
-        seconds));
+    throw std::invalid_argument(
+        fmt::format(
+            "{} must be a number of seconds in [0, {:g}], got {}",
+            name,
+            kMaxTimeoutSeconds,
+            seconds));
   }
   return std::chrono::milliseconds(std::llround(seconds * 1000.0));
 }
 
 void checkNonNegative(std::chrono::milliseconds timeout, const char* name) {
   if (timeout.count() < 0) {
-    throw std::invalid_argument(fmt::format(
-        "{} must not be negative, got {} ms", name, timeout.count()));
+    throw std::invalid_argument(
+        fmt::format(
+            "{} must not be negative, got {} ms", name, timeout.count()));
   }
 }
 
 void checkPositive(std::chrono::milliseconds timeout, const char* name) {
   if (timeout.count() <= 0) {
-    throw std::invalid_argument(fmt::format(
-        "{} must be positive (None turns it off), got {} ms",
-        name,
-        timeout.count()));
+    throw std::invalid_argument(
+        fmt::format(
+            "{} must be positive (None turns it off), got {} ms",
+            name,
+            timeout.count()));
   }
 }
 
 void checkRankAndWorld(int64_t rank, int64_t worldSize) {
   if (worldSize < 1) {
-    throw std::invalid_argument(fmt::format(
-        "global_world_size must be at least 1, got {}", worldSize));
+    throw std::invalid_argument(
+        fmt::format("global_world_size must be at least 1, got {}", worldSize));
   }
   if (rank < 0 || rank >= worldSize) {
-    throw std::invalid_argument(fmt::format(
-        "global_rank must be in [0, global_world_size={}), got {}",
-        worldSize,
-        rank));
+    throw std::invalid_argument(
+        fmt::format(
+            "global_rank must be in [0, global_world_size={}), got {}",
+            worldSize,
+            rank));
   }
 }
 

@@ -4,9 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <exception>
 #include <functional>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -88,7 +88,6 @@ void closeBarrier(BarrierState& state);
 
 // tcpstore_barrier.cpp: the error for a store that failed mid-call.
 [[noreturn]] void throwStoreUnreachable(
-    BarrierState& state,
-    const std::string& what);
+    BarrierState& state, const std::string& what);
 
 } // namespace tcpstore_barrier::detail

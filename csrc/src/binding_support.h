@@ -16,8 +16,7 @@ namespace tcpstore_barrier::detail {
 struct BarrierAccess {
   static void sendArrival(TCPStoreBarrier& barrier);
   static bool arrivalAnswered(
-      TCPStoreBarrier& barrier,
-      std::chrono::milliseconds patience);
+      TCPStoreBarrier& barrier, std::chrono::milliseconds patience);
 };
 
 } // namespace tcpstore_barrier::detail

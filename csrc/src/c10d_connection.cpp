@@ -28,9 +28,10 @@ class C10dConnection final : public StoreConnection {
  public:
   explicit C10dConnection(c10::intrusive_ptr<c10d::Store> store)
       : store_(std::move(store)),
-        description_(fmt::format(
-            "the store given to from_store ({})",
-            typeid(*store_).name())) {}
+        description_(
+            fmt::format(
+                "the store given to from_store ({})", typeid(*store_).name())) {
+  }
 
   void set(std::string_view key, std::string_view value) override {
     store_->set(std::string(key), bytesOf(value));
@@ -42,7 +43,8 @@ class C10dConnection final : public StoreConnection {
     return store_->add(std::string(key), delta);
   }
 
-  void sendAdd(std::string_view key, int64_t delta, Clock::time_point) override {
+  void sendAdd(
+      std::string_view key, int64_t delta, Clock::time_point) override {
     added_ = store_->add(std::string(key), delta);
   }
 
@@ -68,8 +70,7 @@ class C10dConnection final : public StoreConnection {
   }
 
   std::vector<bool> checkEach(
-      const std::vector<std::string>& keys,
-      Clock::time_point) override {
+      const std::vector<std::string>& keys, Clock::time_point) override {
     std::vector<bool> exists;
     exists.reserve(keys.size());
     for (const auto& key : keys) {
@@ -79,8 +80,7 @@ class C10dConnection final : public StoreConnection {
   }
 
   std::vector<std::string> multiGet(
-      const std::vector<std::string>& keys,
-      Clock::time_point) override {
+      const std::vector<std::string>& keys, Clock::time_point) override {
     std::vector<std::string> values;
     values.reserve(keys.size());
     for (const auto& key : keys) {
@@ -90,8 +90,7 @@ class C10dConnection final : public StoreConnection {
   }
 
   std::vector<bool> deleteEach(
-      const std::vector<std::string>& keys,
-      Clock::time_point) override {
+      const std::vector<std::string>& keys, Clock::time_point) override {
     std::vector<bool> existed;
     existed.reserve(keys.size());
     for (const auto& key : keys) {
@@ -113,8 +112,8 @@ class C10dConnection final : public StoreConnection {
     waitedKey_.assign(1, std::string(key));
   }
 
-  void startServerBarrier(std::string_view, int64_t, Clock::time_point)
-      override {
+  void startServerBarrier(
+      std::string_view, int64_t, Clock::time_point) override {
     throw std::invalid_argument(
         "protocol 'native' needs a TCPStore (or a PrefixStore over one)");
   }
@@ -126,7 +125,8 @@ class C10dConnection final : public StoreConnection {
           std::chrono::milliseconds(1),
           std::min(
               kWaitSlice,
-              std::chrono::ceil<std::chrono::milliseconds>(until - sliceStart)));
+              std::chrono::ceil<std::chrono::milliseconds>(
+                  until - sliceStart)));
       try {
         store_->wait(waitedKey_, slice);
         return true;

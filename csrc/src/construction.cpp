@@ -53,8 +53,9 @@ void startRounds(
   state.protocol = makeRoundProtocol(
       state.protocolKind, state.rank, state.worldSize, state.prefix);
   if (address) {
-    state.connection = openWireConnection(
-        *address, deadline, [&state] { state.runInterruptCheck(); });
+    state.connection = openWireConnection(*address, deadline, [&state] {
+      state.runInterruptCheck();
+    });
     state.background = openWireConnection(*address, deadline);
   } else {
     state.connection = openC10dConnection(state.store);
@@ -73,9 +74,13 @@ void startRounds(
   auto* background = state.background.get();
   state.worker = std::make_unique<Worker>(
       liveness->interval(),
-      liveness->enabled() ? std::function<void()>([liveness] { liveness->tick(); })
+      liveness->enabled() ? std::function<void()>([liveness] {
+        liveness->tick();
+      })
                           : nullptr,
-      [background] { background->abort(); });
+      [background] {
+        background->abort();
+      });
 }
 
 } // namespace
@@ -108,9 +113,7 @@ PeerLostError::PeerLostError(
       lostRanks_(std::move(lostRanks)) {}
 
 StoreUnreachableError::StoreUnreachableError(
-    std::string message,
-    int64_t sequence,
-    std::vector<int64_t> lostRanks)
+    std::string message, int64_t sequence, std::vector<int64_t> lostRanks)
     : c10::DistNetworkError(here(__func__, __LINE__), std::move(message)),
       sequence_(sequence),
       lostRanks_(std::move(lostRanks)) {}
@@ -124,17 +127,19 @@ TCPStoreBarrier::TCPStoreBarrier(
     uint16_t tcpstore_port,
     std::string master_address,
     int64_t timeout_secs)
-    : TCPStoreBarrier(TCPStoreBarrierOptions{
-          global_rank,
-          global_world_size,
-          std::move(barrier_prefix),
-          checkedTimeout(
-              static_cast<double>(timeout_barrier_init_secs),
-              "timeout_barrier_init_secs"),
-          use_checkpoint_barrier_tcpstore_libuv,
-          tcpstore_port,
-          std::move(master_address),
-          checkedTimeout(static_cast<double>(timeout_secs), "timeout_secs")}) {}
+    : TCPStoreBarrier(
+          TCPStoreBarrierOptions{
+              global_rank,
+              global_world_size,
+              std::move(barrier_prefix),
+              checkedTimeout(
+                  static_cast<double>(timeout_barrier_init_secs),
+                  "timeout_barrier_init_secs"),
+              use_checkpoint_barrier_tcpstore_libuv,
+              tcpstore_port,
+              std::move(master_address),
+              checkedTimeout(
+                  static_cast<double>(timeout_secs), "timeout_secs")}) {}
 
 TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
     : state_(std::make_unique<BarrierState>()) {
@@ -178,9 +183,7 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
       state.store = std::move(server);
     }
     startRounds(
-        state,
-        StoreAddress{options.masterAddress, port, "/"},
-        deadline);
+        state, StoreAddress{options.masterAddress, port, "/"}, deadline);
     if (!state.hostsStore) {
       // Counted like c10d's clients, so that rank 0 (ours or torch's)
       // stops waiting for its workers.
@@ -215,8 +218,7 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
             << state.worldSize << " joined " << storeAddress << " (prefix '"
             << state.prefix << "', timeout " << seconds(state.timeout)
             << ", peer timeout "
-            << (state.peerTimeout ? seconds(*state.peerTimeout) : "off")
-            << ")";
+            << (state.peerTimeout ? seconds(*state.peerTimeout) : "off") << ")";
 }
 
 TCPStoreBarrier::TCPStoreBarrier(

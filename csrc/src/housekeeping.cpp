@@ -37,9 +37,7 @@ std::string closedKey(const BarrierState& state, int64_t rank) {
 // or has been silent for the liveness limit (it will never say so), or the
 // barrier's timeout runs out.
 void awaitClosers(
-    BarrierState& state,
-    StoreConnection& store,
-    Clock::time_point deadline) {
+    BarrierState& state, StoreConnection& store, Clock::time_point deadline) {
   std::vector<int64_t> pending;
   {
     std::vector<std::string> aliveKeys;
@@ -95,18 +93,20 @@ void awaitClosers(
         const auto values = store.multiGet(aliveKeys, deadline);
         std::vector<int64_t> alive;
         for (std::size_t i = 0; i < pending.size(); ++i) {
-          auto [entry, first] =
-              seen.try_emplace(pending[i], values[i], now);
+          auto [entry, first] = seen.try_emplace(pending[i], values[i], now);
           if (first || entry->second.first != values[i]) {
             entry->second = {values[i], now};
             alive.push_back(pending[i]);
-          } else if (now - entry->second.second < state.liveness->silenceLimit()) {
+          } else if (
+              now - entry->second.second < state.liveness->silenceLimit()) {
             alive.push_back(pending[i]);
           }
         }
         pending = std::move(alive);
       }
-      nextLook = now + std::max(state.liveness->interval(), std::chrono::milliseconds(200));
+      nextLook =
+          now +
+          std::max(state.liveness->interval(), std::chrono::milliseconds(200));
       continue;
     }
     std::this_thread::sleep_for(kClosePoll);
@@ -116,7 +116,7 @@ void awaitClosers(
 
 bool tooManyWaiting(const DeleteQueue& queue) {
   return !queue.batches.empty() &&
-      queue.completed - queue.batches.front() >= kMaxPendingRounds;
+         queue.completed - queue.batches.front() >= kMaxPendingRounds;
 }
 
 // On the worker: deletes the queued batches once the barrier is quiet, or
@@ -131,7 +131,11 @@ void deleteWhenQuiet(BarrierState& state) {
     }
     const auto quietFrom = queue.lastRound + kQuiet;
     if (Clock::now() < quietFrom && !tooManyWaiting(queue)) {
-      state.worker->postAt([&state] { deleteWhenQuiet(state); }, quietFrom);
+      state.worker->postAt(
+          [&state] {
+            deleteWhenQuiet(state);
+          },
+          quietFrom);
       return;
     }
     batches.swap(queue.batches);
@@ -151,7 +155,7 @@ void deleteFinishedRounds(BarrierState& state) {
   // keys of rounds up to s-1 are no longer read.
   const int64_t sequence = state.sequence;
   const bool myTurn = sequence > 0 && sequence % kBatch == 0 &&
-      (sequence / kBatch) % state.worldSize == state.rank;
+                      (sequence / kBatch) % state.worldSize == state.rank;
   std::lock_guard<std::mutex> lock(state.deletes.mutex);
   DeleteQueue& queue = state.deletes;
   queue.lastRound = Clock::now();
@@ -162,11 +166,16 @@ void deleteFinishedRounds(BarrierState& state) {
   if (tooManyWaiting(queue) && !queue.urgent) {
     queue.urgent = true;
     queue.scheduled = true;
-    state.worker->post([&state] { deleteWhenQuiet(state); });
+    state.worker->post([&state] {
+      deleteWhenQuiet(state);
+    });
   } else if (!queue.batches.empty() && !queue.scheduled) {
     queue.scheduled = true;
     state.worker->postAt(
-        [&state] { deleteWhenQuiet(state); }, queue.lastRound + kQuiet);
+        [&state] {
+          deleteWhenQuiet(state);
+        },
+        queue.lastRound + kQuiet);
   }
 }
 

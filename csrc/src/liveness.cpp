@@ -66,8 +66,8 @@ Liveness::Liveness(
       ownAliveKey_(aliveKey(rank)),
       alarmFd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
   if (enabled_) {
-    const auto fair = std::chrono::milliseconds(
-        worldSize * 1000 / kHeartbeatsPerSecond);
+    const auto fair =
+        std::chrono::milliseconds(worldSize * 1000 / kHeartbeatsPerSecond);
     interval_ = std::max(*peerTimeout / 5, fair);
     silenceLimit_ = std::max(
         *peerTimeout,
@@ -87,7 +87,8 @@ std::string Liveness::lostKey() const {
   return prefix_ + std::string(kLostSuffix);
 }
 
-void Liveness::announce(StoreConnection& connection, Clock::time_point deadline) {
+void Liveness::announce(
+    StoreConnection& connection, Clock::time_point deadline) {
   connection.add(ownAliveKey_, 1, deadline);
 }
 
@@ -115,7 +116,8 @@ void Liveness::raise(Alarm alarm) {
     alarm_ = std::move(alarm);
   }
   const uint64_t one = 1;
-  [[maybe_unused]] const auto written = ::write(alarmFd_.get(), &one, sizeof(one));
+  [[maybe_unused]] const auto written =
+      ::write(alarmFd_.get(), &one, sizeof(one));
 }
 
 void Liveness::tick() {
@@ -137,30 +139,35 @@ void Liveness::tick() {
       watch(round, deadline);
     }
   } catch (const StoreUnavailable& e) {
-    raise(Alarm{
-        e.silent() ? Alarm::Kind::kStoreSilent : Alarm::Kind::kStoreGone,
-        round.sequence,
-        {},
-        {},
-        e.what()});
+    raise(
+        Alarm{
+            e.silent() ? Alarm::Kind::kStoreSilent : Alarm::Kind::kStoreGone,
+            round.sequence,
+            {},
+            {},
+            e.what()});
   }
 }
 
-void Liveness::readDeclaredLoss(const Round& round, Clock::time_point deadline) {
+void Liveness::readDeclaredLoss(
+    const Round& round, Clock::time_point deadline) {
   const std::vector<std::string> key{lostKey()};
   if (!connection_.check(key, deadline)) {
     return;
   }
   const std::string declared = connection_.multiGet(key, deadline).front();
   const auto missingAt = declared.find(kMissingField);
-  raise(Alarm{
-      Alarm::Kind::kPeersLost,
-      round.sequence,
-      splitRanks(std::string_view(declared).substr(
-          kLostField.size(), missingAt - kLostField.size())),
-      splitRanks(std::string_view(declared).substr(
-          std::min(declared.size(), missingAt + kMissingField.size()))),
-      {}});
+  raise(
+      Alarm{
+          Alarm::Kind::kPeersLost,
+          round.sequence,
+          splitRanks(
+              std::string_view(declared).substr(
+                  kLostField.size(), missingAt - kLostField.size())),
+          splitRanks(
+              std::string_view(declared).substr(
+                  std::min(declared.size(), missingAt + kMissingField.size()))),
+          {}});
 }
 
 void Liveness::watch(const Round& round, Clock::time_point deadline) {
@@ -208,8 +215,7 @@ void Liveness::watch(const Round& round, Clock::time_point deadline) {
 }
 
 void Liveness::learnMembers(
-    const std::vector<int64_t>& ranks,
-    Clock::time_point deadline) {
+    const std::vector<int64_t>& ranks, Clock::time_point deadline) {
   std::vector<std::string> keys;
   for (const int64_t rank : ranks) {
     keys.push_back(aliveKey(rank));
@@ -230,8 +236,9 @@ void Liveness::declareLoss(
     const std::vector<int64_t>& missing,
     Clock::time_point deadline) {
   std::string declaration(kLostField);
-  declaration.append(joinRanks(lost)).append(kMissingField).append(
-      joinRanks(missing));
+  declaration.append(joinRanks(lost))
+      .append(kMissingField)
+      .append(joinRanks(missing));
   // The first declaration stands, so that every rank names the same ranks.
   connection_.compareSet(lostKey(), "", declaration, deadline);
   std::vector<int64_t> everyone;

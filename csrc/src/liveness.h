@@ -96,8 +96,7 @@ class Liveness {
 
   void watch(const Round& round, Clock::time_point deadline);
   void learnMembers(
-      const std::vector<int64_t>& ranks,
-      Clock::time_point deadline);
+      const std::vector<int64_t>& ranks, Clock::time_point deadline);
   void declareLoss(
       const std::vector<int64_t>& lost,
       const std::vector<int64_t>& missing,

@@ -27,19 +27,20 @@ class TorchKeysProtocol final : public RoundProtocol {
     // value is what names a missing rank when a round times out. It leaves
     // in the same send as the add.
     writeRankKey(connection, sequence);
-    numMembersKey_.assign(prefix_).append(sequenceText_).append(
-        kNumMembersSuffix);
+    numMembersKey_.assign(prefix_)
+        .append(sequenceText_)
+        .append(kNumMembersSuffix);
     releaseKey_.assign(prefix_).append(sequenceText_).append(kLastMemberSuffix);
     connection.sendAdd(numMembersKey_, 1, deadline);
   }
 
-  bool arrivalAnswered(StoreConnection& connection, Clock::time_point until)
-      override {
+  bool arrivalAnswered(
+      StoreConnection& connection, Clock::time_point until) override {
     return connection.replyReady(until);
   }
 
-  Arrival finishArrival(StoreConnection& connection, Clock::time_point deadline)
-      override {
+  Arrival finishArrival(
+      StoreConnection& connection, Clock::time_point deadline) override {
     const int64_t order = connection.readAdd(deadline);
     if (order >= worldSize_) {
       // The last arriver releases the others and has nothing to wait for.
@@ -98,8 +99,9 @@ class ServerBarrierProtocol final : public RoundProtocol {
       int64_t sequence,
       Clock::time_point deadline) override {
     appendSequence(sequence);
-    releaseKey_.assign(prefix_).append(sequenceText_).append(
-        kServerBarrierSuffix);
+    releaseKey_.assign(prefix_)
+        .append(sequenceText_)
+        .append(kServerBarrierSuffix);
     // The request is the arrival: the server answers it once the count is
     // reached. The `rank{r}` key waits for noteSlowRound(), which halves the
     // server's work in rounds that release at once.
@@ -118,7 +120,8 @@ class ServerBarrierProtocol final : public RoundProtocol {
       StoreConnection& connection,
       int64_t sequence,
       Clock::time_point deadline) override {
-    return ranksBehindCount(connection, sequence, releaseKey(sequence), deadline);
+    return ranksBehindCount(
+        connection, sequence, releaseKey(sequence), deadline);
   }
 
   void noteSlowRound(StoreConnection& connection, int64_t sequence) override {
@@ -161,9 +164,7 @@ std::optional<int64_t> parseDecimal(std::string_view text) {
 }
 
 RoundProtocol::RoundProtocol(
-    int64_t rank,
-    int64_t worldSize,
-    std::string prefix)
+    int64_t rank, int64_t worldSize, std::string prefix)
     : rank_(rank),
       worldSize_(worldSize),
       prefix_(std::move(prefix)),
@@ -179,8 +180,7 @@ bool RoundProtocol::watches(const Arrival& arrival) const {
 }
 
 std::string RoundProtocol::roundKey(
-    int64_t sequence,
-    std::string_view suffix) const {
+    int64_t sequence, std::string_view suffix) const {
   std::string key = prefix_;
   appendDecimal(key, sequence);
   key.append(suffix);
@@ -192,7 +192,8 @@ void RoundProtocol::appendSequence(int64_t sequence) {
   appendDecimal(sequenceText_, sequence);
 }
 
-void RoundProtocol::writeRankKey(StoreConnection& connection, int64_t sequence) {
+void RoundProtocol::writeRankKey(
+    StoreConnection& connection, int64_t sequence) {
   appendSequence(sequence);
   connection.set(rankKey_, sequenceText_);
 }
@@ -226,9 +227,7 @@ std::vector<int64_t> RoundProtocol::ranksBehindCount(
 }
 
 std::vector<int64_t> RoundProtocol::ranksBehind(
-    StoreConnection& connection,
-    int64_t sequence,
-    Clock::time_point deadline) {
+    StoreConnection& connection, int64_t sequence, Clock::time_point deadline) {
   if (allRankKeys_.empty()) {
     for (int64_t r = 0; r < worldSize_; ++r) {
       allRankKeys_.push_back("rank" + std::to_string(r));

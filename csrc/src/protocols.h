@@ -34,13 +34,11 @@ class RoundProtocol {
   // Whether the store's answer to the arrival is here (or none is due), so
   // that finishArrival() will not block.
   virtual bool arrivalAnswered(
-      StoreConnection& connection,
-      Clock::time_point until) = 0;
+      StoreConnection& connection, Clock::time_point until) = 0;
   // Reads the store's answer and, unless the arrival released the round,
   // starts the wait for the release on `connection`.
   virtual Arrival finishArrival(
-      StoreConnection& connection,
-      Clock::time_point deadline) = 0;
+      StoreConnection& connection, Clock::time_point deadline) = 0;
 
   // Called once a round has waited kSlowRound without releasing.
   virtual void noteSlowRound(StoreConnection& connection, int64_t sequence) = 0;

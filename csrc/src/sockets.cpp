@@ -10,10 +10,10 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <thread>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
@@ -47,8 +47,11 @@ AddrInfoPtr resolve(const std::string& host, uint16_t port, int flags) {
     return nullptr;
   }
   if (rc != 0) {
-    throwNetworkError(fmt::format(
-        "master_address '{}' does not resolve: {}", host, gai_strerror(rc)));
+    throwNetworkError(
+        fmt::format(
+            "master_address '{}' does not resolve: {}",
+            host,
+            gai_strerror(rc)));
   }
   return AddrInfoPtr(found);
 }
@@ -56,10 +59,9 @@ AddrInfoPtr resolve(const std::string& host, uint16_t port, int flags) {
 // One non-blocking connect attempt, bounded by `timeout`: the socket on
 // success, else why it failed.
 UniqueFd tryConnect(
-    const addrinfo& a,
-    std::chrono::milliseconds timeout,
-    std::string& error) {
-  UniqueFd fd(::socket(a.ai_family, a.ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    const addrinfo& a, std::chrono::milliseconds timeout, std::string& error) {
+  UniqueFd fd(
+      ::socket(a.ai_family, a.ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (fd.get() < 0) {
     error = std::strerror(errno);
     return UniqueFd();
@@ -106,10 +108,11 @@ UniqueFd& UniqueFd::operator=(UniqueFd&& other) noexcept {
 UniqueFd openListenSocket(const std::string& host, uint16_t port) {
   AddrInfoPtr addresses = resolve(host, port, AI_ADDRCONFIG);
   if (!addresses) {
-    throwNetworkError(fmt::format(
-        "master_address '{}' does not resolve: the name server is not "
-        "answering",
-        host));
+    throwNetworkError(
+        fmt::format(
+            "master_address '{}' does not resolve: the name server is not "
+            "answering",
+            host));
   }
 
   // Peers connect to the first address the name resolves to, so bind that
@@ -127,10 +130,11 @@ UniqueFd openListenSocket(const std::string& host, uint16_t port) {
     ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
     if (::bind(fd.get(), a->ai_addr, a->ai_addrlen) != 0) {
       if (errno == EADDRINUSE) {
-        throwNetworkError(fmt::format(
-            "tcpstore_port {} on master_address '{}' is already in use",
-            port,
-            host));
+        throwNetworkError(
+            fmt::format(
+                "tcpstore_port {} on master_address '{}' is already in use",
+                port,
+                host));
       }
       lastError = std::strerror(errno);
       continue;
@@ -141,11 +145,12 @@ UniqueFd openListenSocket(const std::string& host, uint16_t port) {
     }
     return fd;
   }
-  throwNetworkError(fmt::format(
-      "cannot listen on master_address '{}' tcpstore_port {}: {}",
-      host,
-      port,
-      lastError));
+  throwNetworkError(
+      fmt::format(
+          "cannot listen on master_address '{}' tcpstore_port {}: {}",
+          host,
+          port,
+          lastError));
 }
 
 UniqueFd connectSocket(
@@ -160,7 +165,8 @@ UniqueFd connectSocket(
     if (AddrInfoPtr addresses = resolve(host, port, 0)) {
       for (addrinfo* a = addresses.get(); a != nullptr; a = a->ai_next) {
         const auto left = ceil<milliseconds>(deadline - Clock::now());
-        UniqueFd fd = tryConnect(*a, std::max(left, milliseconds(1)), lastError);
+        UniqueFd fd =
+            tryConnect(*a, std::max(left, milliseconds(1)), lastError);
         if (fd.get() >= 0) {
           return fd;
         }
@@ -190,14 +196,18 @@ void tuneStoreSocket(int fd, std::chrono::milliseconds silenceLimit) {
   // A frozen process whose kernel still acknowledges is caught by our own
   // reply deadlines.
   ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
-  const int idleSecs = static_cast<int>(std::max<int64_t>(1, silenceLimit.count() / 2000));
+  const int idleSecs =
+      static_cast<int>(std::max<int64_t>(1, silenceLimit.count() / 2000));
   const int intervalSecs = 1;
   const int probes = 3;
   ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idleSecs, sizeof(idleSecs));
-  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intervalSecs, sizeof(intervalSecs));
+  ::setsockopt(
+      fd, IPPROTO_TCP, TCP_KEEPINTVL, &intervalSecs, sizeof(intervalSecs));
   ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes));
-  const unsigned int userTimeoutMs = static_cast<unsigned int>(silenceLimit.count());
-  ::setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof(userTimeoutMs));
+  const unsigned int userTimeoutMs =
+      static_cast<unsigned int>(silenceLimit.count());
+  ::setsockopt(
+      fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof(userTimeoutMs));
 }
 
 } // namespace tcpstore_barrier

@@ -49,15 +49,11 @@ class StoreConnection {
   virtual void flush(Clock::time_point deadline) = 0;
 
   virtual int64_t add(
-      std::string_view key,
-      int64_t delta,
-      Clock::time_point deadline) = 0;
+      std::string_view key, int64_t delta, Clock::time_point deadline) = 0;
   // add() in two halves, so that a caller can do something else while the
   // reply travels: sendAdd(), then replyReady() until true, then readAdd().
   virtual void sendAdd(
-      std::string_view key,
-      int64_t delta,
-      Clock::time_point deadline) = 0;
+      std::string_view key, int64_t delta, Clock::time_point deadline) = 0;
   virtual bool replyReady(Clock::time_point until) = 0;
   virtual int64_t readAdd(Clock::time_point deadline) = 0;
 
@@ -69,20 +65,16 @@ class StoreConnection {
 
   // Whether every one of `keys` exists.
   virtual bool check(
-      const std::vector<std::string>& keys,
-      Clock::time_point deadline) = 0;
+      const std::vector<std::string>& keys, Clock::time_point deadline) = 0;
   // Whether each of `keys` exists, in one round trip.
   virtual std::vector<bool> checkEach(
-      const std::vector<std::string>& keys,
-      Clock::time_point deadline) = 0;
+      const std::vector<std::string>& keys, Clock::time_point deadline) = 0;
   // The values of `keys`, which must all exist.
   virtual std::vector<std::string> multiGet(
-      const std::vector<std::string>& keys,
-      Clock::time_point deadline) = 0;
+      const std::vector<std::string>& keys, Clock::time_point deadline) = 0;
   // Deletes each of `keys` in one round trip; whether each existed.
   virtual std::vector<bool> deleteEach(
-      const std::vector<std::string>& keys,
-      Clock::time_point deadline) = 0;
+      const std::vector<std::string>& keys, Clock::time_point deadline) = 0;
   // Sets `key` to `desired` if its value is `expected` (empty: missing);
   // returns the value it then has.
   virtual std::string compareSet(
@@ -96,9 +88,7 @@ class StoreConnection {
   // set() may be used on this connection.
   virtual void startWait(std::string_view key, Clock::time_point deadline) = 0;
   virtual void startServerBarrier(
-      std::string_view key,
-      int64_t worldSize,
-      Clock::time_point deadline) = 0;
+      std::string_view key, int64_t worldSize, Clock::time_point deadline) = 0;
   // True once released; false at `until`, or as soon as `alarmFd` (if not
   // -1) becomes readable.
   virtual bool awaitRelease(Clock::time_point until, int alarmFd) = 0;

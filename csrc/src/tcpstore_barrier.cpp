@@ -41,10 +41,11 @@ std::string seconds(std::chrono::milliseconds duration) {
 
 void checkUsable(const BarrierState& state) {
   if (state.closed) {
-    throw std::logic_error(fmt::format(
-        "TCPStoreBarrier rank {} (prefix '{}') is closed",
-        state.rank,
-        state.prefix));
+    throw std::logic_error(
+        fmt::format(
+            "TCPStoreBarrier rank {} (prefix '{}') is closed",
+            state.rank,
+            state.prefix));
   }
   if (state.lost) {
     std::rethrow_exception(state.lost);
@@ -54,8 +55,7 @@ void checkUsable(const BarrierState& state) {
 // A store that does not answer for the peer timeout is taken for lost; with
 // liveness off, only the call's own deadline bounds the wait for a reply.
 Clock::time_point replyDeadline(
-    const BarrierState& state,
-    Clock::time_point deadline) {
+    const BarrierState& state, Clock::time_point deadline) {
   if (!state.liveness->enabled()) {
     return deadline;
   }
@@ -263,8 +263,7 @@ void BarrierAccess::sendArrival(TCPStoreBarrier& barrier) {
 }
 
 bool BarrierAccess::arrivalAnswered(
-    TCPStoreBarrier& barrier,
-    std::chrono::milliseconds patience) {
+    TCPStoreBarrier& barrier, std::chrono::milliseconds patience) {
   BarrierState& state = *barrier.state_;
   if (state.arrived) {
     return true;
@@ -298,11 +297,12 @@ void TCPStoreBarrier::arrive() {
 void TCPStoreBarrier::wait() {
   checkUsable(*state_);
   if (!state_->arrived) {
-    throw std::logic_error(fmt::format(
-        "TCPStoreBarrier rank {}: wait() called before arrive() for "
-        "sequence {}",
-        state_->rank,
-        state_->sequence));
+    throw std::logic_error(
+        fmt::format(
+            "TCPStoreBarrier rank {}: wait() called before arrive() for "
+            "sequence {}",
+            state_->rank,
+            state_->sequence));
   }
   completeRound(*state_, Clock::now() + state_->timeout);
 }

@@ -8,7 +8,8 @@
 // WaitResponseType and validationMagicNumber. torch 2.14 moved the header
 // into store/; the definitions are unchanged.
 #if !defined(TCPSTORE_BARRIER_TCPSTOREBACKEND_IN_STORE_DIR)
-#error "TCPSTORE_BARRIER_TCPSTOREBACKEND_IN_STORE_DIR is set by CMakeLists.txt on the tcpstore_barrier target"
+#error \
+    "TCPSTORE_BARRIER_TCPSTOREBACKEND_IN_STORE_DIR is set by CMakeLists.txt on the tcpstore_barrier target"
 #elif TCPSTORE_BARRIER_TCPSTOREBACKEND_IN_STORE_DIR
 #include <torch/csrc/distributed/c10d/store/TCPStoreBackend.hpp> // torch 2.14
 #else

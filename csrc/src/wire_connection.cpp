@@ -44,9 +44,7 @@ int millisUntil(Clock::time_point until) {
 class WireConnection final : public StoreConnection {
  public:
   WireConnection(
-      UniqueFd fd,
-      StoreAddress address,
-      std::function<void()> interruptCheck)
+      UniqueFd fd, StoreAddress address, std::function<void()> interruptCheck)
       : fd_(std::move(fd)),
         address_(std::move(address)),
         description_(
@@ -89,10 +87,12 @@ class WireConnection final : public StoreConnection {
       appendKey(key);
       appendValue(delta);
     }
-    sendPending(deadline);
-    for (std::size_t i = 0; i < keys.size(); ++i) {
-      readValue<int64_t>(deadline);
-    }
+    readEach<int64_t>(
+        keys.size(),
+        [&] {
+          return readValue<int64_t>(deadline);
+        },
+        deadline);
   }
 
   bool replyReady(Clock::time_point until) override {
@@ -129,13 +129,13 @@ class WireConnection final : public StoreConnection {
       appendValue<uint64_t>(1);
       appendKey(key);
     }
-    sendPending(deadline);
-    std::vector<bool> exists(keys.size());
-    for (std::size_t i = 0; i < keys.size(); ++i) {
-      exists[i] =
-          readValue<CheckResponseType>(deadline) == CheckResponseType::READY;
-    }
-    return exists;
+    return readEach<bool>(
+        keys.size(),
+        [&] {
+          return readValue<CheckResponseType>(deadline) ==
+                 CheckResponseType::READY;
+        },
+        deadline);
   }
 
   std::vector<std::string> multiGet(
@@ -158,12 +158,12 @@ class WireConnection final : public StoreConnection {
       begin(QueryType::DELETE_KEY);
       appendKey(key);
     }
-    sendPending(deadline);
-    std::vector<bool> existed(keys.size());
-    for (std::size_t i = 0; i < keys.size(); ++i) {
-      existed[i] = readValue<int64_t>(deadline) > 0;
-    }
-    return existed;
+    return readEach<bool>(
+        keys.size(),
+        [&] {
+          return readValue<int64_t>(deadline) > 0;
+        },
+        deadline);
   }
 
   std::string compareSet(
@@ -276,6 +276,19 @@ class WireConnection final : public StoreConnection {
     appendValue<uint64_t>(address_.keyPrefix.size() + key.size());
     pending_.append(address_.keyPrefix);
     pending_.append(key);
+  }
+
+  // Sends the requests queued, one per key, then reads their replies.
+  template <typename Reply, typename Read>
+  std::vector<Reply> readEach(
+      std::size_t count, Read read, Clock::time_point deadline) {
+    sendPending(deadline);
+    std::vector<Reply> replies;
+    replies.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      replies.push_back(read());
+    }
+    return replies;
   }
 
   void appendKeys(const std::vector<std::string>& keys) {
@@ -421,7 +434,8 @@ std::optional<StoreAddress> wireAddressOf(const c10d::Store& store) {
   const c10d::Store* inner = &store;
   while (const auto* prefixed = dynamic_cast<const c10d::PrefixStore*>(inner)) {
     prefixes += PrefixOf::of(*prefixed) + "/";
-    inner = const_cast<c10d::PrefixStore*>(prefixed)->getUnderlyingStore().get();
+    inner =
+        const_cast<c10d::PrefixStore*>(prefixed)->getUnderlyingStore().get();
   }
   const auto* tcp = dynamic_cast<const c10d::TCPStore*>(inner);
   if (tcp == nullptr) {

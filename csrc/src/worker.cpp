@@ -37,7 +37,12 @@ Worker::~Worker() {
   // that no request is cut off with its reply on the way (the store's
   // server would log a failed write). One stuck on a silent store is
   // interrupted.
-  if (!changed_.wait_for(lock, kGracefulStop, [this] { return stopped_; }) &&
+  if (!changed_.wait_for(
+          lock,
+          kGracefulStop,
+          [this] {
+            return stopped_;
+          }) &&
       interrupt_) {
     interrupt_();
   }
@@ -76,7 +81,9 @@ bool Worker::runBefore(std::function<void()> job, Clock::time_point deadline) {
     done->changed.notify_all();
   });
   std::unique_lock<std::mutex> lock(done->mutex);
-  return done->changed.wait_until(lock, deadline, [&] { return done->done; });
+  return done->changed.wait_until(lock, deadline, [&] {
+    return done->done;
+  });
 }
 
 void Worker::run() {
@@ -102,7 +109,9 @@ void Worker::run() {
     }
     if (due == jobs_.end()) {
       const std::size_t waiting = jobs_.size();
-      const auto changed = [&] { return stopping_ || jobs_.size() != waiting; };
+      const auto changed = [&] {
+        return stopping_ || jobs_.size() != waiting;
+      };
       if (wake == Clock::time_point::max()) {
         changed_.wait(lock, changed);
       } else {

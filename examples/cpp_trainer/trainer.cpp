@@ -58,8 +58,7 @@ int64_t toInt(const std::string& flag, const std::string& text) {
     used = 0;
   }
   if (used == 0 || used != text.size()) {
-    throw std::invalid_argument(
-        flag + " needs an integer, got '" + text + "'");
+    throw std::invalid_argument(flag + " needs an integer, got '" + text + "'");
   }
   return value;
 }
@@ -116,9 +115,8 @@ double wallClockSeconds() {
 }
 
 std::filesystem::path shardPath(const Args& args, int64_t step) {
-  return args.checkpointDir /
-      ("step" + std::to_string(step) + "-rank" + std::to_string(args.rank) +
-       ".bin");
+  return args.checkpointDir / ("step" + std::to_string(step) + "-rank" +
+                               std::to_string(args.rank) + ".bin");
 }
 
 // Stands in for torch::save of this rank's part of the model state.
@@ -212,7 +210,10 @@ int main(int argc, char** argv) {
   } catch (const c10::Error& e) {
     // DistStoreError / DistNetworkError: the store is unreachable or gone.
     std::fprintf(
-        stderr, "rank %" PRId64 ": %s\n", args.rank, e.what_without_backtrace());
+        stderr,
+        "rank %" PRId64 ": %s\n",
+        args.rank,
+        e.what_without_backtrace());
     return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %" PRId64 ": %s\n", args.rank, e.what());

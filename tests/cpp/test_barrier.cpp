@@ -33,8 +33,8 @@
 
 using namespace std::chrono_literals;
 using tcpstore_barrier::BarrierTimeoutError;
-using tcpstore_barrier::TCPStoreBarrier;
 using tcpstore_barrier::PeerLostError;
+using tcpstore_barrier::TCPStoreBarrier;
 using tcpstore_barrier::TCPStoreBarrierOptions;
 using Clock = std::chrono::steady_clock;
 
@@ -58,9 +58,9 @@ struct Register {
   }
 };
 
-#define TEST_CASE(name)                               \
-  void name();                                        \
-  const Register name##_registered(#name, name);      \
+#define TEST_CASE(name)                          \
+  void name();                                   \
+  const Register name##_registered(#name, name); \
   void name()
 
 template <typename T>
@@ -82,44 +82,49 @@ std::string show(const std::vector<int64_t>& values) {
   throw Failure(std::string(file) + ":" + std::to_string(line) + ": " + what);
 }
 
-#define REQUIRE(cond)                                   \
+#define REQUIRE(cond)                                 \
   do {                                                \
     if (!(cond)) {                                    \
-      fail(__FILE__, __LINE__, "REQUIRE(" #cond ")");   \
+      fail(__FILE__, __LINE__, "REQUIRE(" #cond ")"); \
     }                                                 \
   } while (0)
 
 #define REQUIRE_EQ(actual, expected)                                         \
-  do {                                                                     \
-    const auto& actual_ = (actual);                                        \
-    const auto& expected_ = (expected);                                    \
-    if (!(actual_ == expected_)) {                                         \
-      fail(__FILE__, __LINE__,                                             \
-           #actual " is " + show(actual_) + ", expected " + show(expected_)); \
-    }                                                                      \
-  } while (0)
-
-#define REQUIRE_CONTAINS(text, needle)                                         \
   do {                                                                       \
-    const std::string text_ = (text);                                        \
-    if (text_.find(needle) == std::string::npos) {                           \
-      fail(__FILE__, __LINE__, "'" + text_ + "' does not contain '" + (needle) + "'"); \
+    const auto& actual_ = (actual);                                          \
+    const auto& expected_ = (expected);                                      \
+    if (!(actual_ == expected_)) {                                           \
+      fail(                                                                  \
+          __FILE__,                                                          \
+          __LINE__,                                                          \
+          #actual " is " + show(actual_) + ", expected " + show(expected_)); \
     }                                                                        \
   } while (0)
 
+#define REQUIRE_CONTAINS(text, needle)                            \
+  do {                                                            \
+    const std::string text_ = (text);                             \
+    if (text_.find(needle) == std::string::npos) {                \
+      fail(                                                       \
+          __FILE__,                                               \
+          __LINE__,                                               \
+          "'" + text_ + "' does not contain '" + (needle) + "'"); \
+    }                                                             \
+  } while (0)
+
 // Checks that `expr` throws `Type` with `needle` in its message.
-#define REQUIRE_THROWS(Type, expr, needle)                                  \
-  do {                                                                    \
-    bool thrown_ = false;                                                 \
-    try {                                                                 \
-      expr;                                                               \
-    } catch (const Type& e) {                                             \
-      thrown_ = true;                                                     \
-      REQUIRE_CONTAINS(e.what(), needle);                                   \
-    }                                                                     \
-    if (!thrown_) {                                                       \
-      fail(__FILE__, __LINE__, #expr " did not throw " #Type);            \
-    }                                                                     \
+#define REQUIRE_THROWS(Type, expr, needle)                     \
+  do {                                                         \
+    bool thrown_ = false;                                      \
+    try {                                                      \
+      expr;                                                    \
+    } catch (const Type& e) {                                  \
+      thrown_ = true;                                          \
+      REQUIRE_CONTAINS(e.what(), needle);                      \
+    }                                                          \
+    if (!thrown_) {                                            \
+      fail(__FILE__, __LINE__, #expr " did not throw " #Type); \
+    }                                                          \
   } while (0)
 
 std::string describe(std::exception_ptr error) {
@@ -147,7 +152,8 @@ uint16_t freePort() {
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t length = sizeof(addr);
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), length) == 0 &&
+  const bool ok =
+      ::bind(fd, reinterpret_cast<sockaddr*>(&addr), length) == 0 &&
       ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) == 0;
   ::close(fd);
   REQUIRE(ok);
@@ -190,7 +196,8 @@ void runRanks(int64_t worldSize, const std::function<void(int64_t)>& body) {
   std::string failures;
   for (int64_t rank = 0; rank < worldSize; ++rank) {
     if (errors[rank]) {
-      failures += "\n  rank " + std::to_string(rank) + ": " + describe(errors[rank]);
+      failures +=
+          "\n  rank " + std::to_string(rank) + ": " + describe(errors[rank]);
     }
   }
   if (!failures.empty()) {
@@ -209,7 +216,9 @@ class Latch {
     if (--count_ == 0) {
       done_.notify_all();
     }
-    if (!done_.wait_for(lock, limit, [this] { return count_ <= 0; })) {
+    if (!done_.wait_for(lock, limit, [this] {
+          return count_ <= 0;
+        })) {
       throw Failure("Latch: the other ranks did not arrive in time");
     }
   }
@@ -252,10 +261,11 @@ void checkNoEarlyRelease(int64_t worldSize, bool torchConstructor) {
     count.store(0);
   }
   runRanks(worldSize, [&](int64_t rank) {
-    auto barrier = torchConstructor
-        ? std::make_unique<TCPStoreBarrier>(
-              rank, worldSize, "ckpt", 30, true, port, kLoopback, 30)
-        : std::make_unique<TCPStoreBarrier>(options(rank, worldSize, port));
+    auto barrier =
+        torchConstructor
+            ? std::make_unique<TCPStoreBarrier>(
+                  rank, worldSize, "ckpt", 30, true, port, kLoopback, 30)
+            : std::make_unique<TCPStoreBarrier>(options(rank, worldSize, port));
     std::mt19937 rng(static_cast<unsigned>(rank));
     std::uniform_int_distribution<int> jitterUs(0, 500);
     for (int s = 0; s < kRounds; ++s) {
@@ -297,7 +307,8 @@ TEST_CASE(timeout_names_a_rank_that_never_arrived) {
         REQUIRE_EQ(e.barrierKey(), std::string("ckpt0/last_member"));
         REQUIRE(e.timeout() == 500ms);
         REQUIRE_CONTAINS(e.what_without_backtrace(), "missing ranks: [2]");
-        REQUIRE_CONTAINS(e.what_without_backtrace(), "on rank " + std::to_string(rank));
+        REQUIRE_CONTAINS(
+            e.what_without_backtrace(), "on rank " + std::to_string(rank));
       }
     }
     timedOut.arriveAndWait();
@@ -373,7 +384,8 @@ TEST_CASE(resume_after_timeout_does_not_count_the_rank_twice) {
       lateRankEntered = true;
       barrier.executeBarrier();
     } else {
-      REQUIRE_THROWS(BarrierTimeoutError, barrier.executeBarrier(), "missing ranks: [2]");
+      REQUIRE_THROWS(
+          BarrierTimeoutError, barrier.executeBarrier(), "missing ranks: [2]");
       REQUIRE_EQ(barrier.sequence(), 0);
       timedOut.arriveAndWait();
       // Entering round 0 again would make three members of two ranks and
@@ -402,7 +414,11 @@ TEST_CASE(arrive_returns_before_the_round_is_complete) {
       firstArrived = true;
       barrier.wait();
     } else {
-      waitUntil([&] { return firstArrived.load(); }, "rank 0 returned from arrive()");
+      waitUntil(
+          [&] {
+            return firstArrived.load();
+          },
+          "rank 0 returned from arrive()");
       barrier.arrive();
       // The last to arrive releases the round and has nothing to wait for.
       REQUIRE(barrier.released());
@@ -423,9 +439,17 @@ TEST_CASE(released_turns_true_once_the_last_rank_arrives) {
       barrier.arrive();
       firstArrived = true;
       // Without calling wait(): the release is noticed in the background.
-      waitUntil([&] { return barrier.released(); }, "rank 0 saw the release");
+      waitUntil(
+          [&] {
+            return barrier.released();
+          },
+          "rank 0 saw the release");
     } else {
-      waitUntil([&] { return firstArrived.load(); }, "rank 0 returned from arrive()");
+      waitUntil(
+          [&] {
+            return firstArrived.load();
+          },
+          "rank 0 returned from arrive()");
       barrier.arrive();
     }
     const auto start = Clock::now();
@@ -446,12 +470,20 @@ TEST_CASE(arrive_twice_enters_the_round_once) {
       barrier.arrive();
       arrivals = 1;
     } else if (rank == 1) {
-      waitUntil([&] { return arrivals.load() == 1; }, "rank 0 arrived");
+      waitUntil(
+          [&] {
+            return arrivals.load() == 1;
+          },
+          "rank 0 arrived");
       barrier.arrive();
       REQUIRE(!barrier.released());
       arrivals = 2;
     } else {
-      waitUntil([&] { return arrivals.load() == 2; }, "rank 1 arrived");
+      waitUntil(
+          [&] {
+            return arrivals.load() == 2;
+          },
+          "rank 1 arrived");
       barrier.arrive();
       REQUIRE(barrier.released());
     }
@@ -463,7 +495,8 @@ TEST_CASE(arrive_twice_enters_the_round_once) {
 
 TEST_CASE(wait_before_arrive_throws_logic_error) {
   TCPStoreBarrier barrier(options(0, 1, freePort()));
-  REQUIRE_THROWS(std::logic_error, barrier.wait(), "wait() called before arrive()");
+  REQUIRE_THROWS(
+      std::logic_error, barrier.wait(), "wait() called before arrive()");
   barrier.executeBarrier();
   REQUIRE_EQ(barrier.sequence(), 1);
   barrier.close();
@@ -479,36 +512,82 @@ TEST_CASE(invalid_arguments_throw_before_any_socket) {
   const std::size_t fdsBefore = openFdCount();
   const auto start = Clock::now();
 
-  auto with = [&](int64_t rank, const std::function<void(TCPStoreBarrierOptions&)>& change) {
+  auto with = [&](int64_t rank,
+                  const std::function<void(TCPStoreBarrierOptions&)>& change) {
     auto o = options(rank, 3, port);
     change(o);
     TCPStoreBarrier barrier(std::move(o));
   };
   REQUIRE_THROWS(std::invalid_argument, with(3, [](auto&) {}), "global_rank");
   REQUIRE_THROWS(std::invalid_argument, with(-1, [](auto&) {}), "global_rank");
-  REQUIRE_THROWS(std::invalid_argument,
-               with(0, [](auto& o) { o.globalWorldSize = 0; }),
-               "global_world_size");
-  REQUIRE_THROWS(std::invalid_argument, with(0, [](auto& o) { o.port = 0; }), "tcpstore_port");
-  REQUIRE_THROWS(std::invalid_argument, with(1, [](auto& o) { o.port = 65536; }), "tcpstore_port");
-  REQUIRE_THROWS(std::invalid_argument,
-               with(1, [](auto& o) { o.masterAddress.clear(); }),
-               "master_address");
-  REQUIRE_THROWS(std::invalid_argument, with(0, [](auto& o) { o.timeout = -1ms; }), "timeout_secs");
-  REQUIRE_THROWS(std::invalid_argument,
-               with(1, [](auto& o) { o.initTimeout = -1ms; }),
-               "timeout_barrier_init_secs");
-  REQUIRE_THROWS(std::invalid_argument, with(1, [](auto& o) { o.peerTimeout = 0ms; }),
-               "peer_timeout_secs");
-  REQUIRE_THROWS(std::invalid_argument,
-               TCPStoreBarrier(1, 3, "ckpt", 30, true, port, kLoopback, -1),
-               "timeout_secs");
-  REQUIRE_THROWS(std::invalid_argument,
-               TCPStoreBarrier(0, 3, "ckpt", -1, true, port, kLoopback, 30),
-               "timeout_barrier_init_secs");
-  REQUIRE_THROWS(std::invalid_argument,
-               TCPStoreBarrier(c10::intrusive_ptr<c10d::Store>(), 0, 1, "ckpt", 1s),
-               "store");
+  REQUIRE_THROWS(
+      std::invalid_argument,
+      with(
+          0,
+          [](auto& o) {
+            o.globalWorldSize = 0;
+          }),
+      "global_world_size");
+  REQUIRE_THROWS(
+      std::invalid_argument,
+      with(
+          0,
+          [](auto& o) {
+            o.port = 0;
+          }),
+      "tcpstore_port");
+  REQUIRE_THROWS(
+      std::invalid_argument,
+      with(
+          1,
+          [](auto& o) {
+            o.port = 65536;
+          }),
+      "tcpstore_port");
+  REQUIRE_THROWS(
+      std::invalid_argument,
+      with(
+          1,
+          [](auto& o) {
+            o.masterAddress.clear();
+          }),
+      "master_address");
+  REQUIRE_THROWS(
+      std::invalid_argument,
+      with(
+          0,
+          [](auto& o) {
+            o.timeout = -1ms;
+          }),
+      "timeout_secs");
+  REQUIRE_THROWS(
+      std::invalid_argument,
+      with(
+          1,
+          [](auto& o) {
+            o.initTimeout = -1ms;
+          }),
+      "timeout_barrier_init_secs");
+  REQUIRE_THROWS(
+      std::invalid_argument,
+      with(
+          1,
+          [](auto& o) {
+            o.peerTimeout = 0ms;
+          }),
+      "peer_timeout_secs");
+  REQUIRE_THROWS(
+      std::invalid_argument,
+      TCPStoreBarrier(1, 3, "ckpt", 30, true, port, kLoopback, -1),
+      "timeout_secs");
+  REQUIRE_THROWS(
+      std::invalid_argument,
+      TCPStoreBarrier(0, 3, "ckpt", -1, true, port, kLoopback, 30),
+      "timeout_barrier_init_secs");
+  REQUIRE_THROWS(
+      std::invalid_argument,
+      TCPStoreBarrier(c10::intrusive_ptr<c10d::Store>(), 0, 1, "ckpt", 1s),
+      "store");
 
   REQUIRE(Clock::now() - start < 2s);
   REQUIRE_EQ(openFdCount(), fdsBefore);
@@ -545,7 +624,9 @@ TEST_CASE(from_store_barrier_uses_the_callers_store) {
     }
     // torch's protocol: each rank announces the round it last joined.
     const auto announced = store->get("rank" + std::to_string(rank));
-    REQUIRE_EQ(std::string(announced.begin(), announced.end()), std::to_string(kRounds - 1));
+    REQUIRE_EQ(
+        std::string(announced.begin(), announced.end()),
+        std::to_string(kRounds - 1));
     barrier.close();
     REQUIRE(barrier.closed());
     // The store is the caller's: closing the barrier leaves it usable.
@@ -592,20 +673,27 @@ int main(int argc, char** argv) {
   }
   const auto found = cases.find(argv[1]);
   if (found == cases.end()) {
-    std::fprintf(stderr, "no test case named '%s' (--list lists them)\n", argv[1]);
+    std::fprintf(
+        stderr, "no test case named '%s' (--list lists them)\n", argv[1]);
     return 2;
   }
   const auto start = Clock::now();
   try {
     found->second();
   } catch (...) {
-    std::fprintf(stderr, "FAIL %s: %s\n", argv[1], describe(std::current_exception()).c_str());
+    std::fprintf(
+        stderr,
+        "FAIL %s: %s\n",
+        argv[1],
+        describe(std::current_exception()).c_str());
     return 1;
   }
   std::printf(
       "PASS %s (%lld ms)\n",
       argv[1],
       static_cast<long long>(
-          std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()));
+          std::chrono::duration_cast<std::chrono::milliseconds>(
+              Clock::now() - start)
+              .count()));
   return 0;
 }

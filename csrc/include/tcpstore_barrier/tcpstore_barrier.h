@@ -103,9 +103,7 @@ class PeerLostError : public BarrierTimeoutError {
 class StoreUnreachableError : public c10::DistNetworkError {
  public:
   StoreUnreachableError(
-      std::string message,
-      int64_t sequence,
-      std::vector<int64_t> lostRanks);
+      std::string message, int64_t sequence, std::vector<int64_t> lostRanks);
 
   int64_t sequence() const noexcept {
     return sequence_;
