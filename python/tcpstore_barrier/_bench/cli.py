@@ -4,12 +4,10 @@ and the configuration the options parse into."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
-#: What can run in one bench, each on its own store: our barrier (with
-#: --protocol), our native protocol, the same without liveness, the C++
-#: reference loop of benchmarks/reference_barrier.cpp, and torch's class.
+#: What can run in one bench, each on its own store; DESCRIPTION says what.
 CONTENDERS = ("ours", "native", "ours-noliveness", "reference", "torch")
 DEFAULT_CONTENDERS = ("ours", "reference", "torch", "native")
 
@@ -110,10 +108,6 @@ class BenchConfig:
     @property
     def include_torch(self) -> bool:
         return "torch" in self.contenders
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "world_sizes": list(self.world_sizes),
-                "contenders": list(self.contenders)}  # fmt: skip
 
 
 # One option a statement, so that the options read as a table.
