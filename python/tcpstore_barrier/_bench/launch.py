@@ -1,6 +1,6 @@
-"""The one way every bench command starts its processes and collects what
-they send: forkserver processes, an event queue, a deadline, and a ``done``
-event that tells them every figure is in."""
+"""The one way every bench command starts its processes, collects what
+they send and exits: forkserver processes, an event queue, a deadline, a
+``done`` event that tells them every figure is in, and the exit codes."""
 
 from __future__ import annotations
 

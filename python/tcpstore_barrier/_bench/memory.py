@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from collections.abc import Callable
 from typing import Any
 
-from .cli import _positive_int, _positive_seconds, describe
+from .cli import _positive_int, add_shared_arguments, describe
 from .launch import pick_free_ports, report, run_command, run_jobs, write_json
 from .rank import build, raise_fd_limit
 from .results import align
@@ -74,14 +74,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"barriers between samples of torch's class (default: {d.torch_sample_every})")
     add("--only", choices=["objects", "store"], help="run one of the two measurements")
     add("--no-torch", dest="include_torch", action="store_false", help="measure ours only")
-    add("--backend", choices=["libuv", "legacy"], default=d.backend,
-        help="TCPStore backend of both (default: libuv)")
-    add("--protocol", choices=["torch", "native"], default=d.protocol,
-        help="key protocol of ours (default: torch)")
-    add("--timeout", dest="timeout_secs", type=_positive_seconds, metavar="SECS",
-        default=d.timeout_secs, help=f"give up after this long (default: {d.timeout_secs:g})")
-    add("--json", dest="json_path", metavar="FILE",
-        help="write the configuration and every reading here")
+    add_shared_arguments(parser, "write the configuration and every reading here")
 # fmt: on
 
 
