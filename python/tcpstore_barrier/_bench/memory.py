@@ -8,8 +8,8 @@ import gc
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .cli import _positive_int, add_shared_arguments, describe
