@@ -175,15 +175,15 @@ class Rank:
             )  # fmt: skip
             if rank == 0:
                 self.servers[name] = server_threads() - known
-        self.ours = self.barriers["ours"]
-        work = lambda: python_work(plan.work_loops)  # noqa: E731
+        self.ours = ours = self.barriers["ours"]
+        loops, torch_barrier = plan.work_loops, self.barriers.get("torch")
         #: One timed iteration of each kind of block but the floor.
         self.steps: dict[str, Callable[[], Any]] = {
             **{name: barrier.execute_barrier for name, barrier in self.barriers.items()},
-            "work": work,
+            "work": lambda: python_work(loops),
             "split": self._split_iteration,
-            "serial": lambda: (work(), self.ours.execute_barrier()),
-            "torch_serial": lambda: (work(), self.barriers["torch"].execute_barrier()),
+            "serial": lambda: (python_work(loops), ours.execute_barrier()),
+            "torch_serial": lambda: (python_work(loops), torch_barrier.execute_barrier()),
         }  # fmt: skip
         #: What the split iterations of the current block saw.
         self.released: list[bool] = []
@@ -227,14 +227,14 @@ class Rank:
 
     def _split_iteration(self) -> None:
         """arrive(), the work, wait(); arrive() and wait() also timed alone."""
-        clock = time.perf_counter_ns
+        ours, clock = self.ours, time.perf_counter_ns
         start = clock()
-        self.ours.arrive()
+        ours.arrive()
         arrived = clock()
         python_work(self.plan.work_loops)
-        self.released.append(self.ours.released)
+        self.released.append(ours.released)
         before_wait = clock()
-        self.ours.wait()
+        ours.wait()
         self.arrive_ns.append(arrived - start)
         self.wait_ns.append(clock() - before_wait)
 
