@@ -8,14 +8,13 @@ order: parse, launch each world size, summarize, print, save.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
 
 from ._bench import results
 from ._bench.cli import BenchConfig, ConfigError, add_bench_arguments, config_from_args
-from ._bench.launch import BenchError, pick_free_ports, run_jobs
+from ._bench.launch import BenchError, pick_free_ports, run_command, run_jobs, write_json
 from ._bench.rank import RankPlan, calibrate_work_loops, rank_groups, ranks_main
 
 __all__ = ["BenchConfig", "BenchError", "add_bench_arguments", "main", "run_bench"]
@@ -55,14 +54,10 @@ def run_world(config: BenchConfig, world_size: int, deadline: float, work_loops:
     # Split phase needs ours and torch's class only.
     contenders = (("ours", "torch") if config.include_torch else ("ours",)) \
         if config.split_phase else config.contenders
-    remaining = deadline - time.monotonic()
     plan = RankPlan(
         config=config, world_size=world_size, contenders=contenders,
-        ports=tuple(pick_free_ports(len(contenders))),
-        schedule=tuple(plan_blocks), timeout_secs=remaining,
-        # A minute to connect, more for worlds so large that it takes longer.
-        init_timeout_secs=min(max(60.0, 0.1 * world_size), remaining),
-        deadline_unix=time.time() + remaining, work_loops=work_loops,
+        ports=tuple(pick_free_ports(len(contenders))), schedule=tuple(plan_blocks),
+        deadline_unix=time.time() + deadline - time.monotonic(), work_loops=work_loops,
     )  # fmt: skip
     processes = world_size if config.ranks == "processes" else config.processes
     jobs = [(f"bench-ranks{g[0]}-{g[-1]}", ranks_main, (g, plan))
@@ -88,19 +83,39 @@ def run_world(config: BenchConfig, world_size: int, deadline: float, work_loops:
     return summary, plan_blocks, figures
 
 
-def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[tuple]:
+def run_bench(config: BenchConfig) -> list[tuple]:
     """Run every world size of ``config`` in turn; raise BenchError on failure."""
-    progress = progress or Progress(len(blocks_of(config)) * len(config.world_sizes))
+    progress = Progress(len(blocks_of(config)) * len(config.world_sizes))
     deadline = time.monotonic() + config.timeout_secs
     # Calibrated before any rank or busy thread runs; the same for all.
     work_loops = calibrate_work_loops(config.work_us) if config.split_phase else 0
     runs = []
-    for world_size in config.world_sizes:
-        if deadline <= time.monotonic():
-            raise BenchError(f"--timeout ran out before world size {world_size}")
-        runs.append(run_world(config, world_size, deadline, work_loops, progress))
-    progress.close()
+    try:
+        for world_size in config.world_sizes:
+            if deadline <= time.monotonic():
+                raise BenchError(f"--timeout ran out before world size {world_size}")
+            runs.append(run_world(config, world_size, deadline, work_loops, progress))
+    finally:
+        progress.close()
     return runs
+
+
+def print_bench(config: BenchConfig) -> None:
+    """Run ``config``, print its tables, write its JSON and plot."""
+    runs = run_bench(config)
+    run_versions = results.versions()
+    summaries = [summary for summary, _, _ in runs]
+    print(results.describe_run(config, run_versions), end="\n\n")
+    if config.split_phase:
+        print(results.format_split_table(summaries))
+    else:
+        print(results.format_table(summaries, config.contenders))
+    write_json(config.json_path, lambda: results.build_document(config, run_versions, runs))
+    if config.plot_path is not None:
+        title = (f"{config.ranks}, torch {run_versions['torch']}, "
+                 f"median (solid) and p99 (dashed)")  # fmt: skip
+        results.plot_latency(summaries, config.contenders, config.plot_path, title)
+        print(f"wrote {config.plot_path}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -116,32 +131,4 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    progress = Progress(len(blocks_of(config)) * len(config.world_sizes))
-    try:
-        runs = run_bench(config, progress)
-    except BenchError as e:
-        progress.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        # run_jobs has killed the ranks on the way out.
-        progress.close()
-        print("interrupted", file=sys.stderr)
-        return 130
-    run_versions = results.versions()
-    summaries = [summary for summary, _, _ in runs]
-    print(results.describe_run(config, run_versions), end="\n\n")
-    if config.split_phase:
-        print(results.format_split_table(summaries))
-    else:
-        print(results.format_table(summaries, config.contenders))
-    if config.json_path is not None:
-        with open(config.json_path, "w") as f:
-            json.dump(results.build_document(config, run_versions, runs), f)
-        print(f"\nwrote {config.json_path}")
-    if config.plot_path is not None:
-        title = (f"{config.ranks}, torch {run_versions['torch']}, "
-                 f"median (solid) and p99 (dashed)")  # fmt: skip
-        results.plot_latency(summaries, config.contenders, config.plot_path, title)
-        print(f"wrote {config.plot_path}")
-    return 0
+    return run_command(lambda: print_bench(config))

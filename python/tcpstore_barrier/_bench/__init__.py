@@ -2,8 +2,8 @@
 
 - ``cli``: the ``bench`` command line, parsed into a ``BenchConfig``; the
   option types every command shares.
-- ``launch``: the one way every command starts its processes and collects
-  their figures.
+- ``launch``: the one way every command starts its processes, collects
+  their figures, writes its JSON and exits.
 - ``rank``: what one rank of ``bench`` does, in the rank processes or threads.
 - ``results``: the schedule, and from the ranks' figures to the summaries,
   the tables, the JSON document and the plot.

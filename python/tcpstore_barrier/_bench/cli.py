@@ -4,12 +4,10 @@ and the configuration the options parse into."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
-#: What can run in one bench, each on its own store: our barrier (with
-#: --protocol), our native protocol, the same without liveness, the C++
-#: reference loop of benchmarks/reference_barrier.cpp, and torch's class.
+#: What can run in one bench, each on its own store; DESCRIPTION says what.
 CONTENDERS = ("ours", "native", "ours-noliveness", "reference", "torch")
 DEFAULT_CONTENDERS = ("ours", "reference", "torch", "native")
 
@@ -111,10 +109,6 @@ class BenchConfig:
     def include_torch(self) -> bool:
         return "torch" in self.contenders
 
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "world_sizes": list(self.world_sizes),
-                "contenders": list(self.contenders)}  # fmt: skip
-
 
 # One option a statement, so that the options read as a table.
 # fmt: off
@@ -144,26 +138,33 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add("--busy-thread", action="store_true",
         help="run a CPU-bound pure-Python thread in each rank process, as a "
         "trainer's data-loading threads do")
-    add("--backend", choices=["libuv", "legacy"], default=d.backend,
-        help="TCPStore backend (use_checkpoint_barrier_tcpstore_libuv); torch's "
-        "class always uses libuv (default: libuv)")
-    add("--protocol", choices=["torch", "native"], default=d.protocol,
-        help="key protocol of ours (default: torch)")
     add("--peer-timeout", type=_seconds_or_off, metavar="SECS|off",
         help="peer_timeout_secs of ours and native: seconds, or 'off' for None "
         "(default: the constructor's)")
-    add("--timeout", dest="timeout_secs", type=_positive_seconds, metavar="SECS",
-        default=d.timeout_secs,
-        help=f"give up, killing every rank, after this long (default: {d.timeout_secs:g})")
-    add("--json", dest="json_path", metavar="FILE",
-        help="write the configuration, versions and every raw sample here")
     add("--plot", dest="plot_path", metavar="FILE.png",
         help="plot latency against world size (needs matplotlib)")
+    add_shared_arguments(parser, "write the configuration, versions and every raw sample here")
     add("--split-phase", action="store_true",
         help="time arrive(), work, wait() against work, execute_barrier() (see above)")
     add("--work-us", type=_non_negative_float, metavar="US", default=d.work_us,
         help="with --split-phase: Python work per iteration, in microseconds of "
         f"this machine, calibrated once (default: {d.work_us:g})")
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser, json_help: str) -> None:
+    """The options of bench and bench-memory alike: ours' store and protocol,
+    the deadline, the JSON document."""
+    d = BenchConfig()
+    add = parser.add_argument
+    add("--backend", choices=["libuv", "legacy"], default=d.backend,
+        help="TCPStore backend (use_checkpoint_barrier_tcpstore_libuv); torch's "
+        "class always uses libuv (default: libuv)")
+    add("--protocol", choices=["torch", "native"], default=d.protocol,
+        help="key protocol of ours (default: torch)")
+    add("--timeout", dest="timeout_secs", type=_positive_seconds, metavar="SECS",
+        default=d.timeout_secs,
+        help=f"give up, killing every process, after this long (default: {d.timeout_secs:g})")
+    add("--json", dest="json_path", metavar="FILE", help=json_help)
 # fmt: on
 
 

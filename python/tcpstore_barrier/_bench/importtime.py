@@ -11,13 +11,13 @@ reported, with ``import torch`` alone for scale. One more run under
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from statistics import median
 
 from .cli import _positive_int, describe
+from .launch import BenchError, run_command, write_json
 
 # Prints the two durations in seconds, torch's first.
 _TIMING_SCRIPT = """\
@@ -56,8 +56,12 @@ def parse_importtime(stderr: str, after: str = "torch") -> list[tuple[str, int, 
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                          timeout=300, check=True)  # fmt: skip
+    try:
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                              timeout=300, check=True)  # fmt: skip
+    except subprocess.SubprocessError as e:
+        detail = getattr(e, "stderr", "") or ""
+        raise BenchError(f"timing the import failed: {e}\n{detail}") from None
 
 
 def time_imports(runs: int) -> ImportTiming:
@@ -89,22 +93,15 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="write every timing here")
 
 
+def print_import_time(runs: int, json_path: str | None) -> None:
+    """Time the import, print the figures, write the JSON."""
+    timing = time_imports(runs)
+    print(format_timing(timing))
+    write_json(json_path, lambda: {**asdict(timing),
+                                   "package_median_ms": median(timing.package_secs) * 1000,
+                                   "torch_median_ms": median(timing.torch_secs) * 1000})  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``bench-import``; return the exit code."""
-    try:
-        timing = time_imports(args.runs)
-    except (subprocess.SubprocessError, ValueError) as e:
-        detail = getattr(e, "stderr", "") or ""
-        print(f"error: timing the import failed: {e}\n{detail}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(format_timing(timing))
-    if args.json_path is not None:
-        with open(args.json_path, "w") as f:
-            json.dump({**asdict(timing),
-                       "package_median_ms": median(timing.package_secs) * 1000,
-                       "torch_median_ms": median(timing.torch_secs) * 1000}, f)  # fmt: skip
-        print(f"\nwrote {args.json_path}")
-    return 0
+    return run_command(lambda: print_import_time(args.runs, args.json_path))

@@ -1,12 +1,14 @@
-"""The one way every bench command starts its processes and collects what
-they send: forkserver processes, an event queue, a deadline, and a ``done``
-event that tells them every figure is in."""
+"""The one way every bench command starts its processes, collects what
+they send and exits: forkserver processes, an event queue, a deadline, a
+``done`` event that tells them every figure is in, and the exit codes."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import queue as queue_module
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -21,7 +23,7 @@ Job = tuple[str, Callable[..., None], "tuple[Any, ...] | Callable[[dict[str, int
 
 
 class BenchError(RuntimeError):
-    """A rank failed, died or overran; the message says which and why."""
+    """A bench process failed, died or overran; the message says which and why."""
 
 
 def pick_free_ports(count: int) -> list[int]:
@@ -36,15 +38,49 @@ def pick_free_ports(count: int) -> list[int]:
             s.close()
 
 
-def report(name: Any, events: Any, body: Callable[[], Any]) -> None:
-    """Run ``body`` in a bench process and send its figures, or its error,
-    which the parent raises as a BenchError. None: nothing to send."""
+def report(name: Any, events: Any, done: Any, deadline_unix: float,
+           body: Callable[[], tuple[Any, list[Any]]]) -> None:  # fmt: skip
+    """Run ``body`` in a bench process and send the figures it returns, or its
+    error, which the parent raises as a BenchError; None: nothing to send.
+
+    ``body`` also returns the barriers it built: they stay up (rank 0 hosts
+    the store every other one talks to) until every figure is in, or until
+    the time.time() ``deadline_unix``, and are then closed (torch's class
+    has no close()).
+    """
     try:
-        figures = body()
+        figures, barriers = body()
         if figures is not None:
             events.put(("result", name, figures))
+        done.wait(max(0.0, deadline_unix - time.time()))
+        for barrier in barriers:
+            if hasattr(barrier, "close"):
+                barrier.close()
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         events.put(("error", name, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run_command(body: Callable[[], None]) -> int:
+    """Run a bench command's ``body``; its exit code: 0, 1 on a BenchError (a
+    process failed or overran), 130 on Ctrl-C. run_jobs has killed every
+    process it started by the time either reaches here."""
+    try:
+        body()
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def write_json(path: str | None, document: Callable[[], dict[str, Any]]) -> None:
+    """Write ``document()`` to ``path``, if one was asked for, and say so."""
+    if path is not None:
+        with open(path, "w") as f:
+            json.dump(document(), f)
+        print(f"\nwrote {path}")
 
 
 def run_jobs(

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .cli import _positive_int, _positive_seconds, describe
-from .launch import BenchError, pick_free_ports, report, run_jobs
+from .cli import _positive_int, add_shared_arguments, describe
+from .launch import pick_free_ports, report, run_command, run_jobs, write_json
 from .rank import build, raise_fd_limit
 from .results import align
 
@@ -74,14 +74,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"barriers between samples of torch's class (default: {d.torch_sample_every})")
     add("--only", choices=["objects", "store"], help="run one of the two measurements")
     add("--no-torch", dest="include_torch", action="store_false", help="measure ours only")
-    add("--backend", choices=["libuv", "legacy"], default=d.backend,
-        help="TCPStore backend of both (default: libuv)")
-    add("--protocol", choices=["torch", "native"], default=d.protocol,
-        help="key protocol of ours (default: torch)")
-    add("--timeout", dest="timeout_secs", type=_positive_seconds, metavar="SECS",
-        default=d.timeout_secs, help=f"give up after this long (default: {d.timeout_secs:g})")
-    add("--json", dest="json_path", metavar="FILE",
-        help="write the configuration and every reading here")
+    add_shared_arguments(parser, "write the configuration and every reading here")
 # fmt: on
 
 
@@ -146,16 +139,14 @@ def checkpoints(objects: int) -> list[int]:
 def objects_host(name: str, port: int, config: MemoryConfig, events: Any, done: Any) -> None:
     """Rank 0: hosts the store, and serves it until every figure is in."""
 
-    def body() -> None:
+    def body() -> tuple[None, list[Any]]:
         raise_fd_limit()
         barrier = config.barrier(name, 0, config.objects + 1, port, "mem/")
         if name != "torch":
             barrier.execute_barrier()  # the measurer's round
-        done.wait(config.timeout_secs)
-        if name != "torch":
-            barrier.close()
+        return None, [barrier]
 
-    report("host", events, body)
+    report("host", events, done, time.time() + config.timeout_secs, body)
 
 
 @dataclass(frozen=True)
@@ -172,7 +163,7 @@ def objects_measurer(name: str, port: int, config: MemoryConfig, host_pid: int,
                      events: Any, done: Any) -> None:  # fmt: skip
     """Ranks 1..N, constructed one by one, read at each checkpoint."""
 
-    def body() -> None:
+    def body() -> tuple[ObjectsFigures, list[Any]]:
         raise_fd_limit()
         # Imported before the first reading, so that its import does not count.
         import torch.distributed.checkpoint._experimental.barriers  # noqa: F401
@@ -192,13 +183,9 @@ def objects_measurer(name: str, port: int, config: MemoryConfig, host_pid: int,
             for barrier in barriers:
                 barrier.wait()
             round_secs, after = time.perf_counter() - started, Reading.now(host_pid)
-        events.put(("result", "measurer",
-                    ObjectsFigures(readings, after, construct_secs, round_secs)))  # fmt: skip
-        done.wait(config.timeout_secs)
-        for barrier in barriers if name != "torch" else ():
-            barrier.close()
+        return ObjectsFigures(readings, after, construct_secs, round_secs), barriers
 
-    report("measurer", events, body)
+    report("measurer", events, done, time.time() + config.timeout_secs, body)
 
 
 #: The objects table's rows: a label, the JSON key, the Reading field; each
@@ -266,7 +253,7 @@ def store_rank(name: str, rank: int, port: int, barriers: int, every: int,
                config: MemoryConfig, events: Any, done: Any) -> None:  # fmt: skip
     """One of 2 ranks; rank 0 samples its RSS and the store's keys."""
 
-    def body() -> None:
+    def body() -> tuple[list[StoreSample], list[Any]]:
         barrier = config.barrier(name, rank, 2, port, "flat/")
         store = barrier._tcp_store if name == "torch" else barrier.store
         samples, start = [], time.perf_counter()
@@ -276,13 +263,10 @@ def store_rank(name: str, rank: int, port: int, barriers: int, every: int,
                 gc.collect()
                 samples.append(StoreSample(count, rss_bytes(), store.num_keys(),
                                            time.perf_counter() - start))  # fmt: skip
-        events.put(("result", f"rank{rank}", samples))
         # torch's class cannot wait for its peer: rank 0 keeps the store up.
-        done.wait(config.timeout_secs)
-        if name != "torch":
-            barrier.close()
+        return samples, [barrier]
 
-    report(f"rank{rank}", events, body)
+    report(f"rank{rank}", events, done, time.time() + config.timeout_secs, body)
 
 
 @dataclass(frozen=True)
@@ -293,15 +277,11 @@ class StoreSummary:
     barriers: int
     samples: list[StoreSample]
 
-    @property
-    def keys_per_barrier(self) -> float:
+    def per_barrier(self, field: str) -> float:
+        """How much ``field`` grew a barrier, from the first sample to the last."""
         first, last = self.samples[0], self.samples[-1]
-        return (last.keys - first.keys) / max(1, last.barriers - first.barriers)
-
-    @property
-    def barrier_us(self) -> float:
-        first, last = self.samples[0], self.samples[-1]
-        return (last.secs - first.secs) / max(1, last.barriers - first.barriers) * 1e6
+        growth = getattr(last, field) - getattr(first, field)
+        return growth / max(1, last.barriers - first.barriers)
 
 
 # --- the command ------------------------------------------------------------------
@@ -356,27 +336,14 @@ def format_store(summary: StoreSummary) -> str:
         f"\nRSS MiB first {first.rss / mib:.2f}, last {last.rss / mib:.2f}, max "
         f"{max(s.rss for s in summary.samples) / mib:.2f}; keys first {first.keys}, last "
         f"{last.keys}, max {max(s.keys for s in summary.samples)} "
-        f"({summary.keys_per_barrier:+.3f} a barrier); {summary.barrier_us:.2f} us a barrier"
+        f"({summary.per_barrier('keys'):+.3f} a barrier); "
+        f"{summary.per_barrier('secs') * 1e6:.2f} us a barrier"
     )  # fmt: skip
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run ``bench-memory``; return the exit code."""
-    config = MemoryConfig(**{k: v for k, v in vars(args).items()
-                             if k in MemoryConfig.__dataclass_fields__})  # fmt: skip
-    started = time.monotonic()
-
-    def log(text: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
-
-    try:
-        objects, stores = run_memory(config, log)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+def print_memory(config: MemoryConfig, log: Callable[[str], None]) -> None:
+    """Run ``config``'s measurements, print their tables, write the JSON."""
+    objects, stores = run_memory(config, log)
     if objects:
         print(f"memory per barrier object: {config.objects} objects as ranks 1..{config.objects} "
               f"of a world of {config.objects + 1}, in one process;\nrank 0 hosts the store in "
@@ -389,10 +356,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nstore over {summary.barriers} barriers of {who} (world size 2, ranks as "
               "processes, rank 0 hosts the store and samples):")  # fmt: skip
         print(format_store(summary))
-    if config.json_path is not None:
-        document = {"config": asdict(config), "objects": [s.to_json() for s in objects],
-                    "stores": [asdict(s) for s in stores]}  # fmt: skip
-        with open(config.json_path, "w") as f:
-            json.dump(document, f)
-        print(f"\nwrote {config.json_path}")
-    return 0
+    write_json(config.json_path, lambda: {"config": asdict(config),
+                                          "objects": [s.to_json() for s in objects],
+                                          "stores": [asdict(s) for s in stores]})  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``bench-memory``; return the exit code."""
+    config = MemoryConfig(**{k: v for k, v in vars(args).items()
+                             if k in MemoryConfig.__dataclass_fields__})  # fmt: skip
+    started = time.monotonic()
+
+    def log(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    return run_command(lambda: print_memory(config, log))

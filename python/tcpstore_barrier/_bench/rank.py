@@ -10,7 +10,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -37,8 +37,7 @@ class RankPlan:
     contenders: tuple[str, ...]
     ports: tuple[int, ...]
     schedule: tuple[Block, ...]
-    timeout_secs: float
-    init_timeout_secs: float
+    #: The end of --timeout, a time.time() value: every wait's timeout.
     deadline_unix: float
     #: Iterations of :func:`python_work` a split-phase block does per barrier.
     work_loops: int = 0
@@ -156,7 +155,7 @@ def thread_cpu_ns(tids: set[int]) -> int:
 
 
 class Rank:
-    """One rank's contenders and how it runs each kind of block."""
+    """One rank's contenders, and one iteration of each kind of block."""
 
     def __init__(self, rank: int, plan: RankPlan, whole_process: bool) -> None:
         self.rank, self.plan, self.whole_process = rank, plan, whole_process
@@ -164,44 +163,80 @@ class Rank:
         #: Rank 0 only: each contender's store server threads, told apart by
         #: which threads appeared while it was built.
         self.servers: dict[str, set[int]] = {}
+        remaining = plan.deadline_unix - time.time()
+        # A minute to connect, more for worlds so large that it takes longer.
+        init_timeout = min(max(60.0, 0.1 * plan.world_size), remaining)
         for name, port in zip(plan.contenders, plan.ports):
             known = server_threads() if rank == 0 else set()
             self.barriers[name] = build(
                 name, rank, plan.world_size, port, use_libuv=plan.config.backend == "libuv",
-                protocol=plan.config.protocol, init_timeout_secs=plan.init_timeout_secs,
-                timeout_secs=plan.timeout_secs, peer_timeout=plan.config.peer_timeout,
+                protocol=plan.config.protocol, init_timeout_secs=init_timeout,
+                timeout_secs=remaining, peer_timeout=plan.config.peer_timeout,
             )  # fmt: skip
             if rank == 0:
                 self.servers[name] = server_threads() - known
-        self.ours = self.barriers["ours"]
+        self.ours = ours = self.barriers["ours"]
+        loops, torch_barrier = plan.work_loops, self.barriers.get("torch")
+        #: One timed iteration of each kind of block but the floor.
+        self.steps: dict[str, Callable[[], Any]] = {
+            **{name: barrier.execute_barrier for name, barrier in self.barriers.items()},
+            "work": lambda: python_work(loops),
+            "split": self._split_iteration,
+            "serial": lambda: (python_work(loops), ours.execute_barrier()),
+            "torch_serial": lambda: (python_work(loops), torch_barrier.execute_barrier()),
+        }  # fmt: skip
+        #: What the split iterations of the current block saw.
+        self.released: list[bool] = []
+        self.arrive_ns: list[int] = []
+        self.wait_ns: list[int] = []
 
     def run(self, block: Block) -> BlockFigures:
-        if block.kind == "floor":
+        """Warm up, then time ``iters`` iterations of the block's kind; a
+        contender's blocks also read the CPU time their barriers took."""
+        kind, config = block.kind, self.plan.config
+        if kind == "floor":
             return self._floor()
-        if block.kind in self.barriers:
-            return self._barriers(block.kind)
-        return self._split(block.kind)
-
-    def _barriers(self, name: str) -> BlockFigures:
-        barrier, clock = self.barriers[name], time.perf_counter_ns
-        for _ in range(self.plan.config.warmup):
-            barrier.execute_barrier()
+        step = self.steps[kind]
+        # Lines the ranks up; the work alone needs a barrier to do it.
+        for _ in range(max(config.warmup, 1 if kind == "work" else 0)):
+            self.ours.execute_barrier() if kind == "work" else step()
+        self.released, self.arrive_ns, self.wait_ns = [], [], []
         # CPU over the timed barriers only: lining up may overlap other
         # ranks' previous block.
-        server = thread_cpu_ns(self.servers[name]) if self.servers else None
-        process = time.process_time_ns() if self.whole_process else None
-        samples = [0] * self.plan.config.iters
+        server = thread_cpu_ns(self.servers[kind]) if kind in self.servers else None
+        process = time.process_time_ns() if self.whole_process and kind in self.barriers else None
+        figures = self._timed(step)
+        if server is not None:
+            figures.server_cpu_ns = thread_cpu_ns(self.servers[kind]) - server
+        if process is not None:
+            figures.process_cpu_ns = time.process_time_ns() - process
+        if kind == "split":
+            figures.released_at_wait = sum(self.released)
+            figures.arrive_ns, figures.wait_ns = self.arrive_ns, self.wait_ns
+        return figures
+
+    def _timed(self, step: Callable[[], Any]) -> BlockFigures:
+        """``iters`` calls of ``step``, each timed, and their wall time."""
+        clock, samples = time.perf_counter_ns, [0] * self.plan.config.iters
         start = clock()
         for i in range(self.plan.config.iters):
             before = clock()
-            barrier.execute_barrier()
+            step()
             samples[i] = clock() - before
-        figures = BlockFigures(samples, clock() - start)
-        if server is not None:
-            figures.server_cpu_ns = thread_cpu_ns(self.servers[name]) - server
-        if process is not None:
-            figures.process_cpu_ns = time.process_time_ns() - process
-        return figures
+        return BlockFigures(samples, clock() - start)
+
+    def _split_iteration(self) -> None:
+        """arrive(), the work, wait(); arrive() and wait() also timed alone."""
+        ours, clock = self.ours, time.perf_counter_ns
+        start = clock()
+        ours.arrive()
+        arrived = clock()
+        python_work(self.plan.work_loops)
+        self.released.append(ours.released)
+        before_wait = clock()
+        ours.wait()
+        self.arrive_ns.append(arrived - start)
+        self.wait_ns.append(clock() - before_wait)
 
     def _floor(self) -> BlockFigures:
         """Rank 0, then the last rank, time store.add round trips while the
@@ -209,54 +244,12 @@ class Rank:
         figures = BlockFigures()
         for measuring in sorted({0, self.plan.world_size - 1}):
             if self.rank == measuring:
-                store, clock = self.ours.store, time.perf_counter_ns
+                store = self.ours.store
+                add_one = lambda: store.add(FLOOR_KEY, 1)  # noqa: E731
                 for _ in range(self.plan.config.warmup):
-                    store.add(FLOOR_KEY, 1)
-                for _ in range(self.plan.config.iters):
-                    before = clock()
-                    store.add(FLOOR_KEY, 1)
-                    figures.samples_ns.append(clock() - before)
+                    add_one()
+                figures = self._timed(add_one)
             self.ours.execute_barrier()
-        return figures
-
-    def _split(self, kind: str) -> BlockFigures:
-        """One iteration = the Python work and a barrier, timed whole."""
-        ours, loops, clock = self.ours, self.plan.work_loops, time.perf_counter_ns
-        figures = BlockFigures()
-        released, arrive_ns, wait_ns = [], [], []
-
-        def split() -> None:
-            start = clock()
-            ours.arrive()
-            arrived = clock()
-            python_work(loops)
-            released.append(ours.released)
-            before_wait = clock()
-            ours.wait()
-            arrive_ns.append(arrived - start)
-            wait_ns.append(clock() - before_wait)
-
-        torch_barrier = self.barriers.get("torch")
-        step = {
-            "work": lambda: python_work(loops),
-            "split": split,
-            "serial": lambda: (python_work(loops), ours.execute_barrier()),
-            "torch_serial": lambda: (python_work(loops), torch_barrier.execute_barrier()),
-        }[kind]
-        # Lines the ranks up; the work alone needs a barrier to do it.
-        for _ in range(max(self.plan.config.warmup, 1 if kind == "work" else 0)):
-            ours.execute_barrier() if kind == "work" else step()
-        for parts in (released, arrive_ns, wait_ns):
-            parts.clear()
-        start = clock()
-        for _ in range(self.plan.config.iters):
-            before = clock()
-            step()
-            figures.samples_ns.append(clock() - before)
-        figures.wall_ns = clock() - start
-        if kind == "split":
-            figures.released_at_wait = sum(released)
-            figures.arrive_ns, figures.wait_ns = arrive_ns, wait_ns
         return figures
 
 
@@ -266,18 +259,17 @@ def start_busy_thread(deadline_unix: float) -> None:
     trainer's data loaders do."""
 
     def burn() -> None:
-        total = 0
         while time.time() < deadline_unix:
-            for i in range(2000):
-                total += i * i
+            python_work(2000)
 
     threading.Thread(target=burn, name="busy", daemon=True).start()
 
 
 def run_rank(rank: int, plan: RankPlan, events: Any, done: Any, whole_process: bool) -> None:
-    """Build every contender, run the schedule, report, close once all have."""
+    """Build every contender, run the schedule, report; rank 0 hosts every
+    store, so each rank keeps its barriers up until every rank has reported."""
 
-    def body() -> None:
+    def body() -> tuple[RankFigures, list[Any]]:
         me = Rank(rank, plan, whole_process)
         if rank == 0:
             events.put(("progress", rank, -1))
@@ -287,17 +279,11 @@ def run_rank(rank: int, plan: RankPlan, events: Any, done: Any, whole_process: b
             if rank == 0:
                 events.put(("progress", rank, block.index))
         torch_barrier = me.barriers.get("torch")
-        events.put(("result", rank, RankFigures(
-            rank, me.ours.uses_libuv, None if torch_barrier is None
-            else torch_barrier._tcp_store.libuvBackend, blocks)))  # fmt: skip
-        # Rank 0 hosts every store: keep them up until every rank has its
-        # figures in, then close ours (rank 0's close() waits for the others').
-        done.wait(max(0.0, plan.deadline_unix - time.time()))
-        for name, barrier in me.barriers.items():
-            if hasattr(barrier, "close"):
-                barrier.close()
+        torch_uses_libuv = None if torch_barrier is None else torch_barrier._tcp_store.libuvBackend
+        figures = RankFigures(rank, me.ours.uses_libuv, torch_uses_libuv, blocks)
+        return figures, list(me.barriers.values())
 
-    report(rank, events, body)
+    report(rank, events, done, plan.deadline_unix, body)
 
 
 def raise_fd_limit() -> None:

@@ -293,7 +293,7 @@ def build_document(config, run_versions, worlds) -> dict[str, Any]:
     """The ``--json`` document: configuration, versions, summaries, and every
     rank's raw figures of each block (ns), for any other statistic."""
     return {
-        "config": config.to_json(),
+        "config": asdict(config),  # tuples become JSON lists
         "versions": run_versions,
         "machine": {"cpu_count": os.cpu_count(),
                     "allowed_cpus": sorted(os.sched_getaffinity(0))},  # fmt: skip
