@@ -46,6 +46,15 @@ class C10dConnection final : public StoreConnection {
     added_ = store_->add(std::string(key), delta);
   }
 
+  void addEach(
+      const std::vector<std::string>& keys,
+      int64_t delta,
+      Clock::time_point) override {
+    for (const auto& key : keys) {
+      store_->add(key, delta);
+    }
+  }
+
   bool replyReady(Clock::time_point) override {
     return true;
   }

@@ -9,10 +9,16 @@
 namespace tcpstore_barrier {
 namespace {
 
-// The store's one server thread spends a few microseconds per request: at
-// this rate heartbeats take well under 1% of it, however many ranks there
-// are (see README, "Liveness").
-constexpr int64_t kHeartbeatsPerSecond = 1000;
+// A heartbeat that arrives alone costs the store's one server thread 20-30
+// us (it wakes up for it): at this rate heartbeats take under 1% of it,
+// however many ranks there are (see README, "Liveness").
+constexpr int64_t kHeartbeatsPerSecond = 300;
+// A live rank beats at least twice within the silence allowed.
+constexpr double kBeatsPerSilence = 2.5;
+// Added to every member's counter once a loss is declared, so that each
+// rank learns of it from its next heartbeat's reply, with no request of its
+// own while it waits.
+constexpr int64_t kAlarmOffset = int64_t{1} << 40;
 
 constexpr std::string_view kAliveInfix = "/alive/";
 constexpr std::string_view kLostSuffix = "/lost";
@@ -52,6 +58,7 @@ Liveness::Liveness(
     RoundProtocol& protocol,
     StoreConnection& connection)
     : rank_(rank),
+      worldSize_(worldSize),
       prefix_(prefix),
       enabled_(peerTimeout.has_value()),
       protocol_(protocol),
@@ -62,7 +69,10 @@ Liveness::Liveness(
     const auto fair = std::chrono::milliseconds(
         worldSize * 1000 / kHeartbeatsPerSecond);
     interval_ = std::max(*peerTimeout / 5, fair);
-    silenceLimit_ = std::max(*peerTimeout, 3 * interval_);
+    silenceLimit_ = std::max(
+        *peerTimeout,
+        std::chrono::duration_cast<std::chrono::milliseconds>(
+            interval_ * kBeatsPerSilence));
   }
 }
 
@@ -73,11 +83,8 @@ std::string Liveness::aliveKey(int64_t rank) const {
   return key;
 }
 
-std::string Liveness::lostKey(int64_t sequence) const {
-  std::string key = prefix_;
-  appendDecimal(key, sequence);
-  key.append(kLostSuffix);
-  return key;
+std::string Liveness::lostKey() const {
+  return prefix_ + std::string(kLostSuffix);
 }
 
 void Liveness::announce(StoreConnection& connection, Clock::time_point deadline) {
@@ -123,14 +130,11 @@ void Liveness::tick() {
   const auto now = Clock::now();
   const auto deadline = now + silenceLimit_;
   try {
-    connection_.add(ownAliveKey_, 1, deadline);
-    if (!round.waiting) {
-      return;
-    }
-    if (round.watcher && now - round.since >= interval_) {
-      watch(round, deadline);
-    } else {
+    if (connection_.add(ownAliveKey_, 1, deadline) >= kAlarmOffset) {
       readDeclaredLoss(round, deadline);
+    } else if (
+        round.waiting && round.watcher && now - round.since >= interval_) {
+      watch(round, deadline);
     }
   } catch (const StoreUnavailable& e) {
     raise(Alarm{
@@ -143,7 +147,7 @@ void Liveness::tick() {
 }
 
 void Liveness::readDeclaredLoss(const Round& round, Clock::time_point deadline) {
-  const std::vector<std::string> key{lostKey(round.sequence)};
+  const std::vector<std::string> key{lostKey()};
   if (!connection_.check(key, deadline)) {
     return;
   }
@@ -164,25 +168,17 @@ void Liveness::watch(const Round& round, Clock::time_point deadline) {
     seen_.clear();
     seenSequence_ = round.sequence;
   }
-  const auto missing = protocol_.missingRanks(connection_, round.sequence, deadline);
+  const auto missing =
+      protocol_.missingRanks(connection_, round.sequence, deadline);
   // torch's ranks send no heartbeat: only ranks with a counter are watched.
   // A rank still constructing may get one later, so look again each time.
-  std::vector<std::string> unknownKeys;
-  std::vector<int64_t> unknownRanks;
+  std::vector<int64_t> unknown;
   for (const int64_t rank : missing) {
     if (members_.count(rank) == 0 && rank != rank_) {
-      unknownKeys.push_back(aliveKey(rank));
-      unknownRanks.push_back(rank);
+      unknown.push_back(rank);
     }
   }
-  if (!unknownKeys.empty()) {
-    const auto exists = connection_.checkEach(unknownKeys, deadline);
-    for (std::size_t i = 0; i < exists.size(); ++i) {
-      if (exists[i]) {
-        members_.insert(unknownRanks[i]);
-      }
-    }
-  }
+  learnMembers(unknown, deadline);
   std::vector<std::string> keys;
   std::vector<int64_t> watched;
   for (const int64_t rank : missing) {
@@ -192,7 +188,6 @@ void Liveness::watch(const Round& round, Clock::time_point deadline) {
     }
   }
   if (watched.empty()) {
-    readDeclaredLoss(round, deadline);
     return;
   }
   const auto values = connection_.multiGet(keys, deadline);
@@ -206,16 +201,49 @@ void Liveness::watch(const Round& round, Clock::time_point deadline) {
       lost.push_back(watched[i]);
     }
   }
-  if (lost.empty()) {
+  if (!lost.empty()) {
+    declareLoss(lost, missing, deadline);
     readDeclaredLoss(round, deadline);
+  }
+}
+
+void Liveness::learnMembers(
+    const std::vector<int64_t>& ranks,
+    Clock::time_point deadline) {
+  std::vector<std::string> keys;
+  for (const int64_t rank : ranks) {
+    keys.push_back(aliveKey(rank));
+  }
+  if (keys.empty()) {
     return;
   }
+  const auto exists = connection_.checkEach(keys, deadline);
+  for (std::size_t i = 0; i < exists.size(); ++i) {
+    if (exists[i]) {
+      members_.insert(ranks[i]);
+    }
+  }
+}
+
+void Liveness::declareLoss(
+    const std::vector<int64_t>& lost,
+    const std::vector<int64_t>& missing,
+    Clock::time_point deadline) {
   std::string declaration(kLostField);
   declaration.append(joinRanks(lost)).append(kMissingField).append(
       joinRanks(missing));
   // The first declaration stands, so that every rank names the same ranks.
-  connection_.compareSet(lostKey(round.sequence), "", declaration, deadline);
-  readDeclaredLoss(round, deadline);
+  connection_.compareSet(lostKey(), "", declaration, deadline);
+  std::vector<int64_t> everyone;
+  for (int64_t rank = 0; rank < worldSize_; ++rank) {
+    everyone.push_back(rank);
+  }
+  learnMembers(everyone, deadline);
+  std::vector<std::string> keys;
+  for (const int64_t rank : members_) {
+    keys.push_back(aliveKey(rank));
+  }
+  connection_.addEach(keys, kAlarmOffset, deadline);
 }
 
 } // namespace tcpstore_barrier

@@ -7,8 +7,9 @@
 // waits in a round, the round's watchers (see RoundProtocol::watches) read
 // the counters of the ranks still missing; one whose counter has not moved
 // for silenceLimit() is lost. The first watcher to declare a loss writes it
-// to `{prefix}{s}/lost` with compareSet, so that every other rank, which
-// asks for that key with its heartbeat, names the same ranks.
+// to `{prefix}/lost` with compareSet, so that every rank names the same
+// ranks, then adds a large offset to every member's counter: each rank
+// learns of the loss from its next heartbeat's reply.
 #pragma once
 
 #include <chrono>
@@ -54,8 +55,8 @@ class Liveness {
   std::chrono::milliseconds interval() const noexcept {
     return interval_;
   }
-  // How long a rank may stay silent: the peer timeout, or three intervals
-  // when the world is so large that the interval had to stretch.
+  // How long a rank may stay silent: the peer timeout, or two and a half
+  // intervals when the world is so large that the interval had to stretch.
   std::chrono::milliseconds silenceLimit() const noexcept {
     return silenceLimit_;
   }
@@ -94,11 +95,19 @@ class Liveness {
   };
 
   void watch(const Round& round, Clock::time_point deadline);
+  void learnMembers(
+      const std::vector<int64_t>& ranks,
+      Clock::time_point deadline);
+  void declareLoss(
+      const std::vector<int64_t>& lost,
+      const std::vector<int64_t>& missing,
+      Clock::time_point deadline);
   void readDeclaredLoss(const Round& round, Clock::time_point deadline);
   void raise(Alarm alarm);
-  std::string lostKey(int64_t sequence) const;
+  std::string lostKey() const;
 
   int64_t rank_;
+  int64_t worldSize_;
   std::string prefix_;
   bool enabled_;
   std::chrono::milliseconds interval_{0};

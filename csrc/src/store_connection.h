@@ -61,6 +61,12 @@ class StoreConnection {
   virtual bool replyReady(Clock::time_point until) = 0;
   virtual int64_t readAdd(Clock::time_point deadline) = 0;
 
+  // Adds `delta` to each of `keys` in one round trip.
+  virtual void addEach(
+      const std::vector<std::string>& keys,
+      int64_t delta,
+      Clock::time_point deadline) = 0;
+
   // Whether every one of `keys` exists.
   virtual bool check(
       const std::vector<std::string>& keys,

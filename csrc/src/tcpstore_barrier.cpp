@@ -153,6 +153,11 @@ std::string whatThisRankKnew(const BarrierState& state) {
 }
 
 void enterRound(BarrierState& state, Clock::time_point deadline) {
+  // A loss noticed between rounds ends the barrier before this rank counts
+  // itself into a round that cannot complete.
+  if (auto alarm = state.liveness->alarm()) {
+    throwAlarm(state, *alarm);
+  }
   try {
     const auto replyBy = replyDeadline(state, deadline);
     if (!state.arrivalSent) {

@@ -80,6 +80,21 @@ class WireConnection final : public StoreConnection {
     sendPending(deadline);
   }
 
+  void addEach(
+      const std::vector<std::string>& keys,
+      int64_t delta,
+      Clock::time_point deadline) override {
+    for (const auto& key : keys) {
+      begin(QueryType::ADD);
+      appendKey(key);
+      appendValue(delta);
+    }
+    sendPending(deadline);
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      readValue<int64_t>(deadline);
+    }
+  }
+
   bool replyReady(Clock::time_point until) override {
     while (received_.size() == consumed_) {
       pollfd pfd{fd_.get(), POLLIN, 0};

@@ -16,28 +16,24 @@ from typing import Any
 from ._bench import results
 from ._bench.cli import BenchConfig, ConfigError, add_bench_arguments, config_from_args
 from ._bench.launch import BenchError, pick_free_ports, run_jobs
-from ._bench.rank import RankPlan, calibrate_work_loops, process_main, rank_groups, threads_main
+from ._bench.rank import RankPlan, calibrate_work_loops, rank_groups, ranks_main
 
 __all__ = ["BenchConfig", "BenchError", "add_bench_arguments", "main", "run_bench"]
 
 
 class Progress:
-    """Finished blocks out of ``total`` on stderr: a line redrawn in place on
-    a terminal; elsewhere (CI logs) silent for 2 s, then a line per block."""
+    """Finished blocks out of ``total``, a line on stderr redrawn in place;
+    only on a terminal (CI logs get the table and the errors)."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.done, self.started = total, 0, time.monotonic()
-        self.tty = sys.stderr.isatty()
+        self.total, self.done, self.tty = total, 0, sys.stderr.isatty()
 
     def show(self, label: str, advance: bool = False) -> None:
         self.done += advance
-        bar = "#" * (24 * self.done // self.total)
-        line = f"[{bar:.<24}] {self.done}/{self.total} {label}"
         if self.tty:
-            sys.stderr.write("\r\x1b[2K" + line)
-        elif advance and time.monotonic() - self.started >= 2:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+            bar = "#" * (24 * self.done // self.total)
+            sys.stderr.write(f"\r\x1b[2K[{bar:.<24}] {self.done}/{self.total} {label}")
+            sys.stderr.flush()
 
     def close(self) -> None:
         if self.tty:
@@ -61,20 +57,16 @@ def run_world(config: BenchConfig, world_size: int, deadline: float, work_loops:
         if config.split_phase else config.contenders
     remaining = deadline - time.monotonic()
     plan = RankPlan(
-        world_size=world_size, contenders=contenders,
-        ports=tuple(pick_free_ports(len(contenders))), use_libuv=config.backend == "libuv",
-        protocol=config.protocol, peer_timeout=config.peer_timeout,
-        schedule=tuple(plan_blocks), iters=config.iters, warmup=config.warmup,
-        busy_thread=config.busy_thread, timeout_secs=remaining,
+        config=config, world_size=world_size, contenders=contenders,
+        ports=tuple(pick_free_ports(len(contenders))),
+        schedule=tuple(plan_blocks), timeout_secs=remaining,
         # A minute to connect, more for worlds so large that it takes longer.
         init_timeout_secs=min(max(60.0, 0.1 * world_size), remaining),
         deadline_unix=time.time() + remaining, work_loops=work_loops,
     )  # fmt: skip
-    if config.ranks == "processes":
-        jobs = [(f"bench-rank{r}", process_main, (r, plan)) for r in range(world_size)]
-    else:
-        jobs = [(f"bench-ranks{g[0]}-{g[-1]}", threads_main, (g, plan))
-                for g in rank_groups(world_size, config.processes)]  # fmt: skip
+    processes = world_size if config.ranks == "processes" else config.processes
+    jobs = [(f"bench-ranks{g[0]}-{g[-1]}", ranks_main, (g, plan))
+            for g in rank_groups(world_size, processes)]  # fmt: skip
 
     def on_progress(index: int) -> None:
         if index < 0:

@@ -34,6 +34,7 @@
 using namespace std::chrono_literals;
 using tcpstore_barrier::BarrierTimeoutError;
 using tcpstore_barrier::TCPStoreBarrier;
+using tcpstore_barrier::PeerLostError;
 using tcpstore_barrier::TCPStoreBarrierOptions;
 using Clock = std::chrono::steady_clock;
 
@@ -304,6 +305,39 @@ TEST_CASE(timeout_names_a_rank_that_never_arrived) {
   });
 }
 
+TEST_CASE(a_rank_that_stops_heartbeating_is_named_lost_by_every_survivor) {
+  const uint16_t port = freePort();
+  Latch roundZero(3);
+  Latch lost(2);
+  runRanks(3, [&](int64_t rank) {
+    auto o = options(rank, 3, port, 60s);
+    o.peerTimeout = 500ms;
+    auto barrier = std::make_unique<TCPStoreBarrier>(std::move(o));
+    barrier->executeBarrier();
+    roundZero.arriveAndWait();
+    if (rank == 2) {
+      // Gone without close(): its heartbeat stops with it.
+      barrier.reset();
+      return;
+    }
+    const auto start = Clock::now();
+    try {
+      barrier->executeBarrier();
+      fail(__FILE__, __LINE__, "round 1 released without rank 2");
+    } catch (const PeerLostError& e) {
+      REQUIRE(Clock::now() - start < 5s);
+      REQUIRE_EQ(e.lostRanks(), std::vector<int64_t>{2});
+      REQUIRE_EQ(e.missingRanks(), std::vector<int64_t>{2});
+      REQUIRE_EQ(e.sequence(), 1);
+      REQUIRE_CONTAINS(e.what_without_backtrace(), "ranks [2] stopped showing");
+    }
+    // The barrier is over: a retry raises the same error at once.
+    REQUIRE_THROWS(PeerLostError, barrier->executeBarrier(), "ranks [2]");
+    lost.arriveAndWait();
+    barrier->close();
+  });
+}
+
 TEST_CASE(timeout_names_a_rank_left_a_round_behind) {
   const uint16_t port = freePort();
   Latch timedOut(3);
@@ -464,6 +498,8 @@ TEST_CASE(invalid_arguments_throw_before_any_socket) {
   REQUIRE_THROWS(std::invalid_argument,
                with(1, [](auto& o) { o.initTimeout = -1ms; }),
                "timeout_barrier_init_secs");
+  REQUIRE_THROWS(std::invalid_argument, with(1, [](auto& o) { o.peerTimeout = 0ms; }),
+               "peer_timeout_secs");
   REQUIRE_THROWS(std::invalid_argument,
                TCPStoreBarrier(1, 3, "ckpt", 30, true, port, kLoopback, -1),
                "timeout_secs");

@@ -4,7 +4,6 @@ and the configuration the options parse into."""
 from __future__ import annotations
 
 import argparse
-import inspect
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -124,7 +123,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     describe(parser, DESCRIPTION, EPILOG)
     add = parser.add_argument
-    add("--world-size", type=_positive_int, nargs="+", metavar="N",
+    add("--world-size", dest="world_sizes", type=_positive_int, nargs="+", metavar="N",
         default=list(d.world_sizes), help="world sizes, run one after the other (default: 4)")
     add("--iters", type=_positive_int, default=d.iters,
         help=f"timed barriers per block (default: {d.iters})")
@@ -184,23 +183,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     contenders = list(dict.fromkeys(c for c in contenders if not (args.no_torch and c == "torch")))
     if "ours" not in contenders:
         raise ConfigError("--contenders must include ours")
-    wants_liveness = args.peer_timeout is not None or "ours-noliveness" in contenders
-    if wants_liveness and not _has_peer_timeout():
-        raise ConfigError(
-            "this build of tcpstore_barrier has no peer_timeout_secs: "
-            "--peer-timeout and ours-noliveness need the core with liveness"
-        )
-    return BenchConfig(
-        world_sizes=tuple(args.world_size), iters=args.iters, rounds=args.rounds,
-        warmup=args.warmup, ranks=args.ranks, processes=args.processes or 1,
-        busy_thread=args.busy_thread, backend=args.backend, protocol=args.protocol,
-        contenders=tuple(contenders), peer_timeout=args.peer_timeout,
-        timeout_secs=args.timeout_secs, json_path=args.json_path,
-        plot_path=args.plot_path, split_phase=args.split_phase, work_us=args.work_us,
-    )  # fmt: skip
-
-
-def _has_peer_timeout() -> bool:
-    from tcpstore_barrier import TCPStoreBarrier
-
-    return "peer_timeout_secs" in inspect.signature(TCPStoreBarrier).parameters
+    fields = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__}
+    return BenchConfig(**{**fields, "world_sizes": tuple(args.world_sizes),
+                          "processes": args.processes or 1, "contenders": tuple(contenders)})

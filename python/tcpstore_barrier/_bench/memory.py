@@ -15,6 +15,7 @@ from typing import Any
 from .cli import _positive_int, _positive_seconds, describe
 from .launch import BenchError, pick_free_ports, report, run_jobs
 from .rank import build, raise_fd_limit
+from .results import align
 
 DESCRIPTION = """\
 Two measurements, each in fresh forkserver processes (torch preloaded):
@@ -200,6 +201,18 @@ def objects_measurer(name: str, port: int, config: MemoryConfig, host_pid: int,
     report("measurer", events, body)
 
 
+#: The objects table's rows: a label, the JSON key, the Reading field; each
+#: as constructed and "_after_round". RSS, heap and the host's RSS are slopes
+#: between the first non-zero checkpoint and the last, so that one-time costs
+#: do not count; fds and threads exact counts over all objects.
+FIGURES = [("RSS per object (KiB)", "rss_per_object", "rss"),
+           ("malloc'd per object (KiB)", "heap_per_object", "heap"),
+           ("fds per object", "fds_per_object", "fds"),
+           ("threads per object", "threads_per_object", "threads"),
+           ("host RSS per joined rank (KiB)", "host_rss_per_rank", "host_rss")]  # fmt: skip
+SLOPES = {"rss", "heap", "host_rss"}
+
+
 @dataclass(frozen=True)
 class ObjectsSummary:
     """Memory of one barrier object of one implementation, in bytes (counts
@@ -207,48 +220,35 @@ class ObjectsSummary:
 
     implementation: str
     objects: int
-    rss_per_object: float
-    rss_per_object_after_round: float | None
-    heap_per_object: float | None
-    heap_per_object_after_round: float | None
-    fds_per_object: float
-    fds_per_object_after_round: float | None
-    threads_per_object: float
-    threads_per_object_after_round: float | None
-    #: The host's (its server's) RSS per joined rank.
-    host_rss_per_rank: float | None
-    host_rss_per_rank_after_round: float | None
+    #: Each FIGURES key, and with "_after_round": None where not measured.
+    figures: dict[str, float | None]
     readings: ObjectsFigures
+
+    def to_json(self) -> dict[str, Any]:
+        return {"implementation": self.implementation, "objects": self.objects,
+                **self.figures, "readings": asdict(self.readings)}  # fmt: skip
 
 
 def summarize_objects(name: str, objects: int, raw: ObjectsFigures) -> ObjectsSummary:
-    """RSS and heap as slopes between the first non-zero checkpoint and the
-    last; a round's addition spread over every object; fds and threads as
-    exact counts over all objects."""
-    marks = sorted(raw.constructed)
-    low = next((m for m in marks if 0 < m < objects), 0)
-    first, last, zero, after = (raw.constructed[low], raw.constructed[objects],
-                                raw.constructed[0], raw.after_round)  # fmt: skip
+    """Each of FIGURES after construction and after a round; a round's
+    addition is spread over every object."""
+    low = next((m for m in sorted(raw.constructed) if 0 < m < objects), 0)
+    zero, first, last = (raw.constructed[m] for m in (0, low, objects))
 
-    def slope(key: str) -> float | None:
-        a, b = getattr(first, key), getattr(last, key)
-        return None if a is None or b is None else (b - a) / max(1, objects - low)
-
-    def with_round(key: str) -> float | None:
-        per = slope(key)
-        if after is None or per is None or getattr(after, key) is None:
+    def per_object(field: str, at: Reading | None) -> float | None:
+        values = [None if r is None else getattr(r, field) for r in (zero, first, last, at)]
+        if None in values:
             return None
-        return per + (getattr(after, key) - getattr(last, key)) / objects
+        v_zero, v_first, v_last, v_at = values
+        if field not in SLOPES:
+            return (v_at - v_zero) / objects
+        return (v_last - v_first) / max(1, objects - low) + (v_at - v_last) / objects
 
-    def count(key: str, at: Reading | None) -> float | None:
-        return None if at is None else (getattr(at, key) - getattr(zero, key)) / objects
-
-    return ObjectsSummary(
-        name, objects, slope("rss") or 0.0, with_round("rss"), slope("heap"),
-        with_round("heap"), count("fds", last), count("fds", after),
-        count("threads", last), count("threads", after), slope("host_rss"),
-        with_round("host_rss"), raw,
-    )  # fmt: skip
+    figures = {}
+    for _, key, field in FIGURES:
+        figures[key] = per_object(field, last)
+        figures[f"{key}_after_round"] = per_object(field, raw.after_round)
+    return ObjectsSummary(name, objects, figures, raw)
 
 
 # --- the store over many barriers -------------------------------------------------
@@ -334,41 +334,30 @@ def run_memory(config: MemoryConfig, log=lambda _: None) -> tuple[list, list]:
 
 def format_objects(summaries: list[ObjectsSummary]) -> str:
     """Rows: figures; columns: implementations."""
-    kib = lambda v: "-" if v is None else f"{v / 1024:.1f}"  # noqa: E731
-    count = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    rows = [[""] + [s.implementation for s in summaries]]
-    for label, field, show in [
-        ("RSS per object, constructed (KiB)", "rss_per_object", kib),
-        ("RSS per object, after a round (KiB)", "rss_per_object_after_round", kib),
-        ("malloc'd per object, constructed (KiB)", "heap_per_object", kib),
-        ("malloc'd per object, after a round (KiB)", "heap_per_object_after_round", kib),
-        ("fds per object, constructed", "fds_per_object", count),
-        ("fds per object, after a round", "fds_per_object_after_round", count),
-        ("threads per object, constructed", "threads_per_object", count),
-        ("threads per object, after a round", "threads_per_object_after_round", count),
-        ("host RSS per joined rank (KiB)", "host_rss_per_rank", kib),
-        ("host RSS per rank, after a round (KiB)", "host_rss_per_rank_after_round", kib),
-    ]:  # fmt: skip
-        rows.append([label] + [show(getattr(s, field)) for s in summaries])
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(t.ljust(w) if c == 0 else t.rjust(w)
-                               for c, (t, w) in enumerate(zip(r, widths))) for r in rows)  # fmt: skip
+
+    def show(value: float | None, field: str) -> str:
+        return "-" if value is None else f"{value / 1024:.1f}" if field in SLOPES else f"{value:.2f}"
+
+    rows = [(f"{label}, {when}", key + suffix, field) for label, key, field in FIGURES
+            for when, suffix in (("constructed", ""), ("after a round", "_after_round"))]  # fmt: skip
+    columns = [("", lambda row: row[0])] + [
+        (s.implementation, lambda row, s=s: show(s.figures[row[1]], row[2])) for s in summaries]
+    return align(columns, rows, label_left=True)
 
 
 def format_store(summary: StoreSummary) -> str:
     """One row per sample, then first/last/max."""
     mib = 1024 * 1024
-    lines = [f"{'barriers':>9}  {'rank0 RSS MiB':>13}  {'store keys':>10}  {'secs':>7}"]
-    lines += [f"{s.barriers:>9}  {s.rss / mib:>13.2f}  {s.keys:>10}  {s.secs:>7.2f}"
-              for s in summary.samples]  # fmt: skip
     first, last = summary.samples[0], summary.samples[-1]
-    lines.append(
-        f"RSS MiB first {first.rss / mib:.2f}, last {last.rss / mib:.2f}, max "
+    return align([("barriers", lambda s: str(s.barriers)),
+                  ("rank0 RSS MiB", lambda s: f"{s.rss / mib:.2f}"),
+                  ("store keys", lambda s: str(s.keys)),
+                  ("secs", lambda s: f"{s.secs:.2f}")], summary.samples) + (
+        f"\nRSS MiB first {first.rss / mib:.2f}, last {last.rss / mib:.2f}, max "
         f"{max(s.rss for s in summary.samples) / mib:.2f}; keys first {first.keys}, last "
         f"{last.keys}, max {max(s.keys for s in summary.samples)} "
         f"({summary.keys_per_barrier:+.3f} a barrier); {summary.barrier_us:.2f} us a barrier"
-    )
-    return "\n".join(lines)
+    )  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
@@ -401,7 +390,7 @@ def main(args: argparse.Namespace) -> int:
               "processes, rank 0 hosts the store and samples):")  # fmt: skip
         print(format_store(summary))
     if config.json_path is not None:
-        document = {"config": asdict(config), "objects": [asdict(s) for s in objects],
+        document = {"config": asdict(config), "objects": [s.to_json() for s in objects],
                     "stores": [asdict(s) for s in stores]}  # fmt: skip
         with open(config.json_path, "w") as f:
             json.dump(document, f)

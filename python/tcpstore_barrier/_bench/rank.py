@@ -10,12 +10,12 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from .cli import BenchConfig
 from .launch import LOOPBACK, report
 from .results import Block
 
@@ -31,17 +31,12 @@ RANK_THREAD_STACK_BYTES = 2 * 1024 * 1024
 class RankPlan:
     """What every rank of one world size runs; pickled to each rank."""
 
+    config: BenchConfig
     world_size: int
     #: Built in this order, contender i on ports[i].
     contenders: tuple[str, ...]
     ports: tuple[int, ...]
-    use_libuv: bool
-    protocol: str
-    peer_timeout: float | str | None
     schedule: tuple[Block, ...]
-    iters: int
-    warmup: int
-    busy_thread: bool
     timeout_secs: float
     init_timeout_secs: float
     deadline_unix: float
@@ -106,10 +101,9 @@ def build(
     from tcpstore_barrier import TCPStoreBarrier
 
     kwargs: dict[str, Any] = {"protocol": "native" if name == "native" else protocol}
-    # Passed only when asked for: cores without liveness have no such argument.
     if name == "ours-noliveness" or peer_timeout == "off":
         kwargs["peer_timeout_secs"] = None
-    elif peer_timeout is not None:
+    elif peer_timeout is not None:  # else the constructor's default
         kwargs["peer_timeout_secs"] = peer_timeout
     return TCPStoreBarrier(rank, world_size, prefix, init_timeout_secs, use_libuv,
                            port, LOOPBACK, timeout_secs, **kwargs)  # fmt: skip
@@ -173,9 +167,9 @@ class Rank:
         for name, port in zip(plan.contenders, plan.ports):
             known = server_threads() if rank == 0 else set()
             self.barriers[name] = build(
-                name, rank, plan.world_size, port, use_libuv=plan.use_libuv,
-                protocol=plan.protocol, init_timeout_secs=plan.init_timeout_secs,
-                timeout_secs=plan.timeout_secs, peer_timeout=plan.peer_timeout,
+                name, rank, plan.world_size, port, use_libuv=plan.config.backend == "libuv",
+                protocol=plan.config.protocol, init_timeout_secs=plan.init_timeout_secs,
+                timeout_secs=plan.timeout_secs, peer_timeout=plan.config.peer_timeout,
             )  # fmt: skip
             if rank == 0:
                 self.servers[name] = server_threads() - known
@@ -190,15 +184,15 @@ class Rank:
 
     def _barriers(self, name: str) -> BlockFigures:
         barrier, clock = self.barriers[name], time.perf_counter_ns
-        for _ in range(self.plan.warmup):
+        for _ in range(self.plan.config.warmup):
             barrier.execute_barrier()
         # CPU over the timed barriers only: lining up may overlap other
         # ranks' previous block.
         server = thread_cpu_ns(self.servers[name]) if self.servers else None
         process = time.process_time_ns() if self.whole_process else None
-        samples = [0] * self.plan.iters
+        samples = [0] * self.plan.config.iters
         start = clock()
-        for i in range(self.plan.iters):
+        for i in range(self.plan.config.iters):
             before = clock()
             barrier.execute_barrier()
             samples[i] = clock() - before
@@ -216,9 +210,9 @@ class Rank:
         for measuring in sorted({0, self.plan.world_size - 1}):
             if self.rank == measuring:
                 store, clock = self.ours.store, time.perf_counter_ns
-                for _ in range(self.plan.warmup):
+                for _ in range(self.plan.config.warmup):
                     store.add(FLOOR_KEY, 1)
-                for _ in range(self.plan.iters):
+                for _ in range(self.plan.config.iters):
                     before = clock()
                     store.add(FLOOR_KEY, 1)
                     figures.samples_ns.append(clock() - before)
@@ -250,12 +244,12 @@ class Rank:
             "torch_serial": lambda: (python_work(loops), torch_barrier.execute_barrier()),
         }[kind]
         # Lines the ranks up; the work alone needs a barrier to do it.
-        for _ in range(max(self.plan.warmup, 1 if kind == "work" else 0)):
+        for _ in range(max(self.plan.config.warmup, 1 if kind == "work" else 0)):
             ours.execute_barrier() if kind == "work" else step()
         for parts in (released, arrive_ns, wait_ns):
             parts.clear()
         start = clock()
-        for _ in range(self.plan.iters):
+        for _ in range(self.plan.config.iters):
             before = clock()
             step()
             figures.samples_ns.append(clock() - before)
@@ -266,27 +260,18 @@ class Rank:
         return figures
 
 
-@contextmanager
-def busy_thread(wanted: bool, deadline_unix: float) -> Iterator[None]:
-    """With ``wanted``, a CPU-bound pure-Python thread for the ``with`` block,
-    holding the GIL as much as CPython lets it, as a trainer's loaders do."""
-    stop = threading.Event()
+def start_busy_thread(deadline_unix: float) -> None:
+    """A CPU-bound pure-Python daemon thread until the deadline or the
+    process's exit, holding the GIL as much as CPython lets it, as a
+    trainer's data loaders do."""
 
     def burn() -> None:
         total = 0
-        while not stop.is_set() and time.time() < deadline_unix:
+        while time.time() < deadline_unix:
             for i in range(2000):
                 total += i * i
 
-    thread = threading.Thread(target=burn, name="busy", daemon=True)
-    if wanted:
-        thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        if wanted:
-            thread.join(timeout=5)
+    threading.Thread(target=burn, name="busy", daemon=True).start()
 
 
 def run_rank(rank: int, plan: RankPlan, events: Any, done: Any, whole_process: bool) -> None:
@@ -324,31 +309,23 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def process_main(rank: int, plan: RankPlan, events: Any, done: Any) -> None:
-    """Entry of one rank process."""
-    raise_fd_limit()
-    with busy_thread(plan.busy_thread, plan.deadline_unix):
-        run_rank(rank, plan, events, done, whole_process=True)
-
-
-def threads_main(ranks: Sequence[int], plan: RankPlan, events: Any, done: Any) -> None:
-    """Entry of a process running ``ranks`` as threads; its first rank also
-    reads the process's CPU time, and one busy thread serves them all."""
+def ranks_main(ranks: Sequence[int], plan: RankPlan, events: Any, done: Any) -> None:
+    """Entry of a rank process: ``ranks`` as threads (one with --ranks
+    processes); its first rank also reads the process's CPU time, and one
+    busy thread serves them all."""
     raise_fd_limit()
     threads = [
         threading.Thread(target=run_rank, args=(rank, plan, events, done, i == 0),
                          name=f"rank{rank}")  # fmt: skip
         for i, rank in enumerate(ranks)
     ]
-    with busy_thread(plan.busy_thread, plan.deadline_unix):
-        previous_stack = threading.stack_size(RANK_THREAD_STACK_BYTES)
-        try:
-            for thread in threads:
-                thread.start()
-        finally:
-            threading.stack_size(previous_stack)
-        for thread in threads:
-            thread.join(timeout=max(0.0, plan.deadline_unix - time.time()))
+    if plan.config.busy_thread:
+        start_busy_thread(plan.deadline_unix)
+    threading.stack_size(RANK_THREAD_STACK_BYTES)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(0.0, plan.deadline_unix - time.time()))
 
 
 def rank_groups(world_size: int, processes: int) -> list[tuple[int, ...]]:

@@ -178,11 +178,15 @@ def _times(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _align(columns: Sequence[tuple[str, Callable[[Any], str]]], items: Sequence[Any]) -> str:
+def align(columns: Sequence[tuple[str, Callable[[Any], str]]], items: Sequence[Any],
+          label_left: bool = False) -> str:  # fmt: skip
+    """A text table: a row per item, a (header, cell of an item) per column;
+    right-aligned, but for the first column with ``label_left``."""
     rows = [[header for header, _ in columns]]
     rows += [[cell(item) for _, cell in columns] for item in items]
     widths = [max(len(row[c]) for row in rows) for c in range(len(columns))]
-    return "\n".join("  ".join(t.rjust(w) for t, w in zip(row, widths)) for row in rows)
+    return "\n".join("  ".join(t.ljust(w) if label_left and c == 0 else t.rjust(w)
+                               for c, (t, w) in enumerate(zip(row, widths))) for row in rows)  # fmt: skip
 
 
 def format_table(summaries: Sequence[WorldSummary], contenders: Sequence[str]) -> str:
@@ -199,7 +203,7 @@ def format_table(summaries: Sequence[WorldSummary], contenders: Sequence[str]) -
             columns.append((header, lambda s, a=a, b=b: _times(s.ratio(a, b))))
     columns += [("floor med", lambda s: _us(s.floor.median_us)),
                 ("rank0 floor", lambda s: _us(s.host_floor.median_us))]  # fmt: skip
-    text = _align(columns, summaries)
+    text = align(columns, summaries)
     if any(s.cost for s in summaries):
         cost = [("world", lambda s: str(s.world_size))]
         for c in contenders:
@@ -207,13 +211,13 @@ def format_table(summaries: Sequence[WorldSummary], contenders: Sequence[str]) -
             cost += [(f"{name} srv/it", lambda s, c=c: _us(s.cost[c].server_us if c in s.cost else None)),
                      (f"{name} cpu/it", lambda s, c=c: _us(s.cost[c].total_us if c in s.cost else None))]  # fmt: skip
         text += ("\n\nwhere the time goes, per barrier (CPU us): srv/it the store's server "
-                 "threads;\ncpu/it every rank process, servers included\n\n" + _align(cost, summaries))  # fmt: skip
+                 "threads;\ncpu/it every rank process, servers included\n\n" + align(cost, summaries))  # fmt: skip
     return text
 
 
 def format_split_table(summaries: Sequence[SplitSummary]) -> str:
     """One row per world size of --split-phase, per loop iteration (us)."""
-    return _align([
+    return align([
         ("world", lambda s: str(s.world_size)),
         ("work med", lambda s: _us(s.work.median_us)),
         ("split med", lambda s: _us(s.split.median_us)),
