@@ -9,18 +9,47 @@ with Python ranks of this library and of torch. The core's own C++ tests
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-import cpp_ranks
-import protocol_ranks
+from support import LOOPBACK
+from support.barriers import assert_no_early_release, our_barrier, torch_barrier
+from support.launch import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = "2"
+
+
+STEP_LINE = re.compile(r"^step (\d+) entered ([\d.]+) left ([\d.]+)$", re.MULTILINE)
+
+
+def trainer_command(
+    trainer, rank, world_size, port, iterations, checkpoint_dir, timeout=30
+):
+    return [
+        str(trainer),
+        "--rank", str(rank),
+        "--world-size", str(world_size),
+        "--port", str(port),
+        "--iterations", str(iterations),
+        "--master-address", LOOPBACK,
+        "--timeout", str(timeout),
+        "--init-timeout", "30",
+        "--checkpoint-dir", str(checkpoint_dir),
+    ]  # fmt: skip
+
+
+def trainer_stamps(stdout):
+    """The trainer's (entered, left) wall-clock times, one pair per step."""
+    steps = [(int(s), float(e), float(x)) for s, e, x in STEP_LINE.findall(stdout)]
+    assert [s for s, _, _ in steps] == list(range(len(steps))), stdout
+    return [(e, left) for _, e, left in steps]
 
 
 def run_checked(command, timeout, **kwargs):
@@ -82,30 +111,42 @@ def ctest_build(cmake, tmp_path_factory):
     return build_dir
 
 
-def test_cpp_trainer_shares_barriers_with_python_ranks(
-    trainer, run_rank_threads, port, tmp_path
-):
+def mixed_rank(rank, world_size, port, rounds, trainer, checkpoint_dir, keep_alive):
+    """Rank 0: tcpstore_barrier, hosting the store; rank 1: the C++ trainer;
+    other ranks: torch's TCPStoreBarrier. Returns (entered, left) per round."""
+    if rank == 1:
+        proc = subprocess.run(
+            trainer_command(trainer, rank, world_size, port, rounds, checkpoint_dir),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, (
+            f"trainer exited with {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
+        return trainer_stamps(proc.stdout)
+    barrier = (our_barrier if rank == 0 else torch_barrier)(rank, world_size, port)
+    # The host's store must outlive the trainer's last round and its
+    # close(), and torch's ranks never close: the test drops it at the end.
+    keep_alive.append(barrier)
+    stamps = []
+    for _ in range(rounds):
+        entered = time.time()
+        barrier.execute_barrier()
+        stamps.append((entered, time.time()))
+    return stamps
+
+
+def test_cpp_trainer_shares_barriers_with_python_ranks(trainer, port, tmp_path):
     world_size, rounds, keep_alive = 3, 30, []
-    stamps = run_rank_threads(
-        cpp_ranks.mixed_rank,
-        world_size,
-        port,
-        rounds,
-        trainer,
-        tmp_path,
-        keep_alive,
-        timeout=120,
-    )
+    stamps = run_ranks(
+        mixed_rank, world_size, port, rounds, trainer, tmp_path, keep_alive,
+        threads=True, timeout=120,
+    )  # fmt: skip
     keep_alive.clear()
     assert [len(s) for s in stamps] == [rounds] * world_size
     # The trainer prints microseconds; allow for that rounding only.
-    resolution = 1e-6
-    for s in range(rounds):
-        last_entry = max(stamps[r][s][0] for r in range(world_size))
-        first_exit = min(stamps[r][s][1] for r in range(world_size))
-        assert first_exit + resolution >= last_entry, (
-            f"round {s} released before every rank entered"
-        )
+    assert_no_early_release(stamps, resolution=1e-6)
     # Only the last step's shard is kept once every rank has written it.
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"step{rounds - 1}-rank1.bin"]
 
@@ -114,7 +155,7 @@ def test_cpp_trainers_alone_checkpoint_and_close(trainer, port, tmp_path):
     world_size, rounds = 3, 20
     procs = [
         subprocess.Popen(
-            cpp_ranks.trainer_command(
+            trainer_command(
                 trainer, rank, world_size, port, rounds, tmp_path
             ),
             stdout=subprocess.PIPE,
@@ -130,7 +171,7 @@ def test_cpp_trainers_alone_checkpoint_and_close(trainer, port, tmp_path):
             p.kill()
     for rank, (p, (out, err)) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {rank} exited {p.returncode}\n{out}\n{err}"
-        assert len(cpp_ranks.trainer_stamps(out)) == rounds
+        assert len(trainer_stamps(out)) == rounds
         assert f"rank {rank} of {world_size}: {rounds} checkpoint barriers" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f"step{rounds - 1}-rank{r}.bin" for r in range(world_size)
@@ -139,14 +180,14 @@ def test_cpp_trainers_alone_checkpoint_and_close(trainer, port, tmp_path):
 
 def test_cpp_trainer_timeout_names_the_rank_that_never_came(trainer, port, tmp_path):
     proc = subprocess.Popen(
-        cpp_ranks.trainer_command(trainer, 0, 2, port, 3, tmp_path, timeout=2),
+        trainer_command(trainer, 0, 2, port, 3, tmp_path, timeout=2),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         # Rank 1 joins the store but never enters a barrier.
-        absent = protocol_ranks.torch_barrier(1, 2, port)
+        absent = torch_barrier(1, 2, port)
         out, err = proc.communicate(timeout=60)
         del absent
     finally:
@@ -158,7 +199,7 @@ def test_cpp_trainer_timeout_names_the_rank_that_never_came(trainer, port, tmp_p
 
 def test_cpp_trainer_rejects_a_rank_outside_the_world(trainer, port, tmp_path):
     proc = subprocess.run(
-        cpp_ranks.trainer_command(trainer, 3, 3, port, 1, tmp_path),
+        trainer_command(trainer, 3, 3, port, 1, tmp_path),
         capture_output=True,
         text=True,
         timeout=60,

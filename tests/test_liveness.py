@@ -8,98 +8,175 @@ lines (``pytest -s``).
 
 from __future__ import annotations
 
-import multiprocessing
+import ctypes
 import os
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from pathlib import Path
 
 import pytest
 
-import liveness_ranks as lr
-import ranks
-from conftest import collect_reports
+from support import LOOPBACK, report_figure
+from support.barriers import describe, our_barrier, timed_round, torch_barrier
+from support.launch import CONTEXT, run_ranks, start_ranks
 
 # How late past its limit an error may come: the issue's "deadline plus 1 s".
 SLACK = 1.0
-TESTS = Path(__file__).resolve().parent
 
 
-def report_figure(name, value):
-    print(f"FIGURE {name}: {value:.3f}")
+# Rank bodies return plain data; times are time.monotonic(), one clock for
+# every process of the machine. Ranks that must meet outside the barrier use
+# multiprocessing events, since the store itself may be frozen.
 
 
-class RankProcesses:
-    """One process per rank, each reporting what its body returned."""
-
-    def __init__(self, mp_context, target, world_size, *args):
-        self.queue = mp_context.Queue()
-        self.procs = {
-            rank: mp_context.Process(
-                target=ranks.rank_main,
-                args=(self.queue, target, rank, (world_size, *args)),
-                daemon=True,
-            )
-            for rank in range(world_size)
-        }
-        for proc in self.procs.values():
-            proc.start()
-
-    def signal(self, rank, signum):
-        os.kill(self.procs[rank].pid, signum)
-
-    def results(self, expected, timeout):
-        results, failures = collect_reports(
-            self.queue,
-            set(expected),
-            timeout,
-            lambda pending: any(self.procs[r].is_alive() for r in pending),
-        )
-        assert not failures, "\n".join(failures.values())
-        missing = sorted(set(expected) - results.keys())
-        assert not missing, f"ranks {missing} did not report within {timeout} s"
-        return results
-
-    def stop(self):
-        for proc in self.procs.values():
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGCONT)
-                proc.kill()
-            proc.join()
+def make(rank, world_size, port, *, timeout=120.0, peer_timeout=1.0, init=20.0):
+    return our_barrier(
+        rank, world_size, port, init=init, timeout=timeout,
+        options={"peer_timeout_secs": peer_timeout},
+    )  # fmt: skip
 
 
-@pytest.fixture
-def launch(mp_context):
-    started = []
+def killed_peer(rank, world_size, port, victim, peer_timeout, killed_at):
+    """Round 0 with everyone; then the victim dies by SIGKILL while the
+    others wait in round 1 (timeout_secs far above the detection time)."""
+    barrier = make(rank, world_size, port, peer_timeout=peer_timeout)
+    barrier.execute_barrier()
+    if rank == victim:
+        time.sleep(0.5)
+        killed_at.value = time.monotonic()
+        os.kill(os.getpid(), signal.SIGKILL)
+    outcome = timed_round(barrier)
+    again = timed_round(barrier)
+    close_start = time.monotonic()
+    barrier.close()
+    outcome["close_elapsed"] = time.monotonic() - close_start
+    outcome["again"] = again["error"]
+    return outcome
 
-    def start(target, world_size, *args):
-        group = RankProcesses(mp_context, target, world_size, *args)
-        started.append(group)
-        return group
 
-    yield start
-    for group in started:
-        group.stop()
+def frozen_host(rank, world_size, port, peer_timeout, timeout, ready, frozen, when):
+    """Rank 0 hosts the store and never enters round 1; the test freezes it
+    with SIGSTOP either while the others wait ("waiting") or before they
+    arrive ("before arrival")."""
+    barrier = make(rank, world_size, port, timeout=timeout, peer_timeout=peer_timeout)
+    barrier.execute_barrier()
+    if rank == 0:
+        ready[0].set()
+        time.sleep(120)
+        return None
+    if when == "before arrival":
+        ready[rank].set()
+        frozen.wait(30)
+    else:
+        threading.Timer(0.3, ready[rank].set).start()
+    outcome = timed_round(barrier)
+    outcome["again"] = timed_round(barrier)["error"]
+    close_start = time.monotonic()
+    barrier.close()
+    outcome["close_elapsed"] = time.monotonic() - close_start
+    return outcome
+
+
+def host_awaiting_a_peer(rank, world_size, port):
+    """Rank 0 of 2: hosts the store and waits in its constructor for rank 1."""
+    make(0, 2, port, init=60)
+
+
+def join_frozen_host(rank, world_size, port, init):
+    """Rank 1 of 2 joins a store whose host is frozen; reports how its
+    construction ended."""
+    start = time.monotonic()
+    try:
+        make(1, 2, port, init=init)
+        error = None
+    except Exception as e:  # noqa: BLE001
+        error = describe(e)
+    return {"error": error, "elapsed": time.monotonic() - start}
+
+
+def _hold_gil(seconds):
+    # A C function called through PyDLL keeps the GIL for its whole run, as
+    # a long C extension call does.
+    ctypes.PyDLL(None).usleep(int(seconds * 1_000_000))
+
+
+def _spin_python(stop):
+    while not stop.is_set():
+        sum(range(1000))
+
+
+def _write_shard(seconds):
+    chunk = os.urandom(1 << 20)
+    end = time.monotonic() + seconds
+    with tempfile.TemporaryFile() as shard:
+        while time.monotonic() < end:
+            shard.write(chunk)
+            shard.flush()
+
+
+def late_rank(rank, world_size, port, peer_timeout, late, how, busy_thread):
+    """Round 1 waits `late` seconds for the last rank, which is busy `how`
+    (holding the GIL in C, sleeping, writing a shard); with `busy_thread`,
+    every rank also runs a CPU-bound Python thread."""
+    barrier = make(rank, world_size, port, peer_timeout=peer_timeout)
+    stop = threading.Event()
+    if busy_thread:
+        threading.Thread(target=_spin_python, args=(stop,), daemon=True).start()
+    barrier.execute_barrier()
+    if rank == world_size - 1:
+        if how == "gil held in C":
+            _hold_gil(late)
+        elif how == "shard write":
+            _write_shard(late)
+        else:
+            time.sleep(late)
+    outcome = timed_round(barrier)
+    stop.set()
+    barrier.close()
+    return outcome
+
+
+def mixed_with_torch(rank, world_size, port, torch_rank, late, timeout):
+    """Our ranks and one torch rank, which arrives `late` s into round 1
+    (never, if `late` is None)."""
+    if rank == torch_rank:
+        barrier = torch_barrier(rank, world_size, port, init=20, timeout=60)
+        barrier.execute_barrier()
+        if late is None:
+            time.sleep(timeout + 3)
+            return None
+        time.sleep(late)
+        barrier.execute_barrier()
+        time.sleep(1)
+        return None
+    barrier = make(rank, world_size, port, timeout=timeout, peer_timeout=1.0)
+    barrier.execute_barrier()
+    outcome = timed_round(barrier)
+    if late is None:
+        time.sleep(2)
+    barrier.close()
+    return outcome
 
 
 # --- a peer killed ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("peer_timeout", [1.0, None], ids=["1s", "default 5s"])
-def test_killed_peer_is_named_lost_by_every_survivor(launch, mp_context, port, peer_timeout):
+def test_killed_peer_is_named_lost_by_every_survivor(port, peer_timeout):
     world_size, victim = 4, 2
-    killed_at = mp_context.Value("d", 0.0)
+    killed_at = CONTEXT.Value("d", 0.0)
     limit = 5.0 if peer_timeout is None else peer_timeout
-    group = launch(
-        lr.killed_peer, world_size, port, victim,
+    results = run_ranks(
+        killed_peer, world_size, port, victim,
         peer_timeout if peer_timeout is not None else 5.0, killed_at,
-    )
+        killed=(victim,), timeout=60,
+    )  # fmt: skip
     survivors = [r for r in range(world_size) if r != victim]
-    results = group.results(survivors, timeout=60)
     detections = []
     for rank in survivors:
         error = results[rank]["error"]
@@ -121,27 +198,29 @@ def test_killed_peer_is_named_lost_by_every_survivor(launch, mp_context, port, p
 # --- a frozen store host -------------------------------------------------------
 
 
-def run_frozen_host(launch, mp_context, port, *, peer_timeout, timeout, when):
+def run_frozen_host(port, *, peer_timeout, timeout, when):
     world_size = 3
-    ready = [mp_context.Event() for _ in range(world_size)]
-    frozen = mp_context.Event()
-    group = launch(lr.frozen_host, world_size, port, peer_timeout, timeout, ready, frozen, when)
-    for event in ready:
-        assert event.wait(30), "ranks did not get ready"
-    time.sleep(0.2)
-    group.signal(0, signal.SIGSTOP)
-    frozen_at = time.monotonic()
-    frozen.set()
-    results = group.results([1, 2], timeout=timeout + 30)
-    group.signal(0, signal.SIGCONT)
-    return frozen_at, results
+    ready = [CONTEXT.Event() for _ in range(world_size)]
+    frozen = CONTEXT.Event()
+    with start_ranks(
+        frozen_host, world_size, port, peer_timeout, timeout, ready, frozen, when
+    ) as ranks:
+        for event in ready:
+            assert event.wait(30), "ranks did not get ready"
+        time.sleep(0.2)
+        ranks.signal(0, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        frozen.set()
+        results = ranks.results([1, 2], timeout=timeout + 30)
+        ranks.signal(0, signal.SIGCONT)
+    return frozen_at, {rank: results[rank] for rank in (1, 2)}
 
 
 @pytest.mark.parametrize("when", ["waiting", "before arrival"])
-def test_frozen_store_host_is_reported_within_the_peer_timeout(launch, mp_context, port, when):
+def test_frozen_store_host_is_reported_within_the_peer_timeout(port, when):
     peer_timeout = 1.0
     frozen_at, results = run_frozen_host(
-        launch, mp_context, port, peer_timeout=peer_timeout, timeout=120.0, when=when
+        port, peer_timeout=peer_timeout, timeout=120.0, when=when
     )
     for rank, outcome in results.items():
         error = outcome["error"]
@@ -160,31 +239,31 @@ def test_frozen_store_host_is_reported_within_the_peer_timeout(launch, mp_contex
         report_figure(f"frozen store host detected ({when})", detection)
 
 
-def test_frozen_store_host_without_liveness_still_meets_the_deadline(launch, mp_context, port):
+def test_frozen_store_host_without_liveness_still_meets_the_deadline(port):
     timeout = 2.0
     frozen_at, results = run_frozen_host(
-        launch, mp_context, port, peer_timeout=None, timeout=timeout, when="waiting"
+        port, peer_timeout=None, timeout=timeout, when="waiting"
     )
     for outcome in results.values():
         assert outcome["error"]["is_dist_network_error"], outcome["error"]
         assert outcome["elapsed"] < timeout + SLACK
 
 
-def test_joining_a_frozen_store_host_fails_within_the_init_timeout(launch, port):
-    host = launch(lr.host_awaiting_a_peer, 1, port)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "rank 0 never listened"
-            time.sleep(0.05)
-    # Frozen: the kernel still accepts connections, nothing answers them.
-    host.signal(0, signal.SIGSTOP)
+def test_joining_a_frozen_store_host_fails_within_the_init_timeout(port):
     init = 2.0
-    outcome = launch(lr.join_frozen_host, 1, port, init).results([0], timeout=30)[0]
-    host.signal(0, signal.SIGCONT)
+    with start_ranks(host_awaiting_a_peer, 1, port) as host:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((LOOPBACK, port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "rank 0 never listened"
+                time.sleep(0.05)
+        # Frozen: the kernel still accepts connections, nothing answers them.
+        host.signal(0, signal.SIGSTOP)
+        (outcome,) = run_ranks(join_frozen_host, 1, port, init, timeout=30)
+        host.signal(0, signal.SIGCONT)
     error = outcome["error"]
     assert error is not None and error["is_dist_network_error"], error
     assert "timeout_barrier_init_secs" in error["message"]
@@ -203,16 +282,16 @@ def test_joining_a_frozen_store_host_fails_within_the_init_timeout(launch, port)
     ],
     ids=["gil-held-in-C", "busy-python-thread", "long-shard-write"],
 )
-def test_a_late_rank_is_not_declared_lost(run_ranks, port, how, busy_thread):
+def test_a_late_rank_is_not_declared_lost(port, how, busy_thread):
     peer_timeout, late = 1.0, 3.5
-    outcomes = run_ranks(lr.late_rank, 3, port, peer_timeout, late, how, busy_thread,
+    outcomes = run_ranks(late_rank, 3, port, peer_timeout, late, how, busy_thread,
                          timeout=60)
     for outcome in outcomes:
         assert outcome["error"] is None, outcome["error"]
     assert min(o["elapsed"] for o in outcomes[:-1]) >= late - 0.5
 
 
-def test_no_false_alarm_under_cpu_oversubscription(run_ranks, port):
+def test_no_false_alarm_under_cpu_oversubscription(port):
     burners = [
         subprocess.Popen([sys.executable, "-c",
                           "import time\nend = time.time() + 12\n"
@@ -220,7 +299,7 @@ def test_no_false_alarm_under_cpu_oversubscription(run_ranks, port):
         for _ in range(2 * (os.cpu_count() or 2))
     ]
     try:
-        outcomes = run_ranks(lr.late_rank, 3, port, 1.0, 3.5, "sleep", True, timeout=60)
+        outcomes = run_ranks(late_rank, 3, port, 1.0, 3.5, "sleep", True, timeout=60)
     finally:
         for burner in burners:
             burner.kill()
@@ -229,14 +308,14 @@ def test_no_false_alarm_under_cpu_oversubscription(run_ranks, port):
         assert outcome["error"] is None, outcome["error"]
 
 
-def test_a_late_torch_rank_is_never_declared_lost(run_ranks, port):
-    outcomes = run_ranks(lr.mixed_with_torch, 3, port, 2, 3.5, 60.0, timeout=60)
+def test_a_late_torch_rank_is_never_declared_lost(port):
+    outcomes = run_ranks(mixed_with_torch, 3, port, 2, 3.5, 60.0, timeout=60)
     for outcome in outcomes[:2]:
         assert outcome["error"] is None, outcome["error"]
 
 
-def test_a_torch_rank_that_never_arrives_times_out_as_usual(run_ranks, port):
-    outcomes = run_ranks(lr.mixed_with_torch, 3, port, 2, None, 3.0, timeout=60)
+def test_a_torch_rank_that_never_arrives_times_out_as_usual(port):
+    outcomes = run_ranks(mixed_with_torch, 3, port, 2, None, 3.0, timeout=60)
     for outcome in outcomes[:2]:
         error = outcome["error"]
         assert error["type"] == "BarrierTimeoutError", error

@@ -7,6 +7,7 @@ against a real TCPStore's contents.
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -15,54 +16,33 @@ import time
 
 import pytest
 
-import protocol_ranks
-from conftest import LOOPBACK
+from support import LOOPBACK
+from support.barriers import (
+    assert_no_early_release,
+    our_barrier,
+    torch_barrier,
+)
+from support.launch import run_ranks
 from tcpstore_barrier import BarrierTimeoutError, TCPStoreBarrier
 
 
-def assert_no_early_release(stamps, rounds):
-    world_size = len(stamps)
-    for s in range(rounds):
-        last_entry = max(stamps[r][s][0] for r in range(world_size))
-        first_exit = min(stamps[r][s][1] for r in range(world_size))
-        assert first_exit >= last_entry, f"round {s} released before every rank entered"
-
-
 def make_pair(
-    port, world_size=2, prefix="test_barrier", use_libuv=True, timeout_secs=30, **kwargs
+    port, world_size=2, prefix="test_barrier", use_libuv=True, timeout_secs=30, **options
 ):
     """Ranks 0..world_size-1 of one barrier, built concurrently (rank 0 waits for all)."""
-    barriers = [None] * world_size
-
-    def build(rank):
-        barriers[rank] = TCPStoreBarrier(
-            global_rank=rank,
-            global_world_size=world_size,
-            barrier_prefix=prefix,
-            timeout_barrier_init_secs=30,
-            use_checkpoint_barrier_tcpstore_libuv=use_libuv,
-            tcpstore_port=port,
-            master_address=LOOPBACK,
-            timeout_secs=timeout_secs,
-            **kwargs,
-        )
-
-    threads = [threading.Thread(target=build, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert all(b is not None for b in barriers)
-    return barriers
+    return run_ranks(
+        lambda rank, world_size: our_barrier(
+            rank, world_size, port, prefix=prefix, libuv=use_libuv,
+            timeout=timeout_secs, options=options,
+        ),
+        world_size,
+        threads=True,
+    )  # fmt: skip
 
 
 def run_round(barriers):
-    threads = [threading.Thread(target=b.execute_barrier) for b in barriers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-        assert not t.is_alive()
+    run_ranks(lambda rank, _: barriers[rank].execute_barrier(), len(barriers),
+              threads=True, timeout=30)  # fmt: skip
 
 
 def accepts_connections(port):
@@ -103,47 +83,49 @@ def test_execute_barrier_writes_torch_keys_for_each_sequence(port):
 
 
 def test_positional_arguments_in_torch_order(port):
-    barriers = [None, None]
-
-    def build(rank):
-        barriers[rank] = TCPStoreBarrier(rank, 2, "pos", 30, True, port, LOOPBACK, 30)
-
-    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    barriers = run_ranks(
+        lambda rank, _: TCPStoreBarrier(rank, 2, "pos", 30, True, port, LOOPBACK, 30),
+        2,
+        threads=True,
+    )
     assert [b.global_rank for b in barriers] == [0, 1]
     assert all(b.barrier_prefix == "pos" and b.timeout_secs == 30 for b in barriers)
 
 
+def timestamped_rounds(rank, world_size, port, rounds, torch_ranks=(), protocol="torch"):
+    """Enter `rounds` barriers after random delays; return (enter, leave) times.
+
+    Ranks in `torch_ranks` use torch's Python class, the others ours.
+    """
+    if rank in torch_ranks:
+        barrier = torch_barrier(rank, world_size, port)
+    else:
+        barrier = our_barrier(rank, world_size, port, options={"protocol": protocol})
+    rng = random.Random(rank)
+    stamps = []
+    for _ in range(rounds):
+        time.sleep(rng.uniform(0, 0.002))
+        entered = time.time()
+        barrier.execute_barrier()
+        stamps.append((entered, time.time()))
+    if rank not in torch_ranks:  # torch's class has no close()
+        assert barrier.sequence == rounds
+        barrier.close()
+    return stamps
+
+
 @pytest.mark.parametrize("torch_ranks", [{1}, {0}, {0, 2}], ids=lambda r: f"torch{sorted(r)}")
-def test_mixed_with_torch_ranks_never_releases_early(run_ranks, port, torch_ranks):
+def test_mixed_with_torch_ranks_never_releases_early(port, torch_ranks):
     world_size, rounds = 3, 200
-    stamps = run_ranks(
-        protocol_ranks.timestamped_rounds,
-        world_size,
-        port,
-        rounds,
-        torch_ranks,
-        timeout=120,
-    )
-    assert_no_early_release(stamps, rounds)
+    stamps = run_ranks(timestamped_rounds, world_size, port, rounds, torch_ranks, timeout=120)
+    assert_no_early_release(stamps)
 
 
 @pytest.mark.parametrize("protocol", ["torch", "native"])
-def test_no_rank_leaves_before_every_rank_entered(run_ranks, port, protocol):
+def test_no_rank_leaves_before_every_rank_entered(port, protocol):
     world_size, rounds = 4, 300
-    stamps = run_ranks(
-        protocol_ranks.timestamped_rounds,
-        world_size,
-        port,
-        rounds,
-        (),
-        protocol,
-        timeout=120,
-    )
-    assert_no_early_release(stamps, rounds)
+    stamps = run_ranks(timestamped_rounds, world_size, port, rounds, (), protocol, timeout=120)
+    assert_no_early_release(stamps)
 
 
 def test_python_thread_keeps_running_while_a_rank_waits(port):
@@ -161,14 +143,14 @@ def test_python_thread_keeps_running_while_a_rank_waits(port):
     assert ticks > 100_000
 
 
-def test_two_ranks_as_threads_of_one_process(run_rank_threads, port):
+def test_two_ranks_as_threads_of_one_process(port):
     def rank_body(rank, world_size, port):
-        barrier = protocol_ranks.native_barrier(rank, world_size, port)
+        barrier = our_barrier(rank, world_size, port)
         for _ in range(100):
             barrier.execute_barrier()
         return barrier.sequence
 
-    assert run_rank_threads(rank_body, 2, port) == [100, 100]
+    assert run_ranks(rank_body, 2, port, threads=True) == [100, 100]
 
 
 def test_arrive_then_wait_completes_the_round(port):

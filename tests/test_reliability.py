@@ -2,7 +2,7 @@
 a bounded store and where rank 0 listens.
 
 Every scenario runs real TCPStores on 127.0.0.1 with one process per rank
-(forkserver, see conftest.py). A scenario that several tests judge runs once
+(forkserver, see support/launch.py). A scenario that several tests judge runs once
 per module (a fixture) and each test checks one behaviour of its outcome.
 Measured figures are printed as ``FIGURE name: value`` lines (see them
 with ``pytest -s``).
@@ -10,6 +10,7 @@ with ``pytest -s``).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -17,15 +18,15 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-import ranks
-import reliability_ranks as rr
-from conftest import collect_reports
-from conftest_shared import LOOPBACK
+from support import LOOPBACK, free_port, report_figure
+from support.barriers import describe, our_barrier, timed_round, torch_barrier
+from support.launch import run_ranks
 from tcpstore_barrier import BarrierTimeoutError, TCPStoreBarrier
 
 # Short enough to keep the suite fast, long enough to dwarf scheduling noise
@@ -35,63 +36,25 @@ TIMEOUT = 1.0
 TIMEOUT_SLACK = 1.0
 TESTS = Path(__file__).resolve().parent
 
+# Rank bodies return plain data (times from time.monotonic(), which is one
+# clock for every process of the machine) for the tests to judge. Ranks
+# coordinate through the barrier's own store with keys outside the
+# barrier's key space.
+PREFIX = "ckpt"
+# How long a rank waits for a coordination key before giving up: far beyond
+# anything a passing test needs, short enough that a broken one ends.
+COORDINATION = timedelta(seconds=20)
 
-def report_figure(name, value):
-    print(f"FIGURE {name}: {value:.3f}")
+
+def make(rank, world_size, port, *, timeout=10.0, init=10.0):
+    return our_barrier(rank, world_size, port, prefix=PREFIX, init=init, timeout=timeout)
 
 
-# --- launching ranks that may be killed --------------------------------------
-
-
-def launch(mp_context, target, world_size, *args, killed=(), timeout=30.0):
-    """Run ``target(rank, world_size, *args)`` in one process per rank.
-
-    Ranks in ``killed`` are expected to die by SIGKILL without reporting;
-    every other rank must report and exit normally. Returns {rank: result}.
-    """
-    results_queue = mp_context.Queue()
-    procs = {
-        rank: mp_context.Process(
-            target=ranks.rank_main,
-            args=(results_queue, target, rank, (world_size, *args)),
-            daemon=True,
-        )
-        for rank in range(world_size)
-    }
-    expected = set(range(world_size)) - set(killed)
-    try:
-        for p in procs.values():
-            p.start()
-        results, failures = collect_reports(
-            results_queue,
-            expected,
-            timeout,
-            lambda pending: any(procs[r].is_alive() for r in pending),
-        )
-        for p in procs.values():
-            p.join(timeout=10)
-        exit_codes = {r: p.exitcode for r, p in procs.items()}
-        if failures:
-            raise AssertionError(
-                "\n".join(f"rank {r} failed:\n{failures[r]}" for r in sorted(failures))
-            )
-        silent = sorted(expected - results.keys())
-        assert not silent, (
-            f"ranks {silent} did not report within {timeout} s "
-            f"(exit codes {exit_codes})"
-        )
-        for r in killed:
-            assert exit_codes[r] == -signal.SIGKILL, (
-                f"rank {r} exit code {exit_codes[r]}"
-            )
-        for r in expected:
-            assert exit_codes[r] == 0, f"rank {r} exited with {exit_codes[r]}"
-        return results
-    finally:
-        for p in procs.values():
-            if p.is_alive():
-                p.kill()
-                p.join()
+def _kill_self_after(delay):
+    """SIGKILL this process from a helper thread `delay` seconds from now."""
+    timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL))
+    timer.daemon = True
+    timer.start()
 
 
 def listening_addresses(port):
@@ -135,15 +98,37 @@ ARRIVING = (0, 2)
 NEVER = [1, 3]
 
 
+def timeout_round(rank, world_size, port, arriving, rounds_before, timeout):
+    """Complete `rounds_before` rounds with everyone, then only `arriving`
+    ranks enter the next one; they report how their wait ended."""
+    barrier = make(rank, world_size, port, timeout=timeout)
+    store = barrier.store
+    for _ in range(rounds_before):
+        barrier.execute_barrier()
+    result = None
+    if rank in arriving:
+        start = time.monotonic()
+        try:
+            barrier.execute_barrier()
+        except Exception as e:  # noqa: BLE001 - judged by the test
+            elapsed = time.monotonic() - start
+            result = {"elapsed": elapsed, "error": describe(e), "exception": e}
+        else:
+            result = {"elapsed": time.monotonic() - start, "error": None}
+        result["sequence_after"] = barrier.sequence
+        store.set(f"test/done{rank}", "1")
+    store.wait([f"test/done{r}" for r in arriving], COORDINATION)
+    barrier.close()
+    return result
+
+
 @pytest.fixture(scope="module", params=[0, 1], ids=["first-round", "later-round"])
-def timed_out(request, mp_context):
+def timed_out(request):
     """Ranks 0 and 2 enter round `rounds_before` alone; they time out."""
     rounds_before = request.param
-    results = launch(
-        mp_context,
-        rr.timeout_round,
+    results = run_ranks(timeout_round,
         4,
-        rr.free_port(),
+        free_port(),
         ARRIVING,
         rounds_before,
         TIMEOUT,
@@ -183,7 +168,7 @@ def test_timeout_reports_key_sequence_and_time_limit(timed_out):
     sequence, outcomes = timed_out
     for outcome in outcomes:
         error = outcome["error"]
-        assert error["barrier_key"] == f"{rr.PREFIX}{sequence}/last_member"
+        assert error["barrier_key"] == f"{PREFIX}{sequence}/last_member"
         assert error["sequence"] == sequence
         assert error["timeout_secs"] == pytest.approx(TIMEOUT)
 
@@ -192,7 +177,7 @@ def test_timeout_message_states_key_sequence_missing_ranks_and_time_limit(timed_
     sequence, outcomes = timed_out
     for outcome in outcomes:
         message = outcome["error"]["message"]
-        assert f"{rr.PREFIX}{sequence}/last_member" in message
+        assert f"{PREFIX}{sequence}/last_member" in message
         assert re.search(rf"sequence\D{{0,3}}{sequence}\b", message), message
         assert re.search(r"missing[^\[]*\[1, 3\]", message), message
         assert re.search(r"\b1(\.0+)?\s*s\b", message), message
@@ -218,13 +203,48 @@ SHORT_TIMEOUT = 0.4
 TIMEOUTS_BEFORE_LATE = 2
 
 
+def resume_after_timeouts(rank, world_size, port, short_timeout, timeouts_before_late):
+    """Rank 1 times out `timeouts_before_late` times and retries; only then
+    does rank 2 enter. Everyone reports (entered, left) and what it saw."""
+    barrier = make(rank, world_size, port, timeout=short_timeout if rank == 1 else 15.0)
+    store = barrier.store
+    result = {"timeouts": [], "sequence_after_timeouts": None}
+    if rank == 2:
+        store.wait(["test/rank1_timed_out"], COORDINATION)
+    entered = time.monotonic()
+    if rank == 1:
+        for attempt in range(50):
+            try:
+                barrier.execute_barrier()
+                break
+            except Exception as e:  # noqa: BLE001
+                result["timeouts"].append(describe(e))
+                result["sequence_after_timeouts"] = barrier.sequence
+                if len(result["timeouts"]) == timeouts_before_late:
+                    store.set("test/rank1_timed_out", "1")
+        else:
+            raise AssertionError("rank 1 never got through the round")
+    else:
+        barrier.execute_barrier()
+    left = time.monotonic()
+    result.update(entered=entered, left=left, sequence=barrier.sequence)
+    if rank == 0:
+        # Round 0's keys live until round 1 has released.
+        result["num_members"] = store.add(f"{PREFIX}0/num_members", 0)
+        store.set("test/counted", "1")
+    store.wait(["test/counted"], COORDINATION)
+    # The barrier keeps working after the retries.
+    barrier.execute_barrier()
+    result["sequence_final"] = barrier.sequence
+    barrier.close()
+    return result
+
+
 @pytest.fixture(scope="module")
-def resumed(mp_context):
-    results = launch(
-        mp_context,
-        rr.resume_after_timeouts,
+def resumed():
+    results = run_ranks(resume_after_timeouts,
         3,
-        rr.free_port(),
+        free_port(),
         SHORT_TIMEOUT,
         TIMEOUTS_BEFORE_LATE,
     )
@@ -267,11 +287,73 @@ INTERRUPT_LATENCY = 0.5
 SIGNAL_TIMES = {"early": (0.01, 0.02), "late": (0.3, 0.7)}
 
 
+def interrupted_rank(rank, world_size, port, timeout, usr1_after, int_after):
+    """Rank 1 blocks in a round rank 0 has not entered; rank 0 sends it
+    SIGUSR1 and SIGINT `usr1_after` and `int_after` seconds after it
+    entered, then enters once rank 1 has resumed."""
+    barrier = make(rank, world_size, port, timeout=timeout)
+    store = barrier.store
+    if rank == 0:
+        store.wait(["test/pid1"], COORDINATION)
+        entered1 = float(store.get("test/entering1"))
+        pid = int(store.get("test/pid1"))
+        time.sleep(max(0.0, entered1 + usr1_after - time.monotonic()))
+        usr1_sent = time.monotonic()
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(max(0.0, entered1 + int_after - time.monotonic()))
+        int_sent = time.monotonic()
+        os.kill(pid, signal.SIGINT)
+        store.wait(["test/resumed"], COORDINATION)
+        time.sleep(0.3)
+        entered = time.monotonic()
+        barrier.execute_barrier()
+        barrier.close()
+        return {
+            "usr1_sent": usr1_sent,
+            "int_sent": int_sent,
+            "entered": entered,
+            "usr1_after": usr1_after,
+            "int_after": int_after,
+        }
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    state = {"in_barrier": False}
+    handled = []
+    signal.signal(
+        signal.SIGUSR1,
+        lambda signum, frame: handled.append((time.monotonic(), state["in_barrier"])),
+    )
+    result = {
+        "completed_first_call": False,
+        "interrupted_at": None,
+        "other_error": None,
+    }
+    store.set("test/entering1", repr(time.monotonic()))
+    store.set("test/pid1", str(os.getpid()))
+    state["in_barrier"] = True
+    try:
+        barrier.execute_barrier()
+        result["completed_first_call"] = True
+    except KeyboardInterrupt:
+        result["interrupted_at"] = time.monotonic()
+    except BaseException as e:  # noqa: BLE001
+        result["other_error"] = describe(e)
+    state["in_barrier"] = False
+    result["sequence_after_interrupt"] = barrier.sequence
+    result["handled"] = list(handled)
+    store.set("test/resumed", "1")
+    barrier.execute_barrier()
+    result["left"] = time.monotonic()
+    result["sequence_after_resume"] = barrier.sequence
+    result["num_members"] = store.add(f"{PREFIX}0/num_members", 0)
+    barrier.close()
+    return result
+
+
 @pytest.fixture(scope="module", params=sorted(SIGNAL_TIMES))
-def interrupted(request, mp_context):
+def interrupted(request):
     usr1_after, int_after = SIGNAL_TIMES[request.param]
-    results = launch(
-        mp_context, rr.interrupted_rank, 2, rr.free_port(), 30.0, usr1_after, int_after
+    results = run_ranks(interrupted_rank, 2, free_port(), 30.0, usr1_after, int_after
     )
     return results[0], results[1]
 
@@ -310,15 +392,27 @@ def test_next_call_after_interrupt_completes_the_same_round(interrupted):
     assert blocked["num_members"] == 2
 
 
+# Rank 1 of 2 enters a round rank 0 never enters, says so on stdout and
+# blocks; the test interrupts it. It exits the way Python does.
+BLOCKED_RANK = """
+import sys
+from support.barriers import our_barrier
+barrier = our_barrier(1, 2, int(sys.argv[1]), timeout=float(sys.argv[2]), init=10.0)
+print("entering", flush=True)
+barrier.execute_barrier()
+print("released?!", flush=True)
+"""
+
+
 def test_ctrl_c_then_exit_ends_the_process_promptly(port):
     """What a user does: Ctrl-C a rank stuck in a barrier and let Python exit."""
     host = []
     hosting = threading.Thread(
-        target=lambda: host.append(rr.make(0, 2, port, timeout=0.5)), daemon=True
+        target=lambda: host.append(make(0, 2, port, timeout=0.5)), daemon=True
     )
     hosting.start()
     with subprocess.Popen(
-        [sys.executable, str(TESTS / "reliability_ranks.py"), str(port), "30"],
+        [sys.executable, "-c", BLOCKED_RANK, str(port), "30"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -355,18 +449,63 @@ VICTIM = 2
 DEATHS = ["before", "while others wait", "after entering"]
 
 
+def peer_killed(rank, world_size, port, victim, when, timeout):
+    """The victim dies by SIGKILL `when` ("before" entering round 1, "while
+    others wait" in round 1, or "after entering" round 1); survivors report
+    how their rounds ended."""
+    barrier = make(rank, world_size, port, timeout=timeout)
+    store = barrier.store
+    barrier.execute_barrier()  # round 0: everyone is alive
+    if rank == victim:
+        if when == "before":
+            store.set("test/killed_at", repr(time.monotonic()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif when == "while others wait":
+            store.wait(["test/others_waiting"], COORDINATION)
+            time.sleep(0.2)
+            store.set("test/killed_at", repr(time.monotonic()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:  # "after entering": dies while blocked in round 1
+            store.set("test/killed_at", repr(time.monotonic() + 0.3))
+            _kill_self_after(0.3)
+            barrier.execute_barrier()
+        raise AssertionError("the victim outlived its SIGKILL")
+
+    survivors = [r for r in range(world_size) if r != victim]
+    rounds = []
+    if when == "after entering" and rank == survivors[-1]:
+        # Enter round 1 only once the victim, already in it, is dead.
+        store.wait(["test/killed_at"], COORDINATION)
+        time.sleep(0.6)
+    if when == "while others wait" and rank == survivors[0]:
+        store.set("test/others_waiting", "1")
+    for _ in range(2 if when == "after entering" else 1):
+        rounds.append(timed_round(barrier))
+        if rounds[-1]["error"] is not None:
+            break
+    killed_at = (
+        float(store.get("test/killed_at")) if store.check(["test/killed_at"]) else None
+    )
+    if rank == 0:
+        # close() would wait timeout_secs for the dead rank to close too;
+        # the store only has to outlive the other survivors' last use.
+        store.wait([f"test/done{r}" for r in survivors if r != 0], COORDINATION)
+    else:
+        barrier.close()
+        store.set(f"test/done{rank}", "1")
+    return {"rounds": rounds, "killed_at": killed_at}
+
+
 @pytest.fixture(scope="module")
-def peer_death(mp_context):
+def peer_death():
     """peer_death(when) -> survivors' outcomes; each scenario runs once."""
     outcomes = {}
 
     def run(when):
         if when not in outcomes:
-            results = launch(
-                mp_context,
-                rr.peer_killed,
+            results = run_ranks(peer_killed,
                 3,
-                rr.free_port(),
+                free_port(),
                 VICTIM,
                 when,
                 TIMEOUT,
@@ -396,7 +535,7 @@ def test_killed_peer_is_reported_within_timeout_secs(peer_death, when):
         assert TIMEOUT - 0.01 <= failed["elapsed"] <= TIMEOUT + TIMEOUT_SLACK
     report_figure(
         f"time_to_name_killed_rank_after_death_s[{when}]",
-        max(s["rounds"][-1]["raised_at"] - s["killed_at"] for s in survivors),
+        max(s["rounds"][-1]["ended_at"] - s["killed_at"] for s in survivors),
     )
     report_figure(
         f"killed_rank_round_overshoot_s[{when}]",
@@ -414,11 +553,33 @@ def test_round_a_peer_died_in_after_entering_still_completes(peer_death):
 STORE_TIMEOUT = 3.0
 
 
+def store_host_killed(rank, world_size, port, timeout):
+    """Rank 0 (the store's host) dies by SIGKILL while the others wait in
+    round 1; they report what they raised, and that close() copes."""
+    barrier = make(rank, world_size, port, timeout=timeout)
+    store = barrier.store
+    barrier.execute_barrier()
+    if rank == 0:
+        store.wait([f"test/waiting{r}" for r in range(1, world_size)], COORDINATION)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("rank 0 outlived its SIGKILL")
+    store.set(f"test/waiting{rank}", "1")
+    result = timed_round(barrier)
+    close_start = time.monotonic()
+    try:
+        barrier.close()
+        result["close_error"] = None
+    except Exception as e:  # noqa: BLE001
+        result["close_error"] = describe(e)
+    result["close_elapsed"] = time.monotonic() - close_start
+    return result
+
+
 @pytest.fixture(scope="module")
-def store_host_death(mp_context):
-    port = rr.free_port()
-    results = launch(
-        mp_context, rr.store_host_killed, 3, port, STORE_TIMEOUT, killed=(0,)
+def store_host_death():
+    port = free_port()
+    results = run_ranks(store_host_killed, 3, port, STORE_TIMEOUT, killed=(0,)
     )
     return port, [results[1], results[2]]
 
@@ -467,10 +628,38 @@ def test_store_host_failure_message_carries_no_cpp_backtrace(store_host_death):
 LINGER = 1.0
 
 
-def test_host_close_waits_for_a_peer_still_finishing_its_last_round(
-    run_ranks, port
-):
-    host, peer = run_ranks(rr.slow_peer_close, 2, port, LINGER, timeout=30)
+def slow_peer_close(rank, world_size, port, linger):
+    """Both ranks use the context manager. Rank 1 enters the last round
+    first and finishes it (wait, store use, close) `linger` seconds after rank
+    0 has released it and gone straight on to close."""
+    with make(rank, world_size, port, timeout=10.0) as barrier:
+        assert isinstance(barrier, TCPStoreBarrier)
+        store = barrier.store
+        for _ in range(3):
+            barrier.execute_barrier()
+        if rank == 1:
+            barrier.arrive()
+            store.set("test/rank1_arrived", "1")
+            time.sleep(linger)
+            barrier.wait()
+            store.set("test/rank1_after", "still here")
+            value = store.get("test/rank1_after")
+            close_start = time.monotonic()
+        else:
+            store.wait(["test/rank1_arrived"], COORDINATION)
+            barrier.execute_barrier()  # the last arriver: released at once
+            close_start = time.monotonic()
+            value = None
+    return {
+        "close_elapsed": time.monotonic() - close_start,
+        "sequence": barrier.sequence,
+        "value": value,
+        "closed": barrier.closed,
+    }
+
+
+def test_host_close_waits_for_a_peer_still_finishing_its_last_round(port):
+    host, peer = run_ranks(slow_peer_close, 2, port, LINGER, timeout=30)
     # The peer's wait(), store use and close all needed the store: they
     # worked, so rank 0 kept it up until the peer had closed.
     assert peer["value"] == b"still here"
@@ -480,7 +669,7 @@ def test_host_close_waits_for_a_peer_still_finishing_its_last_round(
 
 
 def _single_rank(port, **kwargs):
-    return rr.make(0, 1, port, timeout=2.0, init=5.0, **kwargs)
+    return make(0, 1, port, timeout=2.0, init=5.0, **kwargs)
 
 
 def test_close_is_idempotent(port):
@@ -538,16 +727,55 @@ def quiet_key_bound(world_size):
     return 2 * world_size + 4 + 2 * BATCH
 
 
-@pytest.fixture(scope="module")
-def many_rounds_ours(mp_context):
-    return launch(mp_context, rr.many_rounds, 3, rr.free_port(), MANY_ROUNDS, 250)[0]
+def many_rounds(rank, world_size, port, rounds, sample_every, torch_ranks=()):
+    """`rounds` barriers; rank 0 samples the store's key count every
+    `sample_every` rounds, then reports it and which rounds still have keys."""
+    if rank in torch_ranks:
+        barrier = torch_barrier(rank, world_size, port, prefix=PREFIX)
+        store = barrier._tcp_store
+    else:
+        barrier = make(rank, world_size, port, timeout=30.0, init=30.0)
+        store = barrier.store
+    samples = []
+    for done in range(1, rounds + 1):
+        barrier.execute_barrier()
+        if rank == 0 and done % sample_every == 0:
+            samples.append((done, store.num_keys()))
+    result = None
+    if rank == 0:
+        busy_num_keys = store.num_keys()
+        # Deletes wait for the barrier to be quiet (50 ms on every rank).
+        time.sleep(0.5)
+        leftover = [
+            s
+            for s in range(rounds)
+            if store.check([f"{PREFIX}{s}/num_members"])
+            or store.check([f"{PREFIX}{s}/last_member"])
+        ]
+        result = {
+            "busy_num_keys": busy_num_keys,
+            "num_keys": store.num_keys(),
+            "samples": samples,
+            "rounds_with_keys": leftover,
+        }
+        store.set("test/counted", "1")
+    store.wait(["test/counted"], COORDINATION)
+    if rank in torch_ranks:
+        pass  # torch's class has no close(), and our ranks do not wait for it
+    else:
+        barrier.close()
+    return result
 
 
 @pytest.fixture(scope="module")
-def many_rounds_mixed(mp_context):
+def many_rounds_ours():
+    return run_ranks(many_rounds, 3, free_port(), MANY_ROUNDS, 250)[0]
+
+
+@pytest.fixture(scope="module")
+def many_rounds_mixed():
     # Ranks 0 and 1 ours, rank 2 torch's Python class.
-    return launch(
-        mp_context, rr.many_rounds, 3, rr.free_port(), MIXED_ROUNDS, 50, (2,)
+    return run_ranks(many_rounds, 3, free_port(), MIXED_ROUNDS, 50, (2,)
     )[0]
 
 
@@ -585,7 +813,7 @@ def test_rank0_listens_only_on_master_address(port, libuv, master_address):
     barrier = TCPStoreBarrier(
         global_rank=0,
         global_world_size=1,
-        barrier_prefix=rr.PREFIX,
+        barrier_prefix=PREFIX,
         timeout_barrier_init_secs=5,
         use_checkpoint_barrier_tcpstore_libuv=libuv,
         tcpstore_port=port,

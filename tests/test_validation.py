@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch.distributed import DistNetworkError
 
-import netns_hosts
-from conftest_shared import LOOPBACK
+from support import LOOPBACK, free_port, netns
+from support.barriers import barrier_arguments
 from tcpstore_barrier import TCPStoreBarrier
 
 ARGUMENTS = (
@@ -39,24 +39,7 @@ REJECTED_WITHIN = 0.5
 def host_arguments(port, **overrides):
     """Valid arguments of a one-rank barrier that hosts its store on `port`:
     whatever is wrong with a call comes from `overrides` alone."""
-    arguments = dict(
-        global_rank=0,
-        global_world_size=1,
-        barrier_prefix="ckpt",
-        timeout_barrier_init_secs=5,
-        use_checkpoint_barrier_tcpstore_libuv=True,
-        tcpstore_port=port,
-        master_address=LOOPBACK,
-        timeout_secs=5,
-    )
-    arguments.update(overrides)
-    return arguments
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    return {**barrier_arguments(0, 1, port, init=5, timeout=5), **overrides}
 
 
 def listens(port):
@@ -230,10 +213,10 @@ def test_refused_connection_gives_up_within_half_a_second_of_init_timeout():
 
 @pytest.fixture(scope="module")
 def isolated():
-    reason = netns_hosts.isolation_unavailable_reason()
+    reason = netns.isolation_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    worker = netns_hosts.IsolatedWorker()
+    worker = netns.IsolatedWorker()
     worker.start()
     yield worker
     worker.close()
@@ -361,9 +344,9 @@ def test_arbitrary_arguments_construct_or_raise_a_documented_error_quickly(
         arguments["tcpstore_port"] = isolated.live_port
     try:
         outcome = isolated.call(arguments, timeout=NEVER_HANGS)
-    except netns_hosts.WorkerHung:
+    except netns.WorkerHung:
         pytest.fail(f"the constructor hung (> {NEVER_HANGS} s) on {arguments!r}")
-    except netns_hosts.WorkerDied as e:
+    except netns.WorkerDied as e:
         pytest.fail(
             f"the constructor crashed the process on {arguments!r}: {e}\n"
             f"{isolated.stderr_tail()}"

@@ -2,14 +2,16 @@
 
 * ``Hosts``: N hosts, each a network namespace with one veth link to a
   bridge in a switch namespace of its own (10.x addresses exist only inside
-  these namespaces). Links can be impaired (netem) or cut.
+  these namespaces). Links can be impaired (netem) or cut. ``HostRanks``
+  runs one rank per host, each reporting JSON lines.
 * ``IsolatedWorker``: a process in an anonymous namespace of its own
   (``unshare --net``, only its own loopback) that runs constructor calls on
   request, so that arbitrary host names and ports reach nothing outside it.
   It hosts a store of its own that valid arguments can join.
 
-As a script: ``netns_hosts.py rank ...`` (one rank of test_netns.py) or
-``netns_hosts.py worker`` (the isolated worker's loop).
+As a script, run from tests/: ``python -m support.netns rank ...`` (one rank
+of a HostRanks) or ``python -m support.netns worker`` (the isolated
+worker's loop).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue as queue_module
 import secrets
 import select
 import shutil
@@ -25,10 +28,13 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
+from support.barriers import our_barrier, timed_round
+
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _run(*argv, check=True):
@@ -137,7 +143,94 @@ class Hosts:
         self._created.clear()
 
 
-# --- the rank program of test_netns.py ---------------------------------------
+# --- one rank per host --------------------------------------------------------
+
+
+class HostRanks:
+    """One rank process per host (``rank_main`` below), reporting JSON lines;
+    rank 0's host hosts the store."""
+
+    def __init__(self, hosts, port, rounds, timeout, peer_timeout="off"):
+        self.events = queue_module.Queue()
+        self.logs = []
+        self.procs = []
+        world_size = len(hosts.names)
+        for rank in range(world_size):
+            log = tempfile.TemporaryFile()
+            self.logs.append(log)
+            argv = [
+                sys.executable, "-m", "support.netns", "rank", rank, world_size,
+                hosts.addresses[0], port, rounds, timeout, peer_timeout,
+            ]  # fmt: skip
+            proc = hosts.popen(
+                rank,
+                [str(a) for a in argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                cwd=TESTS,
+            )
+            self.procs.append(proc)
+            threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _read(self, proc):
+        for line in proc.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+
+    def collect(self, event, ranks, timeout):
+        """The `event` report of each of `ranks`, by rank."""
+        got = {}
+        deadline = time.monotonic() + timeout
+        while set(ranks) - got.keys():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                item = self.events.get(timeout=min(left, 0.5))
+            except queue_module.Empty:
+                continue
+            if item["event"] == event:
+                got[item["rank"]] = item
+        missing = sorted(set(ranks) - got.keys())
+        assert not missing, (
+            f"ranks {missing} sent no {event!r} within {timeout} s; "
+            f"exit codes {[p.poll() for p in self.procs]}; "
+            f"stderr of the first: {self.stderr(missing[0])[-3000:]}"
+        )
+        return got
+
+    def stderr(self, rank):
+        log = self.logs[rank]
+        log.seek(0)
+        return log.read().decode(errors="replace")
+
+    def tell(self, ranks, line):
+        for rank in ranks:
+            self.procs[rank].stdin.write(line + "\n")
+            self.procs[rank].stdin.flush()
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        for log in self.logs:
+            log.close()
 
 
 def _emit(**event):
@@ -147,19 +240,10 @@ def _emit(**event):
 def rank_main(rank, world_size, master_address, port, rounds, timeout, peer_timeout):
     """Constructs, runs `rounds` timestamped barriers, reports them; then on
     "go" from stdin one more barrier, reporting how it ended."""
-    from tcpstore_barrier import TCPStoreBarrier
-
-    barrier = TCPStoreBarrier(
-        global_rank=rank,
-        global_world_size=world_size,
-        barrier_prefix="ckpt",
-        timeout_barrier_init_secs=60,
-        use_checkpoint_barrier_tcpstore_libuv=True,
-        tcpstore_port=port,
-        master_address=master_address,
-        timeout_secs=timeout,
-        peer_timeout_secs=peer_timeout,
-    )
+    barrier = our_barrier(
+        rank, world_size, port, init=60, timeout=timeout,
+        master_address=master_address, options={"peer_timeout_secs": peer_timeout},
+    )  # fmt: skip
     stamps = []
     for _ in range(rounds):
         entered = time.monotonic()
@@ -169,23 +253,7 @@ def rank_main(rank, world_size, master_address, port, rounds, timeout, peer_time
 
     if sys.stdin.readline().strip() != "go":
         return
-    start = time.monotonic()
-    try:
-        barrier.execute_barrier()
-        _emit(event="last", rank=rank, elapsed=time.monotonic() - start, error=None)
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        _emit(
-            event="last",
-            rank=rank,
-            elapsed=time.monotonic() - start,
-            error={
-                "type": type(e).__name__,
-                "message": str(e)[:2000],
-                "missing_ranks": getattr(e, "missing_ranks", None),
-                "lost_ranks": getattr(e, "lost_ranks", None),
-                "sequence": getattr(e, "sequence", None),
-            },
-        )
+    _emit(event="last", rank=rank, **timed_round(barrier))
     # The shutdown rule: rank 0 keeps the store up until the others have
     # closed (or timeout_secs), so that a survivor still naming the missing
     # ranks does not lose the store under it.
@@ -255,8 +323,8 @@ class IsolatedWorker:
         self._proc = subprocess.Popen(
             [
                 "unshare", "--net", "--", "sh", "-c",
-                'ip link set lo up && exec "$0" "$1" worker',
-                sys.executable, str(TESTS / "netns_hosts.py"),
+                'ip link set lo up && exec "$0" -m support.netns worker',
+                sys.executable,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

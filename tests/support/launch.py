@@ -1,0 +1,136 @@
+"""The one way tests run ranks: each calls ``target(rank, world_size, *args)``
+and reports what it returned or raised.
+
+Ranks are processes forked by a forkserver that has torch (through
+tcpstore_barrier) and pytest preloaded, so each starts in milliseconds; or,
+with ``threads=True``, threads of the test's process. A process's target is
+sent by name: a module-level function of an importable module (tests/ is on
+sys.path, so a test file's functions qualify). Arguments may include
+multiprocessing Events and Values of ``CONTEXT``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue as queue_module
+import signal
+import threading
+import time
+import traceback
+
+CONTEXT = multiprocessing.get_context("forkserver")
+# pytest: the test modules that hold rank bodies import it.
+CONTEXT.set_forkserver_preload(["tcpstore_barrier", "pytest", "support.launch"])
+
+
+def _rank_main(reports, target, rank, world_size, args):
+    try:
+        result = target(rank, world_size, *args)
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        reports.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    else:
+        reports.put((rank, True, result))
+
+
+class Ranks:
+    """Running ranks: signal them, collect their results, stop them (also on
+    leaving a ``with`` block)."""
+
+    def __init__(self, target, world_size, args, threads):
+        make = threading.Thread if threads else CONTEXT.Process
+        self._reports = queue_module.Queue() if threads else CONTEXT.Queue()
+        self._results, self._failures = {}, {}
+        self.workers = [
+            make(
+                target=_rank_main,
+                args=(self._reports, target, rank, world_size, args),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for worker in self.workers:
+            worker.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def signal(self, rank, signum):
+        os.kill(self.workers[rank].pid, signum)
+
+    def _take(self, report):
+        rank, ok, value = report
+        (self._results if ok else self._failures)[rank] = value
+
+    def results(self, ranks, timeout):
+        """What `ranks` returned, as a list by rank (None for other ranks).
+        Fails with a rank's traceback, or once `timeout` s pass or every
+        rank still to report has ended without reporting."""
+        deadline = time.monotonic() + timeout
+        while pending := set(ranks) - self._results.keys() - self._failures.keys():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                self._take(self._reports.get(timeout=min(remaining, 0.2)))
+            except queue_module.Empty:
+                if not any(self.workers[r].is_alive() for r in pending):
+                    # Let the queue's feeder deliver what they managed to send.
+                    time.sleep(0.2)
+                    try:
+                        while True:
+                            self._take(self._reports.get_nowait())
+                    except queue_module.Empty:
+                        break
+        if self._failures:
+            raise AssertionError(
+                "\n".join(f"rank {r} failed:\n{v}" for r, v in sorted(self._failures.items()))
+            )
+        silent = sorted(set(ranks) - self._results.keys())
+        assert not silent, (
+            f"ranks {silent} did not report within {timeout} s "
+            f"(exit codes {self.exit_codes()})"
+        )
+        return [self._results.get(r) for r in range(len(self.workers))]
+
+    def exit_codes(self):
+        return [getattr(w, "exitcode", None) for w in self.workers]
+
+    def assert_exited(self, killed=()):
+        """Processes in `killed` died by SIGKILL, the others exited normally."""
+        for worker in self.workers:
+            worker.join(timeout=10)
+        codes = self.exit_codes()
+        for rank, code in enumerate(codes):
+            expected = -signal.SIGKILL if rank in killed else 0
+            assert code == expected, f"rank {rank} exit code {code} (all: {codes})"
+
+    def stop(self):
+        for worker in self.workers:
+            if isinstance(worker, threading.Thread):
+                continue  # daemon threads: they end with the test process
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGCONT)  # a stopped one cannot die
+                worker.kill()
+            worker.join()
+
+
+def start_ranks(target, world_size, *args, threads=False):
+    """Ranks running ``target(rank, world_size, *args)``; use in a ``with``."""
+    return Ranks(target, world_size, args, threads)
+
+
+def run_ranks(target, world_size, *args, threads=False, killed=(), timeout=60.0):
+    """Runs the ranks to the end: returns what each returned, as a list by
+    rank (None for ranks in `killed`, which must die by SIGKILL without
+    reporting); a rank that raises, stays silent or (as a process) exits
+    abnormally fails the test."""
+    with start_ranks(target, world_size, *args, threads=threads) as ranks:
+        expected = [r for r in range(world_size) if r not in killed]
+        results = ranks.results(expected, timeout)
+        if not threads:
+            ranks.assert_exited(killed)
+        return results
