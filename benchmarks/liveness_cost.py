@@ -24,12 +24,19 @@ import time
 
 from tcpstore_barrier import TCPStoreBarrier
 from tcpstore_barrier._bench.launch import LOOPBACK, pick_free_ports
-from tcpstore_barrier._bench.rank import raise_fd_limit, rank_groups, server_threads, thread_cpu_ns
+from tcpstore_barrier._bench.rank import (
+    raise_fd_limit,
+    rank_groups,
+    server_threads,
+    thread_cpu_ns,
+)
 
 PREFIX = "lc"
 
 
-def make(rank: int, world: int, port: int, peer_timeout: float | None) -> TCPStoreBarrier:
+def make(
+    rank: int, world: int, port: int, peer_timeout: float | None
+) -> TCPStoreBarrier:
     return TCPStoreBarrier(rank, world, PREFIX, 300.0, True, port, LOOPBACK, 300.0,
                            peer_timeout_secs=peer_timeout)  # fmt: skip
 
@@ -83,7 +90,9 @@ def ranks_process(ranks, world, port, peer_timeout, idle, slow, results) -> None
         barriers[r].close()
 
 
-def at_scale(world: int, processes: int, peer_timeout, idle: float, slow: float) -> dict:
+def at_scale(
+    world: int, processes: int, peer_timeout, idle: float, slow: float
+) -> dict:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["tcpstore_barrier"])
     results, (port,) = context.Queue(), pick_free_ports(1)
@@ -99,7 +108,10 @@ def at_scale(world: int, processes: int, peer_timeout, idle: float, slow: float)
         for p in procs:
             p.join(timeout=120)
             p.kill()
-    print(f"  ({time.monotonic() - started:.0f} s with construction and close)", file=sys.stderr)
+    print(
+        f"  ({time.monotonic() - started:.0f} s with construction and close)",
+        file=sys.stderr,
+    )
     out = by_first[0]
     for phase in ("idle", "slow"):
         out[phase]["all_cpu_pct"] = sum(f[phase]["cpu_pct"] for f in by_first.values())
@@ -122,7 +134,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--window", type=float, default=12.0, help="seconds per phase")
     parser.add_argument("--object-secs", type=float, default=20.0)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["scale", "object", "bench"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["scale", "object", "bench"]
+    )
     args = parser.parse_args()
     modes = {"on": 5.0, "off": None}
     if "scale" not in args.skip:
@@ -139,7 +153,9 @@ def main() -> None:
                       f"{f['srv_pct']:12.2f}  {f['all_cpu_pct']:19.1f}")  # fmt: skip
         for phase in ("idle", "slow"):
             extra = rows["on"][phase]["srv_pct"] - rows["off"][phase]["srv_pct"]
-            print(f"liveness's share of the server thread, {phase}: {extra:+.2f}% of a CPU")
+            print(
+                f"liveness's share of the server thread, {phase}: {extra:+.2f}% of a CPU"
+            )
     if "object" not in args.skip:
         print(f"\n2. one barrier object idle (world size 1, hosts its store), "
               f"{args.object_secs:g} s; its process's CPU")  # fmt: skip

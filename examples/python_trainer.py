@@ -61,8 +61,14 @@ def main():
     if args.rank is not None:
         if args.port is None:
             parser.error("--port is needed with --rank")
-        train(args.rank, args.world_size, args.master_address, args.port,
-              args.iterations, args.checkpoint_dir)
+        train(
+            args.rank,
+            args.world_size,
+            args.master_address,
+            args.port,
+            args.iterations,
+            args.checkpoint_dir,
+        )
         return
 
     port = args.port
@@ -72,8 +78,17 @@ def main():
             port = s.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
     ranks = [
-        ctx.Process(target=train, args=(rank, args.world_size, args.master_address,
-                                        port, args.iterations, args.checkpoint_dir))
+        ctx.Process(
+            target=train,
+            args=(
+                rank,
+                args.world_size,
+                args.master_address,
+                port,
+                args.iterations,
+                args.checkpoint_dir,
+            ),
+        )
         for rank in range(args.world_size)
     ]
     for p in ranks:

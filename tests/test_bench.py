@@ -17,8 +17,8 @@ import pytest
 
 from tcpstore_barrier.__main__ import build_parser, main
 from tcpstore_barrier._bench.cli import BenchConfig, config_from_args
-from tcpstore_barrier._bench.results import schedule
 from tcpstore_barrier._bench.importtime import parse_importtime
+from tcpstore_barrier._bench.results import schedule
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -106,21 +106,31 @@ def test_options_that_clash_exit_2_before_starting_ranks(argv, message, capsys):
 def test_liveness_options():
     assert parse_bench("--peer-timeout", "off").peer_timeout == "off"
     assert parse_bench("--peer-timeout", "2.5").peer_timeout == 2.5
-    assert "ours-noliveness" in parse_bench("--contenders", "ours", "ours-noliveness").contenders
+    assert (
+        "ours-noliveness"
+        in parse_bench("--contenders", "ours", "ours-noliveness").contenders
+    )
 
 
 def test_help_says_what_is_measured(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = capsys.readouterr().out
-    for phrase in ("perf_counter_ns", "always uses the libuv", "reference", "--peer-timeout"):
+    for phrase in (
+        "perf_counter_ns",
+        "always uses the libuv",
+        "reference",
+        "--peer-timeout",
+    ):
         assert phrase in text
 
 
 # --- fair interleaving -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("contenders", [("ours", "torch"), ("ours", "reference", "torch", "native")])
+@pytest.mark.parametrize(
+    "contenders", [("ours", "torch"), ("ours", "reference", "torch", "native")]
+)
 def test_each_contender_runs_once_in_each_position(contenders):
     rounds = 2 * len(contenders)
     blocks = schedule(contenders, rounds, last="floor")
@@ -128,7 +138,9 @@ def test_each_contender_runs_once_in_each_position(contenders):
     per_round = [[b.kind for b in blocks if b.round == r] for r in range(rounds)]
     for kinds in per_round:
         assert sorted(kinds[:-1]) == sorted(contenders) and kinds[-1] == "floor"
-    positions = Counter((kind, kinds.index(kind)) for kinds in per_round for kind in kinds[:-1])
+    positions = Counter(
+        (kind, kinds.index(kind)) for kinds in per_round for kind in kinds[:-1]
+    )
     assert set(positions.values()) == {2}
     # Two contenders alternate: ours, torch, then torch, ours.
     assert schedule(["ours", "torch"], 2)[2].kind == "torch"
@@ -148,7 +160,13 @@ def test_bench_end_to_end_json_and_plot(ranks, tmp_path):
     import torch
 
     assert f"torch {torch.__version__}" in result.stdout.splitlines()[0]
-    for header in ("ours med", "ref p99", "ours/ref", "torch/ours", "where the time goes"):
+    for header in (
+        "ours med",
+        "ref p99",
+        "ours/ref",
+        "torch/ours",
+        "where the time goes",
+    ):
         assert header in result.stdout
     document = json.loads(out.read_text())
     assert document["versions"]["torch"] == torch.__version__
@@ -162,7 +180,8 @@ def test_bench_end_to_end_json_and_plot(ranks, tmp_path):
         assert summary[name]["samples"] == 3 * iters * rounds, name
         assert summary[f"{name}_cost"]["server_us"] > 0, name
     assert summary["ours_over_reference"] == pytest.approx(
-        summary["ours"]["median_us"] / summary["reference"]["median_us"])
+        summary["ours"]["median_us"] / summary["reference"]["median_us"]
+    )
     assert summary["torch_over_ours"] > 0 and summary["ours_over_floor"] > 0
     assert [r["ours_uses_libuv"] for r in world["ranks"]] == [True] * 3
     # Every rank's raw samples of every block are kept, in schedule order.
@@ -186,7 +205,12 @@ def test_bench_threads_over_processes(tmp_path):
     (world,) = json.loads(out.read_text())["worlds"]
     # One rank of each process reads its process's CPU time: ranks 0 and 2.
     first_block = world["blocks"][0]["ranks"]
-    assert [r["process_cpu_ns"] is not None for r in first_block] == [True, False, True, False]
+    assert [r["process_cpu_ns"] is not None for r in first_block] == [
+        True,
+        False,
+        True,
+        False,
+    ]
 
 
 def test_bench_split_phase(tmp_path):

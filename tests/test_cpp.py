@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support import LOOPBACK
 from support.barriers import assert_no_early_release, our_barrier, torch_barrier
 from support.launch import run_ranks
@@ -155,9 +154,7 @@ def test_cpp_trainers_alone_checkpoint_and_close(trainer, port, tmp_path):
     world_size, rounds = 3, 20
     procs = [
         subprocess.Popen(
-            trainer_command(
-                trainer, rank, world_size, port, rounds, tmp_path
-            ),
+            trainer_command(trainer, rank, world_size, port, rounds, tmp_path),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -169,7 +166,7 @@ def test_cpp_trainers_alone_checkpoint_and_close(trainer, port, tmp_path):
     finally:
         for p in procs:
             p.kill()
-    for rank, (p, (out, err)) in enumerate(zip(procs, outputs)):
+    for rank, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"rank {rank} exited {p.returncode}\n{out}\n{err}"
         assert len(trainer_stamps(out)) == rounds
         assert f"rank {rank} of {world_size}: {rounds} checkpoint barriers" in out
@@ -213,9 +210,12 @@ def test_python_example_keeps_only_the_last_complete_checkpoint(tmp_path):
         [
             sys.executable,
             ROOT / "examples" / "python_trainer.py",
-            "--world-size", "3",
-            "--iterations", "3",
-            "--checkpoint-dir", tmp_path,
+            "--world-size",
+            "3",
+            "--iterations",
+            "3",
+            "--checkpoint-dir",
+            tmp_path,
         ],  # fmt: skip
         timeout=120,
     )

@@ -20,7 +20,6 @@ import threading
 import time
 
 import pytest
-
 from support import LOOPBACK, report_figure
 from support.barriers import describe, our_barrier, timed_round, torch_barrier
 from support.launch import CONTEXT, run_ranks, start_ranks
@@ -191,8 +190,10 @@ def test_killed_peer_is_named_lost_by_every_survivor(port, peer_timeout):
         # The barrier is over: a retry raises the same error at once.
         assert results[rank]["again"]["type"] == "PeerLostError"
         assert results[rank]["close_elapsed"] < 2 * limit
-    report_figure(f"killed peer detected, peer timeout {limit:g} s (median)",
-                  statistics.median(detections))
+    report_figure(
+        f"killed peer detected, peer timeout {limit:g} s (median)",
+        statistics.median(detections),
+    )
 
 
 # --- a frozen store host -------------------------------------------------------
@@ -284,8 +285,9 @@ def test_joining_a_frozen_store_host_fails_within_the_init_timeout(port):
 )
 def test_a_late_rank_is_not_declared_lost(port, how, busy_thread):
     peer_timeout, late = 1.0, 3.5
-    outcomes = run_ranks(late_rank, 3, port, peer_timeout, late, how, busy_thread,
-                         timeout=60)
+    outcomes = run_ranks(
+        late_rank, 3, port, peer_timeout, late, how, busy_thread, timeout=60
+    )
     for outcome in outcomes:
         assert outcome["error"] is None, outcome["error"]
     assert min(o["elapsed"] for o in outcomes[:-1]) >= late - 0.5
@@ -293,9 +295,13 @@ def test_a_late_rank_is_not_declared_lost(port, how, busy_thread):
 
 def test_no_false_alarm_under_cpu_oversubscription(port):
     burners = [
-        subprocess.Popen([sys.executable, "-c",
-                          "import time\nend = time.time() + 12\n"
-                          "while time.time() < end: pass"])
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time\nend = time.time() + 12\nwhile time.time() < end: pass",
+            ]
+        )
         for _ in range(2 * (os.cpu_count() or 2))
     ]
     try:

@@ -10,7 +10,6 @@ and the others must name it.
 from __future__ import annotations
 
 import pytest
-
 from support import free_port, netns
 from support.barriers import assert_no_early_release
 from support.netns import HostRanks
@@ -91,8 +90,10 @@ def test_a_partitioned_peer_is_named_lost_within_the_peer_timeout(hosts):
         assert error is not None and error["type"] == "PeerLostError", outcome
         assert error["lost_ranks"] == [cut]
         assert outcome["elapsed"] <= PEER_TIMEOUT + 2.0
-    print(f"FIGURE netns_partitioned_peer_named_after_s: "
-          f"{max(o['elapsed'] for o in last.values()):.3f}")
+    print(
+        f"FIGURE netns_partitioned_peer_named_after_s: "
+        f"{max(o['elapsed'] for o in last.values()):.3f}"
+    )
 
 
 def test_a_partitioned_store_host_is_reported_within_the_peer_timeout(hosts):
@@ -102,8 +103,10 @@ def test_a_partitioned_store_host_is_reported_within_the_peer_timeout(hosts):
         assert error is not None and error["type"] == "StoreUnreachableError", outcome
         assert f"{hosts.addresses[0]}:" in error["message"]
         assert outcome["elapsed"] <= PEER_TIMEOUT + 2.0
-    print(f"FIGURE netns_partitioned_store_host_reported_after_s: "
-          f"{max(o['elapsed'] for o in last.values()):.3f}")
+    print(
+        f"FIGURE netns_partitioned_store_host_reported_after_s: "
+        f"{max(o['elapsed'] for o in last.values()):.3f}"
+    )
 
 
 # 500 rounds of a few 4 ms round trips, plus retransmissions after losses.

@@ -14,7 +14,9 @@ from tcpstore_barrier._compat import check_torch_version
 
 
 def test_a_torch_of_another_minor_version_is_a_clear_import_error():
-    with pytest.raises(ImportError, match=r"built against torch 2\.13\.0 but torch 2\.14\.0"):
+    with pytest.raises(
+        ImportError, match=r"built against torch 2\.13\.0 but torch 2\.14\.0"
+    ):
         check_torch_version("2.13.0", "2.14.0+cpu")
 
 
@@ -23,7 +25,10 @@ def test_a_torch_of_the_same_minor_version_is_accepted():
 
 
 def test_the_running_torch_is_the_one_we_were_built_with():
-    assert tcpstore_barrier.built_with_torch.split(".")[:2] == torch.__version__.split(".")[:2]
+    assert (
+        tcpstore_barrier.built_with_torch.split(".")[:2]
+        == torch.__version__.split(".")[:2]
+    )
 
 
 def test_cmake_prefix_path_holds_the_cmake_package():
@@ -48,7 +53,11 @@ def test_the_cmake_package_refuses_a_torch_of_another_minor_version(tmp_path):
     )
     proc = subprocess.run(
         [
-            cmake, "-S", consumer, "-B", tmp_path / "build",
+            cmake,
+            "-S",
+            consumer,
+            "-B",
+            tmp_path / "build",
             f"-DCMAKE_PREFIX_PATH={tcpstore_barrier.cmake_prefix_path}",
             f"-DTCPSTORE_BARRIER_TORCH_PREFIX={other_torch}",
         ],  # fmt: skip

@@ -15,7 +15,6 @@ import threading
 import time
 
 import pytest
-
 from support import LOOPBACK
 from support.barriers import (
     assert_no_early_release,
@@ -23,11 +22,17 @@ from support.barriers import (
     torch_barrier,
 )
 from support.launch import run_ranks
+
 from tcpstore_barrier import BarrierTimeoutError, TCPStoreBarrier
 
 
 def make_pair(
-    port, world_size=2, prefix="test_barrier", use_libuv=True, timeout_secs=30, **options
+    port,
+    world_size=2,
+    prefix="test_barrier",
+    use_libuv=True,
+    timeout_secs=30,
+    **options,
 ):
     """Ranks 0..world_size-1 of one barrier, built concurrently (rank 0 waits for all)."""
     return run_ranks(
@@ -92,7 +97,9 @@ def test_positional_arguments_in_torch_order(port):
     assert all(b.barrier_prefix == "pos" and b.timeout_secs == 30 for b in barriers)
 
 
-def timestamped_rounds(rank, world_size, port, rounds, torch_ranks=(), protocol="torch"):
+def timestamped_rounds(
+    rank, world_size, port, rounds, torch_ranks=(), protocol="torch"
+):
     """Enter `rounds` barriers after random delays; return (enter, leave) times.
 
     Ranks in `torch_ranks` use torch's Python class, the others ours.
@@ -114,17 +121,23 @@ def timestamped_rounds(rank, world_size, port, rounds, torch_ranks=(), protocol=
     return stamps
 
 
-@pytest.mark.parametrize("torch_ranks", [{1}, {0}, {0, 2}], ids=lambda r: f"torch{sorted(r)}")
+@pytest.mark.parametrize(
+    "torch_ranks", [{1}, {0}, {0, 2}], ids=lambda r: f"torch{sorted(r)}"
+)
 def test_mixed_with_torch_ranks_never_releases_early(port, torch_ranks):
     world_size, rounds = 3, 200
-    stamps = run_ranks(timestamped_rounds, world_size, port, rounds, torch_ranks, timeout=120)
+    stamps = run_ranks(
+        timestamped_rounds, world_size, port, rounds, torch_ranks, timeout=120
+    )
     assert_no_early_release(stamps)
 
 
 @pytest.mark.parametrize("protocol", ["torch", "native"])
 def test_no_rank_leaves_before_every_rank_entered(port, protocol):
     world_size, rounds = 4, 300
-    stamps = run_ranks(timestamped_rounds, world_size, port, rounds, (), protocol, timeout=120)
+    stamps = run_ranks(
+        timestamped_rounds, world_size, port, rounds, (), protocol, timeout=120
+    )
     assert_no_early_release(stamps)
 
 
@@ -172,14 +185,17 @@ def test_arrive_then_wait_completes_the_round(port):
 
 def test_import_works_as_the_first_import_of_a_program():
     out = subprocess.run(
-        [sys.executable, "-c", "import tcpstore_barrier; print(tcpstore_barrier.TCPStoreBarrier.__module__)"],
+        [
+            sys.executable,
+            "-c",
+            "import tcpstore_barrier; print(tcpstore_barrier.TCPStoreBarrier.__module__)",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "tcpstore_barrier"
-
 
 
 def test_native_timeout_names_only_ranks_that_never_arrived(port):

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-
 from support import LOOPBACK, free_port, report_figure
 from support.barriers import describe, our_barrier, timed_round, torch_barrier
 from support.launch import run_ranks
+
 from tcpstore_barrier import BarrierTimeoutError, TCPStoreBarrier
 
 # Short enough to keep the suite fast, long enough to dwarf scheduling noise
@@ -47,7 +47,9 @@ COORDINATION = timedelta(seconds=20)
 
 
 def make(rank, world_size, port, *, timeout=10.0, init=10.0):
-    return our_barrier(rank, world_size, port, prefix=PREFIX, init=init, timeout=timeout)
+    return our_barrier(
+        rank, world_size, port, prefix=PREFIX, init=init, timeout=timeout
+    )
 
 
 def _kill_self_after(delay):
@@ -126,7 +128,8 @@ def timeout_round(rank, world_size, port, arriving, rounds_before, timeout):
 def timed_out(request):
     """Ranks 0 and 2 enter round `rounds_before` alone; they time out."""
     rounds_before = request.param
-    results = run_ranks(timeout_round,
+    results = run_ranks(
+        timeout_round,
         4,
         free_port(),
         ARRIVING,
@@ -137,15 +140,13 @@ def timed_out(request):
 
 
 def test_timeout_raises_no_earlier_than_timeout_secs_and_within_one_second_of_it(
-    timed_out
+    timed_out,
 ):
     _, outcomes = timed_out
     for outcome in outcomes:
         assert outcome["error"] is not None, "the round completed without ranks 1, 3"
         assert TIMEOUT - 0.01 <= outcome["elapsed"] <= TIMEOUT + TIMEOUT_SLACK
-    report_figure(
-        "timeout_overshoot_s", max(o["elapsed"] - TIMEOUT for o in outcomes)
-    )
+    report_figure("timeout_overshoot_s", max(o["elapsed"] - TIMEOUT for o in outcomes))
 
 
 def test_timeout_is_a_barrier_timeout_error_and_a_dist_store_error(timed_out):
@@ -213,7 +214,7 @@ def resume_after_timeouts(rank, world_size, port, short_timeout, timeouts_before
         store.wait(["test/rank1_timed_out"], COORDINATION)
     entered = time.monotonic()
     if rank == 1:
-        for attempt in range(50):
+        for _attempt in range(50):
             try:
                 barrier.execute_barrier()
                 break
@@ -242,7 +243,8 @@ def resume_after_timeouts(rank, world_size, port, short_timeout, timeouts_before
 
 @pytest.fixture(scope="module")
 def resumed():
-    results = run_ranks(resume_after_timeouts,
+    results = run_ranks(
+        resume_after_timeouts,
         3,
         free_port(),
         SHORT_TIMEOUT,
@@ -353,14 +355,11 @@ def interrupted_rank(rank, world_size, port, timeout, usr1_after, int_after):
 @pytest.fixture(scope="module", params=sorted(SIGNAL_TIMES))
 def interrupted(request):
     usr1_after, int_after = SIGNAL_TIMES[request.param]
-    results = run_ranks(interrupted_rank, 2, free_port(), 30.0, usr1_after, int_after
-    )
+    results = run_ranks(interrupted_rank, 2, free_port(), 30.0, usr1_after, int_after)
     return results[0], results[1]
 
 
-def test_sigint_raises_keyboard_interrupt_within_half_a_second(
-    interrupted
-):
+def test_sigint_raises_keyboard_interrupt_within_half_a_second(interrupted):
     sender, blocked = interrupted
     assert blocked["other_error"] is None, blocked["other_error"]
     assert not blocked["completed_first_call"]
@@ -503,7 +502,8 @@ def peer_death():
 
     def run(when):
         if when not in outcomes:
-            results = run_ranks(peer_killed,
+            results = run_ranks(
+                peer_killed,
                 3,
                 free_port(),
                 VICTIM,
@@ -579,8 +579,7 @@ def store_host_killed(rank, world_size, port, timeout):
 @pytest.fixture(scope="module")
 def store_host_death():
     port = free_port()
-    results = run_ranks(store_host_killed, 3, port, STORE_TIMEOUT, killed=(0,)
-    )
+    results = run_ranks(store_host_killed, 3, port, STORE_TIMEOUT, killed=(0,))
     return port, [results[1], results[2]]
 
 
@@ -599,9 +598,7 @@ def test_store_host_failure_raises_dist_error_saying_the_store_is_gone(
         assert "gone" in error["message"]
 
 
-def test_store_host_failure_is_reported_before_timeout_secs(
-    store_host_death
-):
+def test_store_host_failure_is_reported_before_timeout_secs(store_host_death):
     _, survivors = store_host_death
     for survivor in survivors:
         assert survivor["elapsed"] < STORE_TIMEOUT
@@ -775,8 +772,7 @@ def many_rounds_ours():
 @pytest.fixture(scope="module")
 def many_rounds_mixed():
     # Ranks 0 and 1 ours, rank 2 torch's Python class.
-    return run_ranks(many_rounds, 3, free_port(), MIXED_ROUNDS, 50, (2,)
-    )[0]
+    return run_ranks(many_rounds, 3, free_port(), MIXED_ROUNDS, 50, (2,))[0]
 
 
 def test_store_does_not_grow_with_the_number_of_rounds(many_rounds_ours):

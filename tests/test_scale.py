@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-
 from support import LOOPBACK
 from support.launch import run_ranks
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from support import LOOPBACK, free_port
 from support.barriers import barrier_arguments
 from support.launch import run_ranks
@@ -46,7 +45,9 @@ def test_registration_waits_for_torch_module_to_be_imported():
         "from torch.distributed.checkpoint._experimental.barriers import BARRIER_REGISTRY\n"
         "assert BARRIER_REGISTRY['tcp_store_native'] is tcpstore_barrier.TCPStoreBarrier\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -81,12 +82,17 @@ def save_checkpoint(rank, world_size, port, path):
     return loaded["weight"].tolist(), loaded["step"]
 
 
-def test_torch_checkpointer_writes_a_real_checkpoint_through_our_barrier(port, tmp_path):
+def test_torch_checkpointer_writes_a_real_checkpoint_through_our_barrier(
+    port, tmp_path
+):
     path = str(tmp_path / "step7")
     results = run_ranks(save_checkpoint, 2, port, path, timeout=120)
     assert sorted(os.listdir(path)) == ["checkpoint_0.pt", "checkpoint_1.pt"]
     assert results == [([0.0] * 4, 7), ([1.0] * 4, 7)]
-    assert torch.load(tmp_path / "step7" / "checkpoint_1.pt")["weight"].tolist() == [1.0] * 4
+    assert (
+        torch.load(tmp_path / "step7" / "checkpoint_1.pt")["weight"].tolist()
+        == [1.0] * 4
+    )
 
 
 def from_prefix_store(rank, world_size, port, rounds):

@@ -16,10 +16,10 @@ import time
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from torch.distributed import DistNetworkError
-
 from support import LOOPBACK, free_port, netns
 from support.barriers import barrier_arguments
+from torch.distributed import DistNetworkError
+
 from tcpstore_barrier import TCPStoreBarrier
 
 ARGUMENTS = (

@@ -16,7 +16,8 @@ import importlib.resources
 import torch
 import torch.distributed  # noqa: F401
 
-from ._build_info import built_with_torch, version as __version__
+from ._build_info import built_with_torch
+from ._build_info import version as __version__
 from ._compat import check_torch_version
 
 check_torch_version(built_with_torch, torch.__version__)

@@ -25,8 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="tcpstore-barrier",
-        description="A native TCPStore barrier for PyTorch distributed "
-        "checkpointing.",
+        description="A native TCPStore barrier for PyTorch distributed checkpointing.",
     )
     parser.add_argument(
         "--version",

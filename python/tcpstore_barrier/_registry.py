@@ -37,7 +37,7 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
             exec_module(module)
             _register(module, barrier_class)
 
-        spec.loader.exec_module = exec_then_register
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec
 
 

@@ -14,7 +14,13 @@ from typing import Any
 
 from ._bench import results
 from ._bench.cli import BenchConfig, ConfigError, add_bench_arguments, config_from_args
-from ._bench.launch import BenchError, pick_free_ports, run_command, run_jobs, write_json
+from ._bench.launch import (
+    BenchError,
+    pick_free_ports,
+    run_command,
+    run_jobs,
+    write_json,
+)
 from ._bench.rank import RankPlan, calibrate_work_loops, rank_groups, ranks_main
 
 __all__ = ["BenchConfig", "BenchError", "add_bench_arguments", "main", "run_bench"]
@@ -42,7 +48,11 @@ class Progress:
 def blocks_of(config: BenchConfig) -> list[results.Block]:
     """The schedule every world size of ``config`` runs."""
     if config.split_phase:
-        kinds = [k for k in results.SPLIT_KINDS if k != "torch_serial" or config.include_torch]
+        kinds = [
+            k
+            for k in results.SPLIT_KINDS
+            if k != "torch_serial" or config.include_torch
+        ]
         return results.schedule(kinds, config.rounds, first="work")
     return results.schedule(config.contenders, config.rounds, last="floor")
 
@@ -52,8 +62,11 @@ def run_world(config: BenchConfig, world_size: int, deadline: float, work_loops:
     """Run every rank of one world size; its summary, schedule and figures."""
     plan_blocks = blocks_of(config)
     # Split phase needs ours and torch's class only.
-    contenders = (("ours", "torch") if config.include_torch else ("ours",)) \
-        if config.split_phase else config.contenders
+    contenders = (
+        (("ours", "torch") if config.include_torch else ("ours",))
+        if config.split_phase
+        else config.contenders
+    )
     plan = RankPlan(
         config=config, world_size=world_size, contenders=contenders,
         ports=tuple(pick_free_ports(len(contenders))), schedule=tuple(plan_blocks),
@@ -75,8 +88,11 @@ def run_world(config: BenchConfig, world_size: int, deadline: float, work_loops:
     by_rank = run_jobs(jobs, set(range(world_size)), deadline,
                        f"world size {world_size}: ranks", on_progress)  # fmt: skip
     figures = [by_rank[r] for r in range(world_size)]
+    summary: results.SplitSummary | results.WorldSummary
     if config.split_phase:
-        summary = results.summarize_split(world_size, plan_blocks, figures, config.iters)
+        summary = results.summarize_split(
+            world_size, plan_blocks, figures, config.iters
+        )
     else:
         summary = results.summarize_world(world_size, plan_blocks, figures,
                                           config.contenders, config.iters)  # fmt: skip
@@ -110,7 +126,9 @@ def print_bench(config: BenchConfig) -> None:
         print(results.format_split_table(summaries))
     else:
         print(results.format_table(summaries, config.contenders))
-    write_json(config.json_path, lambda: results.build_document(config, run_versions, runs))
+    write_json(
+        config.json_path, lambda: results.build_document(config, run_versions, runs)
+    )
     if config.plot_path is not None:
         title = (f"{config.ranks}, torch {run_versions['torch']}, "
                  f"median (solid) and p99 (dashed)")  # fmt: skip

@@ -87,7 +87,9 @@ class Ranks:
                         break
         if self._failures:
             raise AssertionError(
-                "\n".join(f"rank {r} failed:\n{v}" for r, v in sorted(self._failures.items()))
+                "\n".join(
+                    f"rank {r} failed:\n{v}" for r, v in sorted(self._failures.items())
+                )
             )
         silent = sorted(set(ranks) - self._results.keys())
         assert not silent, (

@@ -38,9 +38,7 @@ TESTS = Path(__file__).resolve().parents[1]
 
 
 def _run(*argv, check=True):
-    return subprocess.run(
-        argv, capture_output=True, text=True, check=check, timeout=30
-    )
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=30)
 
 
 def _why_not(*argv):
@@ -70,8 +68,19 @@ def netns_unavailable_reason():
     try:
         for argv in (
             ("ip", "-n", probe, "link", "add", "br0", "type", "bridge"),
-            ("ip", "-n", probe, "link", "add", "v0", "type", "veth",
-             "peer", "name", "v1"),
+            (
+                "ip",
+                "-n",
+                probe,
+                "link",
+                "add",
+                "v0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "v1",
+            ),
         ):
             reason = _why_not(*argv)
             if reason is not None:
@@ -83,8 +92,17 @@ def netns_unavailable_reason():
 
 def netem_unavailable_reason(namespace, device):
     reason = _why_not(
-        "tc", "-n", namespace, "qdisc", "add", "dev", device,
-        "root", "netem", "delay", "1ms",
+        "tc",
+        "-n",
+        namespace,
+        "qdisc",
+        "add",
+        "dev",
+        device,
+        "root",
+        "netem",
+        "delay",
+        "1ms",
     )
     if reason is not None:
         return f"the kernel has no netem qdisc (sch_netem): {reason}"
@@ -108,12 +126,23 @@ class Hosts:
         _run("ip", "-n", sw, "link", "set", "lo", "up")
         _run("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", sw, "link", "set", "br0", "up")
-        for i, (ns, address) in enumerate(zip(self.names, self.addresses)):
+        for i, (ns, address) in enumerate(zip(self.names, self.addresses, strict=True)):
             self._add(ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             _run(
-                "ip", "-n", sw, "link", "add", f"p{i}", "type", "veth",
-                "peer", "name", "eth0", "netns", ns,
+                "ip",
+                "-n",
+                sw,
+                "link",
+                "add",
+                f"p{i}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
             )
             _run("ip", "-n", sw, "link", "set", f"p{i}", "master", "br0")
             _run("ip", "-n", sw, "link", "set", f"p{i}", "up")
@@ -322,7 +351,11 @@ class IsolatedWorker:
             self.stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             [
-                "unshare", "--net", "--", "sh", "-c",
+                "unshare",
+                "--net",
+                "--",
+                "sh",
+                "-c",
                 'ip link set lo up && exec "$0" -m support.netns worker',
                 sys.executable,
             ],

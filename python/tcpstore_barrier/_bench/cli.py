@@ -179,11 +179,23 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.split_phase and args.plot_path is not None:
         raise ConfigError("--plot does not apply to --split-phase")
     contenders = args.contenders or [
-        c for c in DEFAULT_CONTENDERS if not (c == "native" and args.protocol == "native")
+        c
+        for c in DEFAULT_CONTENDERS
+        if not (c == "native" and args.protocol == "native")
     ]
-    contenders = list(dict.fromkeys(c for c in contenders if not (args.no_torch and c == "torch")))
+    contenders = list(
+        dict.fromkeys(c for c in contenders if not (args.no_torch and c == "torch"))
+    )
     if "ours" not in contenders:
         raise ConfigError("--contenders must include ours")
-    fields = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__}
-    return BenchConfig(**{**fields, "world_sizes": tuple(args.world_sizes),
-                          "processes": args.processes or 1, "contenders": tuple(contenders)})
+    fields = {
+        k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__
+    }
+    return BenchConfig(
+        **{
+            **fields,
+            "world_sizes": tuple(args.world_sizes),
+            "processes": args.processes or 1,
+            "contenders": tuple(contenders),
+        }
+    )

@@ -66,9 +66,14 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
 
 def time_imports(runs: int) -> ImportTiming:
     """Time ``runs`` fresh imports, plus one ``-X importtime`` breakdown."""
-    timings = [tuple(map(float, _run("-c", _TIMING_SCRIPT).stdout.split())) for _ in range(runs)]
+    timings = [
+        tuple(map(float, _run("-c", _TIMING_SCRIPT).stdout.split()))
+        for _ in range(runs)
+    ]
     breakdown = _run("-X", "importtime", "-c", "import torch; import tcpstore_barrier")
-    slowest = sorted(parse_importtime(breakdown.stderr), key=lambda m: m[1], reverse=True)
+    slowest = sorted(
+        parse_importtime(breakdown.stderr), key=lambda m: m[1], reverse=True
+    )
     return ImportTiming([t[0] for t in timings], [t[1] for t in timings], slowest[:8])
 
 
@@ -90,7 +95,9 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     describe(parser, __doc__.split("\n", 1)[1].strip())
     parser.add_argument("--runs", type=_positive_int, default=5,
                         help="fresh interpreters to time (default: 5)")  # fmt: skip
-    parser.add_argument("--json", dest="json_path", metavar="FILE", help="write every timing here")
+    parser.add_argument(
+        "--json", dest="json_path", metavar="FILE", help="write every timing here"
+    )
 
 
 def print_import_time(runs: int, json_path: str | None) -> None:

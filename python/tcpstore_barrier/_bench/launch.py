@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
@@ -19,7 +19,9 @@ LOOPBACK = "127.0.0.1"
 #: A process to start: a name, its target, and its arguments (the event
 #: queue and ``done`` are appended), or a function of the pids of the
 #: processes started before it.
-Job = tuple[str, Callable[..., None], "tuple[Any, ...] | Callable[[dict[str, int]], tuple]"]
+Job = tuple[
+    str, Callable[..., None], "tuple[Any, ...] | Callable[[dict[str, int]], tuple]"
+]
 
 
 class BenchError(RuntimeError):
@@ -57,7 +59,9 @@ def report(name: Any, events: Any, done: Any, deadline_unix: float,
             if hasattr(barrier, "close"):
                 barrier.close()
     except BaseException as e:  # noqa: BLE001 - reported to the parent
-        events.put(("error", name, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        events.put(
+            ("error", name, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        )
 
 
 def run_command(body: Callable[[], None]) -> int:
@@ -84,7 +88,7 @@ def write_json(path: str | None, document: Callable[[], dict[str, Any]]) -> None
 
 
 def run_jobs(
-    jobs: list[Job],
+    jobs: Sequence[Job],
     expected: set[Any],
     deadline: float,
     what: str,
@@ -109,6 +113,7 @@ def run_jobs(
             )
             processes.append(process)
             process.start()
+            assert process.pid is not None  # set by start()
             pids[name] = process.pid
         results = _collect(events, expected, processes, deadline, what, on_progress)
     except BaseException:

@@ -10,10 +10,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from .cli import _positive_int, add_shared_arguments, describe
-from .launch import pick_free_ports, report, run_command, run_jobs, write_json
+from .launch import Job, pick_free_ports, report, run_command, run_jobs, write_json
 from .rank import build, raise_fd_limit
 from .results import align
 
@@ -49,7 +49,9 @@ class MemoryConfig:
     timeout_secs: float = 600.0
     json_path: str | None = None
 
-    def barrier(self, name: str, rank: int, world_size: int, port: int, prefix: str) -> Any:
+    def barrier(
+        self, name: str, rank: int, world_size: int, port: int, prefix: str
+    ) -> Any:
         return build(name, rank, world_size, port, use_libuv=self.backend == "libuv",
                      protocol=self.protocol, init_timeout_secs=min(60.0, self.timeout_secs),
                      timeout_secs=self.timeout_secs, prefix=prefix)  # fmt: skip
@@ -136,7 +138,9 @@ def checkpoints(objects: int) -> list[int]:
     return sorted({0, max(1, objects // 10), max(1, objects // 2), objects})
 
 
-def objects_host(name: str, port: int, config: MemoryConfig, events: Any, done: Any) -> None:
+def objects_host(
+    name: str, port: int, config: MemoryConfig, events: Any, done: Any
+) -> None:
     """Rank 0: hosts the store, and serves it until every figure is in."""
 
     def body() -> tuple[None, list[Any]]:
@@ -172,7 +176,9 @@ def objects_measurer(name: str, port: int, config: MemoryConfig, host_pid: int,
         marks, readings = checkpoints(config.objects), {0: Reading.now(host_pid)}
         started = time.perf_counter()
         for rank in range(1, config.objects + 1):
-            barriers.append(config.barrier(name, rank, config.objects + 1, port, "mem/"))
+            barriers.append(
+                config.barrier(name, rank, config.objects + 1, port, "mem/")
+            )
             if len(barriers) in marks:
                 readings[len(barriers)] = Reading.now(host_pid)
         construct_secs, after, round_secs = time.perf_counter() - started, None, None
@@ -223,10 +229,12 @@ def summarize_objects(name: str, objects: int, raw: ObjectsFigures) -> ObjectsSu
     zero, first, last = (raw.constructed[m] for m in (0, low, objects))
 
     def per_object(field: str, at: Reading | None) -> float | None:
-        values = [None if r is None else getattr(r, field) for r in (zero, first, last, at)]
-        if None in values:
+        values = [
+            None if r is None else getattr(r, field) for r in (zero, first, last, at)
+        ]
+        if any(v is None for v in values):
             return None
-        v_zero, v_first, v_last, v_at = values
+        v_zero, v_first, v_last, v_at = cast("list[float]", values)
         if field not in SLOPES:
             return (v_at - v_zero) / objects
         return (v_last - v_first) / max(1, objects - low) + (v_at - v_last) / objects
@@ -287,6 +295,13 @@ class StoreSummary:
 # --- the command ------------------------------------------------------------------
 
 
+def _measurer_args(
+    name: str, port: int, config: Any
+) -> Callable[[dict[str, int]], tuple]:
+    """The measurer's arguments, once the host it measures has a pid."""
+    return lambda pids: (name, port, config, pids["mem-host"])
+
+
 def run_memory(config: MemoryConfig, log=lambda _: None) -> tuple[list, list]:
     """Run the measurements ``config`` asks for; raise BenchError on failure."""
     deadline = time.monotonic() + config.timeout_secs
@@ -295,19 +310,25 @@ def run_memory(config: MemoryConfig, log=lambda _: None) -> tuple[list, list]:
     for name in names if config.only in (None, "objects") else ():
         log(f"objects: {name}, {config.objects} objects")
         (port,) = pick_free_ports(1)
-        jobs = [("mem-host", objects_host, (name, port, config)),
+        jobs: list[Job] = [("mem-host", objects_host, (name, port, config)),
                 ("mem-measurer", objects_measurer,
-                 lambda pids: (name, port, config, pids["mem-host"]))]  # fmt: skip
+                 _measurer_args(name, port, config))]  # fmt: skip
         raw = run_jobs(jobs, {"measurer"}, deadline, f"objects of {name}")["measurer"]
         objects.append(summarize_objects(name, config.objects, raw))
-    runs = [("ours", config.barriers, config.sample_every),
-            ("torch", config.torch_barriers, config.torch_sample_every)]
-    for name, barriers, every in runs[: len(names)] if config.only in (None, "store") else ():
+    runs = [
+        ("ours", config.barriers, config.sample_every),
+        ("torch", config.torch_barriers, config.torch_sample_every),
+    ]
+    for name, barriers, every in (
+        runs[: len(names)] if config.only in (None, "store") else ()
+    ):
         log(f"store: {name}, {barriers} barriers")
         (port,) = pick_free_ports(1)
         jobs = [(f"mem-rank{r}", store_rank, (name, r, port, barriers, every, config))
                 for r in (0, 1)]  # fmt: skip
-        samples = run_jobs(jobs, {"rank0", "rank1"}, deadline, f"store of {name}")["rank0"]
+        samples = run_jobs(jobs, {"rank0", "rank1"}, deadline, f"store of {name}")[
+            "rank0"
+        ]
         stores.append(StoreSummary(name, barriers, samples))
     return objects, stores
 
@@ -316,12 +337,20 @@ def format_objects(summaries: list[ObjectsSummary]) -> str:
     """Rows: figures; columns: implementations."""
 
     def show(value: float | None, field: str) -> str:
-        return "-" if value is None else f"{value / 1024:.1f}" if field in SLOPES else f"{value:.2f}"
+        return (
+            "-"
+            if value is None
+            else f"{value / 1024:.1f}"
+            if field in SLOPES
+            else f"{value:.2f}"
+        )
 
     rows = [(f"{label}, {when}", key + suffix, field) for label, key, field in FIGURES
             for when, suffix in (("constructed", ""), ("after a round", "_after_round"))]  # fmt: skip
     columns = [("", lambda row: row[0])] + [
-        (s.implementation, lambda row, s=s: show(s.figures[row[1]], row[2])) for s in summaries]
+        (s.implementation, lambda row, s=s: show(s.figures[row[1]], row[2]))
+        for s in summaries
+    ]
     return align(columns, rows, label_left=True)
 
 
@@ -368,6 +397,8 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     def log(text: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
+        print(
+            f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True
+        )
 
     return run_command(lambda: print_memory(config, log))

@@ -80,9 +80,11 @@ def build(
     """Contender ``name``'s barrier for ``rank``, on a store at ``port``."""
     prefix = prefix or f"bench/{name}/"
     if name == "torch":
-        from torch.distributed.checkpoint._experimental.barriers import TCPStoreBarrier
+        from torch.distributed.checkpoint._experimental.barriers import (
+            TCPStoreBarrier as TorchBarrier,
+        )
 
-        return TCPStoreBarrier(
+        return TorchBarrier(
             global_rank=rank, global_world_size=world_size, barrier_prefix=prefix,
             timeout_barrier_init_secs=max(1, int(init_timeout_secs)),
             use_checkpoint_barrier_tcpstore_libuv=use_libuv, tcpstore_port=port,
@@ -166,7 +168,7 @@ class Rank:
         remaining = plan.deadline_unix - time.time()
         # A minute to connect, more for worlds so large that it takes longer.
         init_timeout = min(max(60.0, 0.1 * plan.world_size), remaining)
-        for name, port in zip(plan.contenders, plan.ports):
+        for name, port in zip(plan.contenders, plan.ports, strict=True):
             known = server_threads() if rank == 0 else set()
             self.barriers[name] = build(
                 name, rank, plan.world_size, port, use_libuv=plan.config.backend == "libuv",
@@ -176,14 +178,14 @@ class Rank:
             if rank == 0:
                 self.servers[name] = server_threads() - known
         self.ours = ours = self.barriers["ours"]
-        loops, torch_barrier = plan.work_loops, self.barriers.get("torch")
+        loops = plan.work_loops
         #: One timed iteration of each kind of block but the floor.
         self.steps: dict[str, Callable[[], Any]] = {
             **{name: barrier.execute_barrier for name, barrier in self.barriers.items()},
             "work": lambda: python_work(loops),
             "split": self._split_iteration,
             "serial": lambda: (python_work(loops), ours.execute_barrier()),
-            "torch_serial": lambda: (python_work(loops), torch_barrier.execute_barrier()),
+            "torch_serial": lambda: (python_work(loops), self.barriers["torch"].execute_barrier()),
         }  # fmt: skip
         #: What the split iterations of the current block saw.
         self.released: list[bool] = []
@@ -204,7 +206,11 @@ class Rank:
         # CPU over the timed barriers only: lining up may overlap other
         # ranks' previous block.
         server = thread_cpu_ns(self.servers[kind]) if kind in self.servers else None
-        process = time.process_time_ns() if self.whole_process and kind in self.barriers else None
+        process = (
+            time.process_time_ns()
+            if self.whole_process and kind in self.barriers
+            else None
+        )
         figures = self._timed(step)
         if server is not None:
             figures.server_cpu_ns = thread_cpu_ns(self.servers[kind]) - server
@@ -245,7 +251,7 @@ class Rank:
         for measuring in sorted({0, self.plan.world_size - 1}):
             if self.rank == measuring:
                 store = self.ours.store
-                add_one = lambda: store.add(FLOOR_KEY, 1)  # noqa: E731
+                add_one = lambda store=store: store.add(FLOOR_KEY, 1)  # noqa: E731
                 for _ in range(self.plan.config.warmup):
                     add_one()
                 figures = self._timed(add_one)
@@ -265,7 +271,9 @@ def start_busy_thread(deadline_unix: float) -> None:
     threading.Thread(target=burn, name="busy", daemon=True).start()
 
 
-def run_rank(rank: int, plan: RankPlan, events: Any, done: Any, whole_process: bool) -> None:
+def run_rank(
+    rank: int, plan: RankPlan, events: Any, done: Any, whole_process: bool
+) -> None:
     """Build every contender, run the schedule, report; rank 0 hosts every
     store, so each rank keeps its barriers up until every rank has reported."""
 
@@ -279,7 +287,9 @@ def run_rank(rank: int, plan: RankPlan, events: Any, done: Any, whole_process: b
             if rank == 0:
                 events.put(("progress", rank, block.index))
         torch_barrier = me.barriers.get("torch")
-        torch_uses_libuv = None if torch_barrier is None else torch_barrier._tcp_store.libuvBackend
+        torch_uses_libuv = (
+            None if torch_barrier is None else torch_barrier._tcp_store.libuvBackend
+        )
         figures = RankFigures(rank, me.ours.uses_libuv, torch_uses_libuv, blocks)
         return figures, list(me.barriers.values())
 
@@ -301,8 +311,9 @@ def ranks_main(ranks: Sequence[int], plan: RankPlan, events: Any, done: Any) -> 
     busy thread serves them all."""
     raise_fd_limit()
     threads = [
-        threading.Thread(target=run_rank, args=(rank, plan, events, done, i == 0),
-                         name=f"rank{rank}")  # fmt: skip
+        threading.Thread(
+            target=run_rank, args=(rank, plan, events, done, i == 0), name=f"rank{rank}"
+        )  # fmt: skip
         for i, rank in enumerate(ranks)
     ]
     if plan.config.busy_thread:

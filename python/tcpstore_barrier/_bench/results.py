@@ -34,7 +34,9 @@ class Block:
     kind: str
 
 
-def schedule(kinds: Sequence[str], rounds: int, first: str = "", last: str = "") -> list[Block]:
+def schedule(
+    kinds: Sequence[str], rounds: int, first: str = "", last: str = ""
+) -> list[Block]:
     """``rounds`` rounds of a block of each of ``kinds``, between ``first`` and
     ``last`` when given. The order rotates by one each round, so that over
     len(kinds) rounds each kind runs once in each position and a drift over
@@ -43,7 +45,9 @@ def schedule(kinds: Sequence[str], rounds: int, first: str = "", last: str = "")
     for r in range(rounds):
         shift = r % len(kinds)
         order = [first, *kinds[shift:], *kinds[:shift], last]
-        blocks += [Block(len(blocks) + i, r, k) for i, k in enumerate(filter(None, order))]
+        blocks += [
+            Block(len(blocks) + i, r, k) for i, k in enumerate(filter(None, order))
+        ]
     return blocks
 
 
@@ -59,10 +63,16 @@ class Latency:
     wall_per_iter_us: float | None = None
 
 
-def latency(samples_ns: Sequence[int], walls_ns: Sequence[int] = (), iters: int = 0) -> Latency:
+def latency(
+    samples_ns: Sequence[int], walls_ns: Sequence[int] = (), iters: int = 0
+) -> Latency:
     us = [ns / 1000 for ns in samples_ns]
     # "inclusive" interpolates as numpy.percentile does by default.
-    p99 = statistics.quantiles(us, n=100, method="inclusive")[98] if len(us) > 1 else us[0]
+    p99 = (
+        statistics.quantiles(us, n=100, method="inclusive")[98]
+        if len(us) > 1
+        else us[0]
+    )
     wall = statistics.fmean(walls_ns) / iters / 1000 if walls_ns and iters else None
     return Latency(len(us), statistics.median(us), p99, wall)
 
@@ -104,6 +114,13 @@ def _latency_of(kind, plan, figures, iters) -> Latency | None:
     return latency(samples, [b.wall_ns for b in blocks], iters) if samples else None
 
 
+def _required(kind, plan, figures, iters) -> Latency:
+    found = _latency_of(kind, plan, figures, iters)
+    if found is None:
+        raise ValueError(f"no samples of {kind!r} blocks")
+    return found
+
+
 def _cost(blocks: Sequence[BlockFigures], ranks: int, iters: int) -> CpuCost | None:
     """Means per barrier over blocks; a block's total sums its ranks' readings."""
     per_block = [blocks[i : i + ranks] for i in range(0, len(blocks), ranks)]
@@ -127,7 +144,7 @@ def summarize_world(
     costs = {c: _cost(_blocks(c, plan, figures), world_size, iters) for c in contenders}
     return WorldSummary(
         world_size=world_size,
-        latency={c: _latency_of(c, plan, figures, iters) for c in contenders},
+        latency={c: _required(c, plan, figures, iters) for c in contenders},
         floor=latency(floors[world_size - 1]),
         host_floor=latency(floors[0]),
         cost={c: cost for c, cost in costs.items() if cost is not None},
@@ -157,10 +174,13 @@ class SplitSummary:
 
 def summarize_split(world_size, plan, figures, iters) -> SplitSummary:
     """Pool every rank's iterations of each kind of --split-phase block."""
-    parts = {k: _latency_of(k, plan, figures, iters) for k in ("work", *SPLIT_KINDS)}
     split = _blocks("split", plan, figures)
     return SplitSummary(
-        world_size=world_size, **parts,
+        world_size=world_size,
+        work=_required("work", plan, figures, iters),
+        split=_required("split", plan, figures, iters),
+        serial=_required("serial", plan, figures, iters),
+        torch_serial=_latency_of("torch_serial", plan, figures, iters),
         released_at_wait=sum(b.released_at_wait for b in split) / (len(split) * iters),
         arrive_median_us=statistics.median(ns / 1000 for b in split for ns in b.arrive_ns),
         wait_median_us=statistics.median(ns / 1000 for b in split for ns in b.wait_ns),
@@ -186,30 +206,48 @@ def align(columns: Sequence[tuple[str, Callable[[Any], str]]], items: Sequence[A
     rows += [[cell(item) for _, cell in columns] for item in items]
     widths = [max(len(row[c]) for row in rows) for c in range(len(columns))]
     return "\n".join("  ".join(t.ljust(w) if label_left and c == 0 else t.rjust(w)
-                               for c, (t, w) in enumerate(zip(row, widths))) for row in rows)  # fmt: skip
+                               for c, (t, w) in enumerate(zip(row, widths, strict=True))) for row in rows)  # fmt: skip
+
+
+def _latency_column(contender: str, field: str) -> Callable[[WorldSummary], str]:
+    return lambda s: _us(getattr(s.latency[contender], field))
+
+
+def _ratio_column(a: str, b: str) -> Callable[[WorldSummary], str]:
+    return lambda s: _times(s.ratio(a, b))
+
+
+def _cost_column(contender: str, field: str) -> Callable[[WorldSummary], str]:
+    return lambda s: _us(
+        getattr(s.cost[contender], field) if contender in s.cost else None
+    )
 
 
 def format_table(summaries: Sequence[WorldSummary], contenders: Sequence[str]) -> str:
     """One row per world size: each contender's median and p99, the ratios,
     the floor; in microseconds."""
-    columns: list[tuple[str, Callable[[WorldSummary], str]]] = [("world", lambda s: str(s.world_size))]
+    columns: list[tuple[str, Callable[[WorldSummary], str]]] = [
+        ("world", lambda s: str(s.world_size))
+    ]
     for c in contenders:
         name = SHORT.get(c, c)
-        columns += [(f"{name} med", lambda s, c=c: _us(s.latency[c].median_us)),
-                    (f"{name} p99", lambda s, c=c: _us(s.latency[c].p99_us))]  # fmt: skip
+        columns += [(f"{name} med", _latency_column(c, "median_us")),
+                    (f"{name} p99", _latency_column(c, "p99_us"))]  # fmt: skip
     for a, b in RATIOS:
         if a in contenders and b in contenders:
             header = f"{SHORT.get(a, a)}/{SHORT.get(b, b)}"
-            columns.append((header, lambda s, a=a, b=b: _times(s.ratio(a, b))))
+            columns.append((header, _ratio_column(a, b)))
     columns += [("floor med", lambda s: _us(s.floor.median_us)),
                 ("rank0 floor", lambda s: _us(s.host_floor.median_us))]  # fmt: skip
     text = align(columns, summaries)
     if any(s.cost for s in summaries):
-        cost = [("world", lambda s: str(s.world_size))]
+        cost: list[tuple[str, Callable[[WorldSummary], str]]] = [
+            ("world", lambda s: str(s.world_size))
+        ]
         for c in contenders:
             name = SHORT.get(c, c)
-            cost += [(f"{name} srv/it", lambda s, c=c: _us(s.cost[c].server_us if c in s.cost else None)),
-                     (f"{name} cpu/it", lambda s, c=c: _us(s.cost[c].total_us if c in s.cost else None))]  # fmt: skip
+            cost += [(f"{name} srv/it", _cost_column(c, "server_us")),
+                     (f"{name} cpu/it", _cost_column(c, "total_us"))]  # fmt: skip
         text += ("\n\nwhere the time goes, per barrier (CPU us): srv/it the store's server "
                  "threads;\ncpu/it every rank process, servers included\n\n" + align(cost, summaries))  # fmt: skip
     return text
@@ -295,15 +333,22 @@ def build_document(config, run_versions, worlds) -> dict[str, Any]:
     return {
         "config": asdict(config),  # tuples become JSON lists
         "versions": run_versions,
-        "machine": {"cpu_count": os.cpu_count(),
-                    "allowed_cpus": sorted(os.sched_getaffinity(0))},  # fmt: skip
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "allowed_cpus": sorted(os.sched_getaffinity(0)),
+        },  # fmt: skip
         "worlds": [
             {
                 "world_size": summary.world_size,
                 "summary": summary_json(summary),
-                "ranks": [{k: v for k, v in asdict(r).items() if k != "blocks"} for r in figures],
-                "blocks": [{**asdict(b), "ranks": [asdict(r.blocks[b.index]) for r in figures]}
-                           for b in plan],  # fmt: skip
+                "ranks": [
+                    {k: v for k, v in asdict(r).items() if k != "blocks"}
+                    for r in figures
+                ],
+                "blocks": [
+                    {**asdict(b), "ranks": [asdict(r.blocks[b.index]) for r in figures]}
+                    for b in plan
+                ],  # fmt: skip
             }
             for summary, plan, figures in worlds
         ],
