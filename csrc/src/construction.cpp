@@ -9,6 +9,7 @@
 
 #include <c10/util/Logging.h>
 #include <fmt/format.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "arguments.h"
@@ -37,6 +38,13 @@ const char* withoutBacktrace(const std::exception& e) {
   }
   return e.what();
 }
+
+// Reads PrefixStore's prefix, which it keeps to itself.
+struct PrefixOf : c10d::PrefixStore {
+  static const std::string& of(const c10d::PrefixStore& store) {
+    return store.*(&PrefixOf::prefix_);
+  }
+};
 
 void checkPeerTimeout(std::optional<std::chrono::milliseconds> peerTimeout) {
   if (peerTimeout) {
@@ -84,6 +92,22 @@ void startRounds(
 }
 
 } // namespace
+
+std::optional<StoreAddress> wireAddressOf(const c10d::Store& store) {
+  // PrefixStore joins its prefix and the key with a "/".
+  std::string prefixes;
+  const c10d::Store* inner = &store;
+  while (const auto* prefixed = dynamic_cast<const c10d::PrefixStore*>(inner)) {
+    prefixes += PrefixOf::of(*prefixed) + "/";
+    inner =
+        const_cast<c10d::PrefixStore*>(prefixed)->getUnderlyingStore().get();
+  }
+  const auto* tcp = dynamic_cast<const c10d::TCPStore*>(inner);
+  if (tcp == nullptr) {
+    return std::nullopt;
+  }
+  return StoreAddress{tcp->getHost(), tcp->getPort(), "/" + prefixes};
+}
 
 BarrierTimeoutError::BarrierTimeoutError(
     std::string message,

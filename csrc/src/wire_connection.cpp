@@ -15,8 +15,6 @@
 #include <utility>
 
 #include <fmt/format.h>
-#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "sockets.h"
 #include "store_connection.h"
@@ -403,13 +401,6 @@ class WireConnection final : public StoreConnection {
   bool failureSilent_ = false;
 };
 
-// Reads PrefixStore's prefix, which it keeps to itself.
-struct PrefixOf : c10d::PrefixStore {
-  static const std::string& of(const c10d::PrefixStore& store) {
-    return store.*(&PrefixOf::prefix_);
-  }
-};
-
 } // namespace
 
 std::unique_ptr<StoreConnection> openWireConnection(
@@ -426,22 +417,6 @@ std::unique_ptr<StoreConnection> openWireConnection(
 
 void registerWorker(StoreConnection& connection, Clock::time_point deadline) {
   dynamic_cast<WireConnection&>(connection).countWorker(deadline);
-}
-
-std::optional<StoreAddress> wireAddressOf(const c10d::Store& store) {
-  // PrefixStore joins its prefix and the key with a "/".
-  std::string prefixes;
-  const c10d::Store* inner = &store;
-  while (const auto* prefixed = dynamic_cast<const c10d::PrefixStore*>(inner)) {
-    prefixes += PrefixOf::of(*prefixed) + "/";
-    inner =
-        const_cast<c10d::PrefixStore*>(prefixed)->getUnderlyingStore().get();
-  }
-  const auto* tcp = dynamic_cast<const c10d::TCPStore*>(inner);
-  if (tcp == nullptr) {
-    return std::nullopt;
-  }
-  return StoreAddress{tcp->getHost(), tcp->getPort(), "/" + prefixes};
 }
 
 } // namespace tcpstore_barrier
