@@ -133,7 +133,7 @@ void Liveness::tick() {
   const auto deadline = now + silenceLimit_;
   try {
     if (connection_.add(ownAliveKey_, 1, deadline) >= kAlarmOffset) {
-      readDeclaredLoss(round, deadline);
+      readDeclaredLoss(deadline);
     } else if (
         round.waiting && round.watcher && now - round.since >= interval_) {
       watch(round, deadline);
@@ -142,15 +142,13 @@ void Liveness::tick() {
     raise(
         Alarm{
             e.silent() ? Alarm::Kind::kStoreSilent : Alarm::Kind::kStoreGone,
-            round.sequence,
             {},
             {},
             e.what()});
   }
 }
 
-void Liveness::readDeclaredLoss(
-    const Round& round, Clock::time_point deadline) {
+void Liveness::readDeclaredLoss(Clock::time_point deadline) {
   const std::vector<std::string> key{lostKey()};
   if (!connection_.check(key, deadline)) {
     return;
@@ -160,7 +158,6 @@ void Liveness::readDeclaredLoss(
   raise(
       Alarm{
           Alarm::Kind::kPeersLost,
-          round.sequence,
           splitRanks(
               std::string_view(declared).substr(
                   kLostField.size(), missingAt - kLostField.size())),
@@ -210,7 +207,7 @@ void Liveness::watch(const Round& round, Clock::time_point deadline) {
   }
   if (!lost.empty()) {
     declareLoss(lost, missing, deadline);
-    readDeclaredLoss(round, deadline);
+    readDeclaredLoss(deadline);
   }
 }
 

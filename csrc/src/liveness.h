@@ -30,7 +30,6 @@ namespace tcpstore_barrier {
 struct Alarm {
   enum class Kind { kPeersLost, kStoreSilent, kStoreGone };
   Kind kind;
-  int64_t sequence = 0;
   std::vector<int64_t> lostRanks;
   std::vector<int64_t> missingRanks;
   // What the store's failure said.
@@ -101,7 +100,7 @@ class Liveness {
       const std::vector<int64_t>& lost,
       const std::vector<int64_t>& missing,
       Clock::time_point deadline);
-  void readDeclaredLoss(const Round& round, Clock::time_point deadline);
+  void readDeclaredLoss(Clock::time_point deadline);
   void raise(Alarm alarm);
   std::string lostKey() const;
 

@@ -62,11 +62,6 @@ void Worker::postAt(std::function<void()> job, Clock::time_point notBefore) {
   changed_.notify_all();
 }
 
-std::size_t Worker::backlog() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return jobs_.size() + running_;
-}
-
 bool Worker::runBefore(std::function<void()> job, Clock::time_point deadline) {
   struct Done {
     std::mutex mutex;
@@ -121,11 +116,9 @@ void Worker::run() {
     }
     auto job = std::move(due->run);
     jobs_.erase(due);
-    running_ = 1;
     lock.unlock();
     runQuietly(job);
     lock.lock();
-    running_ = 0;
   }
   stopped_ = true;
   changed_.notify_all();

@@ -32,9 +32,6 @@ class Worker {
   // Runs `job` no earlier than `notBefore`; jobs due run in posting order.
   void postAt(std::function<void()> job, Clock::time_point notBefore);
 
-  // Jobs posted and not yet finished.
-  std::size_t backlog() const;
-
   // Runs `job` on the thread; false if it had not finished by `deadline`
   // (it then still runs, and must own what it uses).
   bool runBefore(std::function<void()> job, Clock::time_point deadline);
@@ -52,7 +49,6 @@ class Worker {
     Clock::time_point notBefore;
   };
   std::deque<Job> jobs_;
-  std::size_t running_ = 0;
   bool stopping_ = false;
   bool stopped_ = false;
   std::thread thread_;
