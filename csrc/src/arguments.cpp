@@ -65,6 +65,10 @@ void checkRankAndWorld(int64_t rank, int64_t worldSize) {
   }
 }
 
+std::string describeSeconds(std::chrono::milliseconds duration) {
+  return fmt::format("{:g} s", static_cast<double>(duration.count()) / 1000.0);
+}
+
 void checkAddress(const std::string& address) {
   if (address.empty()) {
     throw std::invalid_argument("master_address must not be empty");

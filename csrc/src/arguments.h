@@ -17,4 +17,7 @@ void checkPositive(std::chrono::milliseconds timeout, const char* name);
 void checkRankAndWorld(int64_t rank, int64_t worldSize);
 void checkAddress(const std::string& address);
 
+// "2.5 s": a duration as the messages that name a timeout write it.
+std::string describeSeconds(std::chrono::milliseconds duration);
+
 } // namespace tcpstore_barrier

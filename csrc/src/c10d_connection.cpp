@@ -39,10 +39,6 @@ class C10dConnection final : public StoreConnection {
 
   void flush(Clock::time_point) override {}
 
-  int64_t add(std::string_view key, int64_t delta, Clock::time_point) override {
-    return store_->add(std::string(key), delta);
-  }
-
   void sendAdd(
       std::string_view key, int64_t delta, Clock::time_point) override {
     added_ = store_->add(std::string(key), delta);

@@ -26,10 +26,6 @@ c10::SourceLocation here(const char* function, int line) {
   return {function, __FILE__, static_cast<uint32_t>(line)};
 }
 
-std::string seconds(std::chrono::milliseconds duration) {
-  return fmt::format("{:g} s", static_cast<double>(duration.count()) / 1000.0);
-}
-
 // c10 errors append a C++ backtrace to what(); a message that wraps one
 // carries only its text.
 const char* withoutBacktrace(const std::exception& e) {
@@ -222,7 +218,7 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
             state.rank,
             state.worldSize,
             storeAddress,
-            seconds(options.initTimeout),
+            describeSeconds(options.initTimeout),
             withoutBacktrace(e)));
   } catch (const std::invalid_argument&) {
     throw;
@@ -235,14 +231,15 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
             state.rank,
             state.worldSize,
             storeAddress,
-            seconds(options.initTimeout),
+            describeSeconds(options.initTimeout),
             withoutBacktrace(e)));
   }
   LOG(INFO) << "TCPStoreBarrier rank " << state.rank << " of "
             << state.worldSize << " joined " << storeAddress << " (prefix '"
-            << state.prefix << "', timeout " << seconds(state.timeout)
+            << state.prefix << "', timeout " << describeSeconds(state.timeout)
             << ", peer timeout "
-            << (state.peerTimeout ? seconds(*state.peerTimeout) : "off") << ")";
+            << (state.peerTimeout ? describeSeconds(*state.peerTimeout) : "off")
+            << ")";
 }
 
 TCPStoreBarrier::TCPStoreBarrier(

@@ -48,8 +48,11 @@ class StoreConnection {
   virtual void set(std::string_view key, std::string_view value) = 0;
   virtual void flush(Clock::time_point deadline) = 0;
 
-  virtual int64_t add(
-      std::string_view key, int64_t delta, Clock::time_point deadline) = 0;
+  int64_t add(std::string_view key, int64_t delta, Clock::time_point deadline) {
+    sendAdd(key, delta, deadline);
+    return readAdd(deadline);
+  }
+
   // add() in two halves, so that a caller can do something else while the
   // reply travels: sendAdd(), then replyReady() until true, then readAdd().
   virtual void sendAdd(

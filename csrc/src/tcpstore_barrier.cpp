@@ -17,6 +17,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "arguments.h"
 #include "barrier_state.h"
 
 namespace tcpstore_barrier {
@@ -34,10 +35,6 @@ constexpr std::chrono::milliseconds kInterruptSlice{100};
 // How long a timed-out round may spend naming its missing ranks: every call
 // returns within its deadline plus a second.
 constexpr std::chrono::milliseconds kDiagnosisBudget{900};
-
-std::string seconds(std::chrono::milliseconds duration) {
-  return fmt::format("{:g} s", static_cast<double>(duration.count()) / 1000.0);
-}
 
 void checkUsable(const BarrierState& state) {
   if (state.closed) {
@@ -104,7 +101,7 @@ std::string whatThisRankKnew(const BarrierState& state) {
             "{} did not answer within {} when asked which ranks were "
             "missing at the timeout",
             state.describeStore(),
-            seconds(kDiagnosisBudget)));
+            describeSeconds(kDiagnosisBudget)));
   }
   if (!diagnosis->failure.empty()) {
     detail::throwStoreUnreachable(state, diagnosis->failure);
@@ -114,7 +111,7 @@ std::string whatThisRankKnew(const BarrierState& state) {
       fmt::format(
           "TCPStoreBarrier timed out after {} on rank {} (world size {}) "
           "at barrier key '{}' (sequence {}); missing ranks: [{}]",
-          seconds(state.timeout),
+          describeSeconds(state.timeout),
           state.rank,
           state.worldSize,
           key,
@@ -141,7 +138,7 @@ std::string whatThisRankKnew(const BarrierState& state) {
           key,
           state.sequence,
           fmt::join(alarm.lostRanks, ", "),
-          seconds(state.liveness->silenceLimit()),
+          describeSeconds(state.liveness->silenceLimit()),
           fmt::join(alarm.missingRanks, ", ")),
       key,
       state.sequence,

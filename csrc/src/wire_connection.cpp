@@ -59,15 +59,6 @@ class WireConnection final : public StoreConnection {
     sendPending(deadline);
   }
 
-  int64_t add(std::string_view key, int64_t delta, Clock::time_point deadline)
-      override {
-    begin(QueryType::ADD);
-    appendKey(key);
-    appendValue(delta);
-    sendPending(deadline);
-    return readValue<int64_t>(deadline);
-  }
-
   void sendAdd(std::string_view key, int64_t delta, Clock::time_point deadline)
       override {
     begin(QueryType::ADD);
