@@ -184,6 +184,9 @@ void closeBarrier(BarrierState& state) {
     return;
   }
   state.closed = true;
+  // stop() before reset(): reset() clears the pointer that a job in flight
+  // (deleteWhenQuiet re-posting itself) still reads.
+  state.worker->stop();
   state.worker.reset();
   // The handshake only among ranks of a store this library created, and
   // only while that store still answers.

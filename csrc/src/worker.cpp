@@ -30,6 +30,13 @@ Worker::Worker(
       thread_(&Worker::run, this) {}
 
 Worker::~Worker() {
+  stop();
+}
+
+void Worker::stop() {
+  if (!thread_.joinable()) {
+    return;
+  }
   std::unique_lock<std::mutex> lock(mutex_);
   stopping_ = true;
   changed_.notify_all();

@@ -23,6 +23,10 @@ class Worker {
       std::chrono::milliseconds interval,
       std::function<void()> tick,
       std::function<void()> interrupt);
+  // Stops and joins the thread; idempotent. Owners stop it before they
+  // release what its jobs use: a job may still read its owner's members
+  // (the worker's own pointer among them) until the thread has joined.
+  void stop();
   ~Worker();
 
   Worker(const Worker&) = delete;
