@@ -259,18 +259,6 @@ class Rank:
         return figures
 
 
-def start_busy_thread(deadline_unix: float) -> None:
-    """A CPU-bound pure-Python daemon thread until the deadline or the
-    process's exit, holding the GIL as much as CPython lets it, as a
-    trainer's data loaders do."""
-
-    def burn() -> None:
-        while time.time() < deadline_unix:
-            python_work(2000)
-
-    threading.Thread(target=burn, name="busy", daemon=True).start()
-
-
 def run_rank(
     rank: int, plan: RankPlan, events: Any, done: Any, whole_process: bool
 ) -> None:
@@ -286,10 +274,8 @@ def run_rank(
             blocks.append(me.run(block))
             if rank == 0:
                 events.put(("progress", rank, block.index))
-        torch_barrier = me.barriers.get("torch")
-        torch_uses_libuv = (
-            None if torch_barrier is None else torch_barrier._tcp_store.libuvBackend
-        )
+        torch = me.barriers.get("torch")
+        torch_uses_libuv = torch and torch._tcp_store.libuvBackend
         figures = RankFigures(rank, me.ours.uses_libuv, torch_uses_libuv, blocks)
         return figures, list(me.barriers.values())
 
@@ -307,8 +293,8 @@ def raise_fd_limit() -> None:
 
 def ranks_main(ranks: Sequence[int], plan: RankPlan, events: Any, done: Any) -> None:
     """Entry of a rank process: ``ranks`` as threads (one with --ranks
-    processes); its first rank also reads the process's CPU time, and one
-    busy thread serves them all."""
+    processes); its first rank also reads the process's CPU time, and with
+    --busy-thread a CPU-bound thread competes with them all."""
     raise_fd_limit()
     threads = [
         threading.Thread(
@@ -317,7 +303,13 @@ def ranks_main(ranks: Sequence[int], plan: RankPlan, events: Any, done: Any) -> 
         for i, rank in enumerate(ranks)
     ]
     if plan.config.busy_thread:
-        start_busy_thread(plan.deadline_unix)
+        # Pure-Python work until the deadline, holding the GIL as much as
+        # CPython lets it, as a trainer's data loaders do.
+        def burn() -> None:
+            while time.time() < plan.deadline_unix:
+                python_work(2000)
+
+        threading.Thread(target=burn, name="busy", daemon=True).start()
     threading.stack_size(RANK_THREAD_STACK_BYTES)
     for thread in threads:
         thread.start()
