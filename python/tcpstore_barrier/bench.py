@@ -12,15 +12,9 @@ import sys
 import time
 from typing import Any
 
-from ._bench import results
+from ._bench import launch, results
 from ._bench.cli import BenchConfig, ConfigError, add_bench_arguments, config_from_args
-from ._bench.launch import (
-    BenchError,
-    pick_free_ports,
-    run_command,
-    run_jobs,
-    write_json,
-)
+from ._bench.launch import BenchError
 from ._bench.rank import RankPlan, calibrate_work_loops, rank_groups, ranks_main
 
 __all__ = ["BenchConfig", "BenchError", "add_bench_arguments", "main", "run_bench"]
@@ -48,55 +42,52 @@ class Progress:
 def blocks_of(config: BenchConfig) -> list[results.Block]:
     """The schedule every world size of ``config`` runs."""
     if config.split_phase:
-        kinds = [
-            k
-            for k in results.SPLIT_KINDS
-            if k != "torch_serial" or config.include_torch
-        ]
+        torch = "torch" in config.contenders
+        kinds = [k for k in results.SPLIT_KINDS if k != "torch_serial" or torch]
         return results.schedule(kinds, config.rounds, first="work")
     return results.schedule(config.contenders, config.rounds, last="floor")
 
 
-def run_world(config: BenchConfig, world_size: int, deadline: float, work_loops: int,
-              progress: Progress) -> tuple[Any, list[results.Block], list[Any]]:  # fmt: skip
+def run_world(
+    config: BenchConfig, world_size: int, deadline: float, work_loops: int,
+    progress: Progress,
+) -> tuple[Any, list[results.Block], list[Any]]:  # fmt: skip
     """Run every rank of one world size; its summary, schedule and figures."""
-    plan_blocks = blocks_of(config)
+    blocks = blocks_of(config)
     # Split phase needs ours and torch's class only.
-    contenders = (
-        (("ours", "torch") if config.include_torch else ("ours",))
-        if config.split_phase
-        else config.contenders
+    built = tuple(
+        c for c in config.contenders if c in ("ours", "torch") or not config.split_phase
     )
     plan = RankPlan(
-        config=config, world_size=world_size, contenders=contenders,
-        ports=tuple(pick_free_ports(len(contenders))), schedule=tuple(plan_blocks),
+        config=config, world_size=world_size, contenders=built,
+        ports=tuple(launch.pick_free_ports(len(built))), schedule=tuple(blocks),
         deadline_unix=time.time() + deadline - time.monotonic(), work_loops=work_loops,
     )  # fmt: skip
     processes = world_size if config.ranks == "processes" else config.processes
     jobs = [(f"bench-ranks{g[0]}-{g[-1]}", ranks_main, (g, plan))
             for g in rank_groups(world_size, processes)]  # fmt: skip
+    where = f"world size {world_size}"
 
     def on_progress(index: int) -> None:
         if index < 0:
-            progress.show(f"world size {world_size}: ranks ready")
+            progress.show(f"{where}: ranks ready")
         else:
-            block = plan_blocks[index]
-            progress.show(f"world size {world_size}: round {block.round + 1}/"
-                          f"{config.rounds} {block.kind}", advance=True)  # fmt: skip
+            block = blocks[index]
+            step = f"round {block.round + 1}/{config.rounds} {block.kind}"
+            progress.show(f"{where}: {step}", advance=True)
 
-    progress.show(f"world size {world_size}: starting ranks")
-    by_rank = run_jobs(jobs, set(range(world_size)), deadline,
-                       f"world size {world_size}: ranks", on_progress)  # fmt: skip
+    progress.show(f"{where}: starting ranks")
+    by_rank = launch.run_jobs(
+        jobs, set(range(world_size)), deadline, f"{where}: ranks", on_progress
+    )
     figures = [by_rank[r] for r in range(world_size)]
-    summary: results.SplitSummary | results.WorldSummary
     if config.split_phase:
-        summary = results.summarize_split(
-            world_size, plan_blocks, figures, config.iters
-        )
+        summary = results.summarize_split(world_size, blocks, figures, config.iters)
     else:
-        summary = results.summarize_world(world_size, plan_blocks, figures,
-                                          config.contenders, config.iters)  # fmt: skip
-    return summary, plan_blocks, figures
+        summary = results.summarize_world(
+            world_size, blocks, figures, config.contenders, config.iters
+        )
+    return summary, blocks, figures
 
 
 def run_bench(config: BenchConfig) -> list[tuple]:
@@ -126,12 +117,11 @@ def print_bench(config: BenchConfig) -> None:
         print(results.format_split_table(summaries))
     else:
         print(results.format_table(summaries, config.contenders))
-    write_json(
-        config.json_path, lambda: results.build_document(config, run_versions, runs)
+    launch.write_json(
+        config.json_path, results.build_document(config, run_versions, runs)
     )
     if config.plot_path is not None:
-        title = (f"{config.ranks}, torch {run_versions['torch']}, "
-                 f"median (solid) and p99 (dashed)")  # fmt: skip
+        title = f"{config.ranks}, torch {run_versions['torch']}, median (solid) and p99 (dashed)"
         results.plot_latency(summaries, config.contenders, config.plot_path, title)
         print(f"wrote {config.plot_path}")
 
@@ -140,13 +130,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the ``bench`` subcommand parsed into ``args``; return the exit code."""
     try:
         config = config_from_args(args)
-        if config.plot_path is not None:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise ConfigError("--plot needs matplotlib, which is not installed: "
-                                  "pip install 'tcpstore-barrier[plot]'") from None  # fmt: skip
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_command(lambda: print_bench(config))
+    return launch.run_command(lambda: print_bench(config))

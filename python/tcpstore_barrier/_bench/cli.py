@@ -4,6 +4,7 @@ and the configuration the options parse into."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +21,8 @@ contender's own TCPStore. Contenders (--contenders):
   reference        torch's three requests a round in a C++ loop with the GIL
                    released (benchmarks/reference_barrier.cpp)
   torch            torch's Python class, torch.distributed.checkpoint.
-                   _experimental.barriers.TCPStoreBarrier
+                   _experimental.barriers.TCPStoreBarrier, which
+                   always uses the libuv TCPStore, whatever --backend says
 
 Every rank times each execute_barrier() with time.perf_counter_ns; median
 and p99 are over all ranks' samples. The contenders run in blocks of --iters
@@ -37,14 +39,10 @@ barrier: "split" arrive(), work, wait(); "serial" work, execute_barrier();
 """
 
 EPILOG = """\
-torch's class always uses the libuv TCPStore backend, whatever it is given;
---backend changes the other contenders' stores.
 Examples:
   python -m tcpstore_barrier bench --world-size 2 4 8 --json out.json --plot out.png
-  python -m tcpstore_barrier bench --contenders ours ours-noliveness reference
   python -m tcpstore_barrier bench --ranks threads --processes 8 \\
       --world-size 16 64 256 1024 --iters 100 --rounds 1
-  python -m tcpstore_barrier bench --split-phase --busy-thread --world-size 2
 """
 
 
@@ -104,10 +102,6 @@ class BenchConfig:
     plot_path: str | None = None
     split_phase: bool = False
     work_us: float = 200.0
-
-    @property
-    def include_torch(self) -> bool:
-        return "torch" in self.contenders
 
 
 # One option a statement, so that the options read as a table.
@@ -178,24 +172,21 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ConfigError("--processes needs --ranks threads")
     if args.split_phase and args.plot_path is not None:
         raise ConfigError("--plot does not apply to --split-phase")
-    contenders = args.contenders or [
-        c
-        for c in DEFAULT_CONTENDERS
-        if not (c == "native" and args.protocol == "native")
-    ]
-    contenders = list(
-        dict.fromkeys(c for c in contenders if not (args.no_torch and c == "torch"))
-    )
+    if args.plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError(
+            "--plot needs matplotlib, which is not installed: "
+            "pip install 'tcpstore-barrier[plot]'"
+        )
+    # By default no native where ours is native already; --no-torch always.
+    left_out = {"torch"} if args.no_torch else set()
+    if args.contenders is None and args.protocol == "native":
+        left_out.add("native")
+    chosen = args.contenders or DEFAULT_CONTENDERS
+    contenders = tuple(dict.fromkeys(c for c in chosen if c not in left_out))
     if "ours" not in contenders:
         raise ConfigError("--contenders must include ours")
     fields = {
         k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__
     }
-    return BenchConfig(
-        **{
-            **fields,
-            "world_sizes": tuple(args.world_sizes),
-            "processes": args.processes or 1,
-            "contenders": tuple(contenders),
-        }
-    )
+    fields |= {"world_sizes": tuple(args.world_sizes), "processes": args.processes or 1}
+    return BenchConfig(**fields | {"contenders": contenders})

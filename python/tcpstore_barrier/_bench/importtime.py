@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
 from statistics import median
+from typing import Any
 
 from .cli import _positive_int, describe
 from .launch import BenchError, run_command, write_json
@@ -28,16 +28,6 @@ middle = time.perf_counter()
 import tcpstore_barrier
 print(middle - start, time.perf_counter() - middle)
 """
-
-
-@dataclass(frozen=True)
-class ImportTiming:
-    """Seconds of each run, and the modules that took longest after torch:
-    (module, self us, cumulative us)."""
-
-    torch_secs: list[float]
-    package_secs: list[float]
-    slowest: list[tuple[str, int, int]]
 
 
 def parse_importtime(stderr: str, after: str = "torch") -> list[tuple[str, int, int]]:
@@ -64,29 +54,33 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
         raise BenchError(f"timing the import failed: {e}\n{detail}") from None
 
 
-def time_imports(runs: int) -> ImportTiming:
-    """Time ``runs`` fresh imports, plus one ``-X importtime`` breakdown."""
-    timings = [
-        tuple(map(float, _run("-c", _TIMING_SCRIPT).stdout.split()))
-        for _ in range(runs)
-    ]
+def time_imports(runs: int) -> dict[str, Any]:
+    """Seconds of ``runs`` fresh imports of torch and of this package after
+    it, their medians in ms, and the modules of one ``-X importtime`` run
+    that took longest themselves: (module, self us, cumulative us)."""
+    timings = [_run("-c", _TIMING_SCRIPT).stdout.split() for _ in range(runs)]
+    torch_secs, package_secs = ([float(t[i]) for t in timings] for i in (0, 1))
     breakdown = _run("-X", "importtime", "-c", "import torch; import tcpstore_barrier")
-    slowest = sorted(
-        parse_importtime(breakdown.stderr), key=lambda m: m[1], reverse=True
-    )
-    return ImportTiming([t[0] for t in timings], [t[1] for t in timings], slowest[:8])
+    modules = parse_importtime(breakdown.stderr)
+    return {
+        "torch_secs": torch_secs,
+        "package_secs": package_secs,
+        "slowest": sorted(modules, key=lambda m: m[1], reverse=True)[:8],
+        "package_median_ms": median(package_secs) * 1000,
+        "torch_median_ms": median(torch_secs) * 1000,
+    }
 
 
-def format_timing(timing: ImportTiming) -> str:
-    ms = [s * 1000 for s in timing.package_secs]
+def format_timing(timing: dict[str, Any]) -> str:
+    ms = [s * 1000 for s in timing["package_secs"]]
     lines = [
         f"import tcpstore_barrier after import torch: median {median(ms):.1f} ms of "
         f"{len(ms)} fresh runs (min {min(ms):.1f}, max {max(ms):.1f})",
-        f"import torch alone: median {median(timing.torch_secs) * 1000:.1f} ms",
+        f"import torch alone: median {timing['torch_median_ms']:.1f} ms",
         "",
         "slowest modules of one -X importtime run after torch (self us, cumulative us):",
     ]
-    lines += [f"  {s:>8}  {c:>8}  {module}" for module, s, c in timing.slowest]
+    lines += [f"  {s:>8}  {c:>8}  {module}" for module, s, c in timing["slowest"]]
     return "\n".join(lines)
 
 
@@ -100,15 +94,13 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def print_import_time(runs: int, json_path: str | None) -> None:
-    """Time the import, print the figures, write the JSON."""
-    timing = time_imports(runs)
-    print(format_timing(timing))
-    write_json(json_path, lambda: {**asdict(timing),
-                                   "package_median_ms": median(timing.package_secs) * 1000,
-                                   "torch_median_ms": median(timing.torch_secs) * 1000})  # fmt: skip
-
-
 def main(args: argparse.Namespace) -> int:
-    """Run ``bench-import``; return the exit code."""
-    return run_command(lambda: print_import_time(args.runs, args.json_path))
+    """Run ``bench-import``: time the import, print the figures, write the
+    JSON; return the exit code."""
+
+    def body() -> None:
+        timing = time_imports(args.runs)
+        print(format_timing(timing))
+        write_json(args.json_path, timing)
+
+    return run_command(body)

@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
@@ -79,11 +80,12 @@ def run_command(body: Callable[[], None]) -> int:
     return 0
 
 
-def write_json(path: str | None, document: Callable[[], dict[str, Any]]) -> None:
-    """Write ``document()`` to ``path``, if one was asked for, and say so."""
+def write_json(path: str | None, document: dict[str, Any]) -> None:
+    """Write ``document`` to ``path``, if one was asked for, and say so;
+    records (dataclasses) as their fields."""
     if path is not None:
         with open(path, "w") as f:
-            json.dump(document(), f)
+            json.dump(document, f, default=asdict)
         print(f"\nwrote {path}")
 
 
@@ -104,6 +106,7 @@ def run_jobs(
     context.set_forkserver_preload(["tcpstore_barrier", "tcpstore_barrier._bench.rank"])
     events, done = context.Queue(), context.Event()
     processes: list[Any] = []
+    grace_secs = 0.0
     try:
         pids: dict[str, int] = {}
         for name, target, args in jobs:
@@ -116,17 +119,13 @@ def run_jobs(
             assert process.pid is not None  # set by start()
             pids[name] = process.pid
         results = _collect(events, expected, processes, deadline, what, on_progress)
-    except BaseException:
-        done.set()
-        _stop(processes, grace_secs=0)
-        raise
-    else:
         # Ranks keep their stores up until every figure is in, then exit.
-        done.set()
-        _stop(processes, grace_secs=max(0.1, min(10.0, deadline - time.monotonic())))
+        grace_secs = max(0.1, min(10.0, deadline - time.monotonic()))
+        return results
     finally:
+        done.set()
+        _stop(processes, grace_secs)
         events.close()
-    return results
 
 
 def _collect(events, expected, processes, deadline, what, on_progress) -> dict:

@@ -9,8 +9,8 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 from .cli import _positive_int, add_shared_arguments, describe
 from .launch import Job, pick_free_ports, report, run_command, run_jobs, write_json
@@ -204,46 +204,29 @@ FIGURES = [("RSS per object (KiB)", "rss_per_object", "rss"),
            ("threads per object", "threads_per_object", "threads"),
            ("host RSS per joined rank (KiB)", "host_rss_per_rank", "host_rss")]  # fmt: skip
 SLOPES = {"rss", "heap", "host_rss"}
+AFTER = (("constructed", ""), ("after a round", "_after_round"))
 
 
-@dataclass(frozen=True)
-class ObjectsSummary:
-    """Memory of one barrier object of one implementation, in bytes (counts
-    for fds and threads); "after a round" for ours only."""
-
-    implementation: str
-    objects: int
-    #: Each FIGURES key, and with "_after_round": None where not measured.
-    figures: dict[str, float | None]
-    readings: ObjectsFigures
-
-    def to_json(self) -> dict[str, Any]:
-        return {"implementation": self.implementation, "objects": self.objects,
-                **self.figures, "readings": asdict(self.readings)}  # fmt: skip
-
-
-def summarize_objects(name: str, objects: int, raw: ObjectsFigures) -> ObjectsSummary:
-    """Each of FIGURES after construction and after a round; a round's
-    addition is spread over every object."""
+def summarize_objects(name: str, objects: int, raw: ObjectsFigures) -> dict[str, Any]:
+    """The objects' JSON: each of FIGURES per object as constructed and after
+    a round (None where not measured), whose addition is spread over every
+    object; and the raw readings."""
     low = next((m for m in sorted(raw.constructed) if 0 < m < objects), 0)
     zero, first, last = (raw.constructed[m] for m in (0, low, objects))
-
-    def per_object(field: str, at: Reading | None) -> float | None:
-        values = [
-            None if r is None else getattr(r, field) for r in (zero, first, last, at)
-        ]
-        if any(v is None for v in values):
-            return None
-        v_zero, v_first, v_last, v_at = cast("list[float]", values)
-        if field not in SLOPES:
-            return (v_at - v_zero) / objects
-        return (v_last - v_first) / max(1, objects - low) + (v_at - v_last) / objects
-
-    figures = {}
+    summary: dict[str, Any] = {"implementation": name, "objects": objects}
     for _, key, field in FIGURES:
-        figures[key] = per_object(field, last)
-        figures[f"{key}_after_round"] = per_object(field, raw.after_round)
-    return ObjectsSummary(name, objects, figures, raw)
+        for (_, suffix), at in zip(AFTER, (last, raw.after_round), strict=True):
+            readings = (zero, first, last, at)
+            values: list[Any] = [r and getattr(r, field) for r in readings]
+            v_zero, v_first, v_last, v_at = values
+            if None in values:
+                summary[key + suffix] = None
+            elif field in SLOPES:
+                slope = (v_last - v_first) / max(1, objects - low)
+                summary[key + suffix] = slope + (v_at - v_last) / objects
+            else:
+                summary[key + suffix] = (v_at - v_zero) / objects
+    return summary | {"readings": raw}
 
 
 # --- the store over many barriers -------------------------------------------------
@@ -257,7 +240,7 @@ class StoreSample:
     secs: float
 
 
-def store_rank(name: str, rank: int, port: int, barriers: int, every: int,
+def store_rank(rank: int, name: str, port: int, barriers: int, every: int,
                config: MemoryConfig, events: Any, done: Any) -> None:  # fmt: skip
     """One of 2 ranks; rank 0 samples its RSS and the store's keys."""
 
@@ -277,27 +260,10 @@ def store_rank(name: str, rank: int, port: int, barriers: int, every: int,
     report(f"rank{rank}", events, done, time.time() + config.timeout_secs, body)
 
 
-@dataclass(frozen=True)
-class StoreSummary:
-    """Rank 0's RSS and the store's key count over a run of barriers."""
-
-    implementation: str
-    barriers: int
-    samples: list[StoreSample]
-
-    def per_barrier(self, field: str) -> float:
-        """How much ``field`` grew a barrier, from the first sample to the last."""
-        first, last = self.samples[0], self.samples[-1]
-        growth = getattr(last, field) - getattr(first, field)
-        return growth / max(1, last.barriers - first.barriers)
-
-
 # --- the command ------------------------------------------------------------------
 
 
-def _measurer_args(
-    name: str, port: int, config: Any
-) -> Callable[[dict[str, int]], tuple]:
+def _measurer_args(name: str, port: int, config: MemoryConfig) -> Callable:
     """The measurer's arguments, once the host it measures has a pid."""
     return lambda pids: (name, port, config, pids["mem-host"])
 
@@ -307,67 +273,61 @@ def run_memory(config: MemoryConfig, log=lambda _: None) -> tuple[list, list]:
     deadline = time.monotonic() + config.timeout_secs
     names = ["ours", "torch"] if config.include_torch else ["ours"]
     objects, stores = [], []
-    for name in names if config.only in (None, "objects") else ():
+    for name in names if config.only != "store" else ():
         log(f"objects: {name}, {config.objects} objects")
         (port,) = pick_free_ports(1)
-        jobs: list[Job] = [("mem-host", objects_host, (name, port, config)),
-                ("mem-measurer", objects_measurer,
-                 _measurer_args(name, port, config))]  # fmt: skip
+        jobs: list[Job] = [
+            ("mem-host", objects_host, (name, port, config)),
+            ("mem-measurer", objects_measurer, _measurer_args(name, port, config)),
+        ]
         raw = run_jobs(jobs, {"measurer"}, deadline, f"objects of {name}")["measurer"]
         objects.append(summarize_objects(name, config.objects, raw))
-    runs = [
-        ("ours", config.barriers, config.sample_every),
-        ("torch", config.torch_barriers, config.torch_sample_every),
-    ]
-    for name, barriers, every in (
-        runs[: len(names)] if config.only in (None, "store") else ()
-    ):
+    runs = {
+        "ours": (config.barriers, config.sample_every),
+        "torch": (config.torch_barriers, config.torch_sample_every),
+    }
+    for name in names if config.only != "objects" else ():
+        barriers, every = runs[name]
         log(f"store: {name}, {barriers} barriers")
         (port,) = pick_free_ports(1)
-        jobs = [(f"mem-rank{r}", store_rank, (name, r, port, barriers, every, config))
-                for r in (0, 1)]  # fmt: skip
-        samples = run_jobs(jobs, {"rank0", "rank1"}, deadline, f"store of {name}")[
-            "rank0"
-        ]
-        stores.append(StoreSummary(name, barriers, samples))
+        args = (name, port, barriers, every, config)
+        jobs = [(f"mem-rank{r}", store_rank, (r, *args)) for r in (0, 1)]
+        figures = run_jobs(jobs, {"rank0", "rank1"}, deadline, f"store of {name}")
+        samples = figures["rank0"]
+        stores.append(
+            {"implementation": name, "barriers": barriers, "samples": samples}
+        )
     return objects, stores
 
 
-def format_objects(summaries: list[ObjectsSummary]) -> str:
+def format_objects(summaries: list[dict[str, Any]]) -> str:
     """Rows: figures; columns: implementations."""
-
-    def show(value: float | None, field: str) -> str:
-        return (
-            "-"
-            if value is None
-            else f"{value / 1024:.1f}"
-            if field in SLOPES
-            else f"{value:.2f}"
-        )
-
-    rows = [(f"{label}, {when}", key + suffix, field) for label, key, field in FIGURES
-            for when, suffix in (("constructed", ""), ("after a round", "_after_round"))]  # fmt: skip
-    columns = [("", lambda row: row[0])] + [
-        (s.implementation, lambda row, s=s: show(s.figures[row[1]], row[2]))
-        for s in summaries
-    ]
-    return align(columns, rows, label_left=True)
+    rows = [["", *(s["implementation"] for s in summaries)]]
+    for label, key, field in FIGURES:
+        for when, suffix in AFTER:
+            values = [s[key + suffix] for s in summaries]
+            unit, spec = (1024, ".1f") if field in SLOPES else (1, ".2f")
+            shown = ["-" if v is None else f"{v / unit:{spec}}" for v in values]
+            rows.append([f"{label}, {when}", *shown])
+    return align(rows, label_left=True)
 
 
-def format_store(summary: StoreSummary) -> str:
+def format_store(samples: list[StoreSample]) -> str:
     """One row per sample, then first/last/max."""
-    mib = 1024 * 1024
-    first, last = summary.samples[0], summary.samples[-1]
-    return align([("barriers", lambda s: str(s.barriers)),
-                  ("rank0 RSS MiB", lambda s: f"{s.rss / mib:.2f}"),
-                  ("store keys", lambda s: str(s.keys)),
-                  ("secs", lambda s: f"{s.secs:.2f}")], summary.samples) + (
+    mib, first, last = 1024 * 1024, samples[0], samples[-1]
+    rows = [["barriers", "rank0 RSS MiB", "store keys", "secs"]]
+    for s in samples:
+        rows.append(
+            [str(s.barriers), f"{s.rss / mib:.2f}", str(s.keys), f"{s.secs:.2f}"]
+        )
+    per_barrier = max(1, last.barriers - first.barriers)
+    return align(rows) + (
         f"\nRSS MiB first {first.rss / mib:.2f}, last {last.rss / mib:.2f}, max "
-        f"{max(s.rss for s in summary.samples) / mib:.2f}; keys first {first.keys}, last "
-        f"{last.keys}, max {max(s.keys for s in summary.samples)} "
-        f"({summary.per_barrier('keys'):+.3f} a barrier); "
-        f"{summary.per_barrier('secs') * 1e6:.2f} us a barrier"
-    )  # fmt: skip
+        f"{max(s.rss for s in samples) / mib:.2f}; keys first {first.keys}, last "
+        f"{last.keys}, max {max(s.keys for s in samples)} "
+        f"({(last.keys - first.keys) / per_barrier:+.3f} a barrier); "
+        f"{(last.secs - first.secs) / per_barrier * 1e6:.2f} us a barrier"
+    )
 
 
 def print_memory(config: MemoryConfig, log: Callable[[str], None]) -> None:
@@ -380,20 +340,19 @@ def print_memory(config: MemoryConfig, log: Callable[[str], None]) -> None:
               f"{checkpoints(config.objects)[1]} and {config.objects} objects; ours' protocol: "
               f"{config.protocol}, backend: {config.backend}\n")  # fmt: skip
         print(format_objects(objects))
-    for summary in stores:
-        who = "ours" if summary.implementation == "ours" else "torch's class"
-        print(f"\nstore over {summary.barriers} barriers of {who} (world size 2, ranks as "
+    for store in stores:
+        who = "ours" if store["implementation"] == "ours" else "torch's class"
+        print(f"\nstore over {store['barriers']} barriers of {who} (world size 2, ranks as "
               "processes, rank 0 hosts the store and samples):")  # fmt: skip
-        print(format_store(summary))
-    write_json(config.json_path, lambda: {"config": asdict(config),
-                                          "objects": [s.to_json() for s in objects],
-                                          "stores": [asdict(s) for s in stores]})  # fmt: skip
+        print(format_store(store["samples"]))
+    document = {"config": config, "objects": objects, "stores": stores}
+    write_json(config.json_path, document)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``bench-memory``; return the exit code."""
-    config = MemoryConfig(**{k: v for k, v in vars(args).items()
-                             if k in MemoryConfig.__dataclass_fields__})  # fmt: skip
+    fields = MemoryConfig.__dataclass_fields__
+    config = MemoryConfig(**{k: v for k, v in vars(args).items() if k in fields})
     started = time.monotonic()
 
     def log(text: str) -> None:

@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +16,12 @@ if TYPE_CHECKING:
     from .rank import BlockFigures, RankFigures
 
 #: The ratios of medians the table shows, when both contenders ran.
-RATIOS = [("ours", "reference"), ("torch", "ours"), ("ours", "ours-noliveness"),
-          ("torch", "native")]  # fmt: skip
+RATIOS = [
+    ("ours", "reference"),
+    ("torch", "ours"),
+    ("ours", "ours-noliveness"),
+    ("torch", "native"),
+]
 #: Short names in the table's headers.
 SHORT = {"reference": "ref", "ours-noliveness": "nolive"}
 SPLIT_KINDS = ("split", "serial", "torch_serial")
@@ -51,224 +55,164 @@ def schedule(
     return blocks
 
 
-@dataclass(frozen=True)
-class Latency:
-    """Latency of one kind of block at one world size, in microseconds: over
-    every rank's samples of every block; ``wall_per_iter_us`` is a block's
-    wall time over its iterations, averaged over ranks and blocks."""
-
-    samples: int
-    median_us: float
-    p99_us: float
-    wall_per_iter_us: float | None = None
-
-
-def latency(
-    samples_ns: Sequence[int], walls_ns: Sequence[int] = (), iters: int = 0
-) -> Latency:
-    us = [ns / 1000 for ns in samples_ns]
-    # "inclusive" interpolates as numpy.percentile does by default.
-    p99 = (
-        statistics.quantiles(us, n=100, method="inclusive")[98]
-        if len(us) > 1
-        else us[0]
-    )
-    wall = statistics.fmean(walls_ns) / iters / 1000 if walls_ns and iters else None
-    return Latency(len(us), statistics.median(us), p99, wall)
-
-
-@dataclass(frozen=True)
-class CpuCost:
-    """CPU time per barrier of one contender, in microseconds: its store's
-    server threads, and every rank process (servers included)."""
-
-    server_us: float | None
-    total_us: float | None
-
-
-@dataclass(frozen=True)
-class WorldSummary:
-    """Everything the tables show for one world size, by contender."""
-
-    world_size: int
-    latency: dict[str, Latency]
-    #: Round trips to ours' store from the last rank (a peer) and from rank 0.
-    floor: Latency
-    host_floor: Latency
-    cost: dict[str, CpuCost]
-
-    def ratio(self, numerator: str, denominator: str) -> float | None:
-        """How many times ``denominator``'s median ``numerator``'s is."""
-        if numerator not in self.latency or denominator not in self.latency:
-            return None
-        return self.latency[numerator].median_us / self.latency[denominator].median_us
-
-
 def _blocks(kind: str, plan: Sequence[Block], figures: Sequence[RankFigures]):
     return [rank.blocks[b.index] for b in plan if b.kind == kind for rank in figures]
 
 
-def _latency_of(kind, plan, figures, iters) -> Latency | None:
+def latency(
+    kind: str, plan: Sequence[Block], figures: Sequence[RankFigures], iters: int = 0
+) -> dict[str, Any] | None:
+    """Latency of ``kind``'s blocks in microseconds, over every sample of
+    ``figures``; given ``iters``, also a block's wall time over its
+    iterations, averaged over ranks and blocks. None if none ran."""
     blocks = _blocks(kind, plan, figures)
-    samples = [ns for block in blocks for ns in block.samples_ns]
-    return latency(samples, [b.wall_ns for b in blocks], iters) if samples else None
+    us = [ns / 1000 for block in blocks for ns in block.samples_ns]
+    if not us:
+        return None
+    # "inclusive" interpolates as numpy.percentile does by default.
+    p99 = statistics.quantiles(us, n=100, method="inclusive")[98] if us[1:] else us[0]
+    wall = statistics.fmean(b.wall_ns for b in blocks) / iters / 1000 if iters else None
+    return {
+        "samples": len(us),
+        "median_us": statistics.median(us),
+        "p99_us": p99,
+        "wall_per_iter_us": wall,
+    }
 
 
-def _required(kind, plan, figures, iters) -> Latency:
-    found = _latency_of(kind, plan, figures, iters)
-    if found is None:
-        raise ValueError(f"no samples of {kind!r} blocks")
-    return found
-
-
-def _cost(blocks: Sequence[BlockFigures], ranks: int, iters: int) -> CpuCost | None:
-    """Means per barrier over blocks; a block's total sums its ranks' readings."""
+def cpu_cost(blocks: Sequence[BlockFigures], ranks: int, iters: int) -> dict | None:
+    """CPU time per barrier in microseconds, means over blocks: the store's
+    server threads, and every rank process (servers included), a block's
+    total summing its ranks' readings."""
     per_block = [blocks[i : i + ranks] for i in range(0, len(blocks), ranks)]
     server = [b[0].server_cpu_ns for b in per_block if b[0].server_cpu_ns is not None]
-    total = [sum(r.process_cpu_ns or 0 for r in b) for b in per_block
-             if any(r.process_cpu_ns is not None for r in b)]  # fmt: skip
+    total = [
+        sum(r.process_cpu_ns or 0 for r in b)
+        for b in per_block
+        if any(r.process_cpu_ns is not None for r in b)
+    ]
     if not server and not total:
         return None
     mean = lambda ns: statistics.fmean(ns) / iters / 1000 if ns else None  # noqa: E731
-    return CpuCost(mean(server), mean(total))
+    return {"server_us": mean(server), "total_us": mean(total)}
+
+
+def ratio_key(numerator: str, denominator: str) -> str:
+    return f"{numerator}_over_{denominator}".replace("-", "_")
 
 
 def summarize_world(
-    world_size: int, plan: Sequence[Block], figures: Sequence[RankFigures],
-    contenders: Sequence[str], iters: int,
-) -> WorldSummary:  # fmt: skip
-    """Pool every rank's samples of each kind of block of one world size."""
-    floors = {r: [ns for b in plan if b.kind == "floor"
-                  for ns in figures[r].blocks[b.index].samples_ns]
-              for r in (0, world_size - 1)}  # fmt: skip
-    costs = {c: _cost(_blocks(c, plan, figures), world_size, iters) for c in contenders}
-    return WorldSummary(
-        world_size=world_size,
-        latency={c: _required(c, plan, figures, iters) for c in contenders},
-        floor=latency(floors[world_size - 1]),
-        host_floor=latency(floors[0]),
-        cost={c: cost for c, cost in costs.items() if cost is not None},
-    )
+    world_size: int,
+    plan: Sequence[Block],
+    figures: Sequence[RankFigures],
+    contenders: Sequence[str],
+    iters: int,
+) -> dict[str, Any]:
+    """One world size as the tables and the JSON have it: each contender's
+    latency, the round trips to ours' store from the last rank (a peer,
+    "floor") and from rank 0, each contender's CPU cost, ratios of medians."""
+    summary: dict[str, Any] = {"world_size": world_size}
+    summary |= {c: latency(c, plan, figures, iters) for c in contenders}
+    summary["floor"] = latency("floor", plan, figures[-1:])
+    summary["host_floor"] = latency("floor", plan, figures[:1])
+    for c in contenders:
+        if cost := cpu_cost(_blocks(c, plan, figures), world_size, iters):
+            summary[f"{c}_cost"] = cost
+    median = {c: summary[c]["median_us"] for c in (*contenders, "floor")}
+    for a, b in RATIOS:
+        summary[ratio_key(a, b)] = (
+            median[a] / median[b] if {a, b} <= median.keys() else None
+        )
+    summary["ours_over_floor"] = median["ours"] / median["floor"]
+    return summary
 
 
-@dataclass(frozen=True)
-class SplitSummary:
-    """One world size of --split-phase: per loop iteration, microseconds."""
-
-    world_size: int
-    work: Latency
-    split: Latency
-    serial: Latency
-    torch_serial: Latency | None
-    #: Share of split iterations whose round had released before wait().
-    released_at_wait: float
-    #: Medians within split iterations: arrive() and wait() alone.
-    arrive_median_us: float
-    wait_median_us: float
-
-    @property
-    def saved_us(self) -> float:
-        """What the split phase saves per iteration (median serial - split)."""
-        return self.serial.median_us - self.split.median_us
-
-
-def summarize_split(world_size, plan, figures, iters) -> SplitSummary:
-    """Pool every rank's iterations of each kind of --split-phase block."""
+def summarize_split(
+    world_size: int, plan: Sequence[Block], figures: Sequence[RankFigures], iters: int
+) -> dict[str, Any]:
+    """One world size of --split-phase, per loop iteration, microseconds: each
+    kind of block, the share of split iterations whose round had released
+    before wait(), the medians of arrive() and wait() alone within them, and
+    what the split phase saves (median serial - split)."""
     split = _blocks("split", plan, figures)
-    return SplitSummary(
-        world_size=world_size,
-        work=_required("work", plan, figures, iters),
-        split=_required("split", plan, figures, iters),
-        serial=_required("serial", plan, figures, iters),
-        torch_serial=_latency_of("torch_serial", plan, figures, iters),
-        released_at_wait=sum(b.released_at_wait for b in split) / (len(split) * iters),
-        arrive_median_us=statistics.median(ns / 1000 for b in split for ns in b.arrive_ns),
-        wait_median_us=statistics.median(ns / 1000 for b in split for ns in b.wait_ns),
-    )  # fmt: skip
+
+    def median_us(field: str) -> float:
+        return statistics.median(ns / 1000 for b in split for ns in getattr(b, field))
+
+    summary: dict[str, Any] = {"world_size": world_size}
+    for kind in ("work", *SPLIT_KINDS):
+        summary[kind] = latency(kind, plan, figures, iters)
+    released = sum(b.released_at_wait or 0 for b in split)
+    summary["released_at_wait"] = released / (len(split) * iters)
+    summary["arrive_median_us"] = median_us("arrive_ns")
+    summary["wait_median_us"] = median_us("wait_ns")
+    summary["saved_us"] = summary["serial"]["median_us"] - summary["split"]["median_us"]
+    return summary
 
 
 # --- text --------------------------------------------------------------------
 
 
-def _us(value: float | None) -> str:
+def us(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def align(columns: Sequence[tuple[str, Callable[[Any], str]]], items: Sequence[Any],
-          label_left: bool = False) -> str:  # fmt: skip
-    """A text table: a row per item, a (header, cell of an item) per column;
-    right-aligned, but for the first column with ``label_left``."""
-    rows = [[header for header, _ in columns]]
-    rows += [[cell(item) for _, cell in columns] for item in items]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(columns))]
-    return "\n".join("  ".join(t.ljust(w) if label_left and c == 0 else t.rjust(w)
-                               for c, (t, w) in enumerate(zip(row, widths, strict=True))) for row in rows)  # fmt: skip
-
-
-def _latency_column(contender: str, field: str) -> Callable[[WorldSummary], str]:
-    return lambda s: _us(getattr(s.latency[contender], field))
-
-
-def _ratio_column(a: str, b: str) -> Callable[[WorldSummary], str]:
-    return lambda s: _times(s.ratio(a, b))
-
-
-def _cost_column(contender: str, field: str) -> Callable[[WorldSummary], str]:
-    return lambda s: _us(
-        getattr(s.cost[contender], field) if contender in s.cost else None
+def align(rows: Sequence[Sequence[str]], label_left: bool = False) -> str:
+    """A text table of ``rows`` (the first the headers), columns right-aligned,
+    but for the first with ``label_left``."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            text.ljust(w) if label_left and c == 0 else text.rjust(w)
+            for c, (text, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
     )
 
 
-def format_table(summaries: Sequence[WorldSummary], contenders: Sequence[str]) -> str:
+def format_table(summaries: Sequence[dict], contenders: Sequence[str]) -> str:
     """One row per world size: each contender's median and p99, the ratios,
-    the floor; in microseconds."""
-    columns: list[tuple[str, Callable[[WorldSummary], str]]] = [
-        ("world", lambda s: str(s.world_size))
-    ]
-    for c in contenders:
-        name = SHORT.get(c, c)
-        columns += [(f"{name} med", _latency_column(c, "median_us")),
-                    (f"{name} p99", _latency_column(c, "p99_us"))]  # fmt: skip
-    for a, b in RATIOS:
-        if a in contenders and b in contenders:
-            header = f"{SHORT.get(a, a)}/{SHORT.get(b, b)}"
-            columns.append((header, _ratio_column(a, b)))
-    columns += [("floor med", lambda s: _us(s.floor.median_us)),
-                ("rank0 floor", lambda s: _us(s.host_floor.median_us))]  # fmt: skip
-    text = align(columns, summaries)
-    if any(s.cost for s in summaries):
-        cost: list[tuple[str, Callable[[WorldSummary], str]]] = [
-            ("world", lambda s: str(s.world_size))
-        ]
+    the floor; then where the time goes. In microseconds."""
+    short = [SHORT.get(c, c) for c in contenders]
+    ratios = [(a, b) for a, b in RATIOS if a in contenders and b in contenders]
+    header = ["world", *(f"{n} {q}" for n in short for q in ("med", "p99"))]
+    header += [f"{SHORT.get(a, a)}/{SHORT.get(b, b)}" for a, b in ratios]
+    rows = [[*header, "floor med", "rank0 floor"]]
+    cost_rows = [["world", *(f"{n} {q}/it" for n in short for q in ("srv", "cpu"))]]
+    for s in summaries:
+        row = [str(s["world_size"])]
         for c in contenders:
-            name = SHORT.get(c, c)
-            cost += [(f"{name} srv/it", _cost_column(c, "server_us")),
-                     (f"{name} cpu/it", _cost_column(c, "total_us"))]  # fmt: skip
-        text += ("\n\nwhere the time goes, per barrier (CPU us): srv/it the store's server "
-                 "threads;\ncpu/it every rank process, servers included\n\n" + align(cost, summaries))  # fmt: skip
-    return text
+            row += [us(s[c]["median_us"]), us(s[c]["p99_us"])]
+        row += [f"{s[ratio_key(a, b)]:.2f}x" for a, b in ratios]
+        rows.append(
+            [*row, us(s["floor"]["median_us"]), us(s["host_floor"]["median_us"])]
+        )
+        costs = [s.get(f"{c}_cost", {}) for c in contenders]
+        cells = [us(cost.get(k)) for cost in costs for k in ("server_us", "total_us")]
+        cost_rows.append([str(s["world_size"]), *cells])
+    if not any(k.endswith("_cost") for s in summaries for k in s):
+        return align(rows)
+    return (
+        f"{align(rows)}\n\nwhere the time goes, per barrier (CPU us): srv/it the "
+        "store's server threads;\ncpu/it every rank process, servers included\n\n"
+        + align(cost_rows)
+    )
 
 
-def format_split_table(summaries: Sequence[SplitSummary]) -> str:
+def format_split_table(summaries: Sequence[dict]) -> str:
     """One row per world size of --split-phase, per loop iteration (us)."""
-    return align([
-        ("world", lambda s: str(s.world_size)),
-        ("work med", lambda s: _us(s.work.median_us)),
-        ("split med", lambda s: _us(s.split.median_us)),
-        ("split p99", lambda s: _us(s.split.p99_us)),
-        ("serial med", lambda s: _us(s.serial.median_us)),
-        ("serial p99", lambda s: _us(s.serial.p99_us)),
-        ("saved med", lambda s: _us(s.saved_us)),
-        ("arrive med", lambda s: _us(s.arrive_median_us)),
-        ("wait med", lambda s: _us(s.wait_median_us)),
-        ("torch med", lambda s: _us(s.torch_serial and s.torch_serial.median_us)),
-        ("torch p99", lambda s: _us(s.torch_serial and s.torch_serial.p99_us)),
-        ("released", lambda s: f"{100 * s.released_at_wait:.0f}%"),
-    ], summaries)  # fmt: skip
+    header = "world,work med,split med,split p99,serial med,serial p99,saved med,"
+    rows = [(header + "arrive med,wait med,torch med,torch p99,released").split(",")]
+    for s in summaries:
+        work, split, serial = s["work"], s["split"], s["serial"]
+        torch = s["torch_serial"] or {}
+        cells = [work["median_us"], split["median_us"], split["p99_us"]]
+        cells += [serial["median_us"], serial["p99_us"], s["saved_us"]]
+        cells += [s["arrive_median_us"], s["wait_median_us"]]
+        cells += [torch.get("median_us"), torch.get("p99_us")]
+        released = f"{100 * s['released_at_wait']:.0f}%"
+        rows.append([str(s["world_size"]), *map(us, cells), released])
+    return align(rows)
 
 
 def versions() -> dict[str, str]:
@@ -312,51 +256,37 @@ def describe_run(config: BenchConfig, run_versions: dict[str, str]) -> str:
 # --- JSON and plot ------------------------------------------------------------
 
 
-def summary_json(summary: WorldSummary | SplitSummary) -> dict[str, Any]:
-    """A summary as the ``--json`` document has it: contenders by name."""
-    if isinstance(summary, SplitSummary):
-        return {**asdict(summary), "saved_us": summary.saved_us}
-    return {
-        "world_size": summary.world_size,
-        **{c: asdict(lat) for c, lat in summary.latency.items()},
-        "floor": asdict(summary.floor),
-        "host_floor": asdict(summary.host_floor),
-        **{f"{c}_cost": asdict(cost) for c, cost in summary.cost.items()},
-        **{f"{a}_over_{b}".replace("-", "_"): summary.ratio(a, b) for a, b in RATIOS},
-        "ours_over_floor": summary.latency["ours"].median_us / summary.floor.median_us,
-    }
-
-
 def build_document(config, run_versions, worlds) -> dict[str, Any]:
     """The ``--json`` document: configuration, versions, summaries, and every
     rank's raw figures of each block (ns), for any other statistic."""
     return {
-        "config": asdict(config),  # tuples become JSON lists
+        "config": config,
         "versions": run_versions,
         "machine": {
             "cpu_count": os.cpu_count(),
             "allowed_cpus": sorted(os.sched_getaffinity(0)),
-        },  # fmt: skip
+        },
         "worlds": [
             {
-                "world_size": summary.world_size,
-                "summary": summary_json(summary),
+                "world_size": summary["world_size"],
+                "summary": summary,
                 "ranks": [
                     {k: v for k, v in asdict(r).items() if k != "blocks"}
                     for r in figures
                 ],
                 "blocks": [
-                    {**asdict(b), "ranks": [asdict(r.blocks[b.index]) for r in figures]}
+                    {**asdict(b), "ranks": [r.blocks[b.index] for r in figures]}
                     for b in plan
-                ],  # fmt: skip
+                ],
             }
             for summary, plan, figures in worlds
         ],
     }
 
 
-def plot_latency(summaries: Sequence[WorldSummary], contenders: Sequence[str], path: str,
-                 title: str) -> None:  # fmt: skip
+def plot_latency(
+    summaries: Sequence[dict], contenders: Sequence[str], path: str, title: str
+) -> None:
     """A PNG of each contender's median (solid) and p99 (dashed) per barrier,
     and the store round trip, against world size; both axes logarithmic."""
     import matplotlib
@@ -364,18 +294,17 @@ def plot_latency(summaries: Sequence[WorldSummary], contenders: Sequence[str], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [s.world_size for s in summaries]
+    sizes = [s["world_size"] for s in summaries]
     figure, axes = plt.subplots(figsize=(8, 5))
     for i, c in enumerate(contenders):
-        color = f"C{i}"
-        axes.plot(sizes, [s.latency[c].median_us for s in summaries], "o-", color=color,
-                  label=f"{c} median")  # fmt: skip
-        axes.plot(sizes, [s.latency[c].p99_us for s in summaries], "--", color=color,
-                  alpha=0.5, label=f"{c} p99")  # fmt: skip
-    axes.plot(sizes, [s.floor.median_us for s in summaries], ":", color="grey",
-              label="one store round trip")  # fmt: skip
-    axes.set(xscale="log", yscale="log", xlabel="world size",
-             ylabel="latency per barrier (us)", title=title)  # fmt: skip
+        median = [s[c]["median_us"] for s in summaries]
+        p99 = [s[c]["p99_us"] for s in summaries]
+        axes.plot(sizes, median, "o-", color=f"C{i}", label=f"{c} median")
+        axes.plot(sizes, p99, "--", color=f"C{i}", alpha=0.5, label=f"{c} p99")
+    floor = [s["floor"]["median_us"] for s in summaries]
+    axes.plot(sizes, floor, ":", color="grey", label="one store round trip")
+    axes.set(xscale="log", yscale="log", xlabel="world size", title=title)
+    axes.set_ylabel("latency per barrier (us)")
     axes.set_xticks(sizes, [str(n) for n in sizes])
     axes.tick_params(axis="x", which="minor", labelbottom=False)
     axes.grid(True, which="both", alpha=0.3)
