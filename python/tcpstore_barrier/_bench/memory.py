@@ -109,23 +109,21 @@ def rss_bytes(pid: int | str = "self") -> int:
 @dataclass(frozen=True)
 class Reading:
     """One process at one moment, after a collection so garbage does not
-    count; with the host's RSS when read by the measurer."""
+    count; with the host's RSS (None once the host is gone)."""
 
     rss: int
     heap: int | None
     fds: int
     threads: int
-    host_rss: int | None = None
+    host_rss: int | None
 
     @classmethod
-    def now(cls, host_pid: int | None = None) -> Reading:
+    def now(cls, host_pid: int) -> Reading:
         gc.collect()
-        host_rss = None
-        if host_pid is not None:
-            try:
-                host_rss = rss_bytes(host_pid)
-            except OSError:
-                pass
+        try:
+            host_rss: int | None = rss_bytes(host_pid)
+        except OSError:  # the host is gone
+            host_rss = None
         return cls(rss_bytes(), heap_in_use(), len(os.listdir("/proc/self/fd")),
                    len(os.listdir("/proc/self/task")), host_rss)  # fmt: skip
 
@@ -268,7 +266,7 @@ def _measurer_args(name: str, port: int, config: MemoryConfig) -> Callable:
     return lambda pids: (name, port, config, pids["mem-host"])
 
 
-def run_memory(config: MemoryConfig, log=lambda _: None) -> tuple[list, list]:
+def run_memory(config: MemoryConfig, log: Callable[[str], None]) -> tuple[list, list]:
     """Run the measurements ``config`` asks for; raise BenchError on failure."""
     deadline = time.monotonic() + config.timeout_secs
     names = ["ours", "torch"] if config.include_torch else ["ours"]

@@ -131,29 +131,26 @@ def calibrate_work_loops(work_us: float, tries: int = 5) -> int:
     return max(1, round(work_us * 1000 * trial / max(min(timings), 1)))
 
 
+def _proc_text(path: str) -> str:
+    """A /proc file's text; empty if its thread is gone."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def server_threads() -> set[int]:
     """Thread ids of this process's TCPStore server threads, by c10d's name."""
-    found = set()
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().startswith("pt_tcpstore"):
-                    found.add(int(tid))
-        except OSError:
-            continue
-    return found
+    tids = os.listdir("/proc/self/task")
+    comms = {int(tid): _proc_text(f"/proc/self/task/{tid}/comm") for tid in tids}
+    return {tid for tid, comm in comms.items() if comm.startswith("pt_tcpstore")}
 
 
 def thread_cpu_ns(tids: set[int]) -> int:
     """CPU time the threads ``tids`` have run (schedstat); a gone one counts 0."""
-    total = 0
-    for tid in tids:
-        try:
-            with open(f"/proc/self/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
+    stats = [_proc_text(f"/proc/self/task/{tid}/schedstat").split() for tid in tids]
+    return sum(int(fields[0]) for fields in stats if fields)
 
 
 class Rank:
