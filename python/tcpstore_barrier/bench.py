@@ -64,8 +64,8 @@ def run_world(
         deadline_unix=time.time() + deadline - time.monotonic(), work_loops=work_loops,
     )  # fmt: skip
     processes = world_size if config.ranks == "processes" else config.processes
-    jobs = [(f"bench-ranks{g[0]}-{g[-1]}", ranks_main, (g, plan))
-            for g in rank_groups(world_size, processes)]  # fmt: skip
+    groups = rank_groups(world_size, processes)
+    jobs = [(f"bench-ranks{g[0]}-{g[-1]}", ranks_main, (g, plan)) for g in groups]
     where = f"world size {world_size}"
 
     def on_progress(index: int) -> None:

@@ -143,8 +143,8 @@ def _collect(events, expected, processes, deadline, what, on_progress) -> dict:
             # Exited processes may still have figures in the pipe: one more poll.
             if all_gone:
                 codes = [p.exitcode for p in processes]
-                raise BenchError(f"{what}: {missing} exited without reporting "
-                                 f"(exit codes {codes})") from None  # fmt: skip
+                gone = f"{missing} exited without reporting (exit codes {codes})"
+                raise BenchError(f"{what}: {gone}") from None
             all_gone = True
             continue
         if kind == "error":

@@ -124,8 +124,8 @@ class Reading:
             host_rss: int | None = rss_bytes(host_pid)
         except OSError:  # the host is gone
             host_rss = None
-        return cls(rss_bytes(), heap_in_use(), len(os.listdir("/proc/self/fd")),
-                   len(os.listdir("/proc/self/task")), host_rss)  # fmt: skip
+        fds, threads = os.listdir("/proc/self/fd"), os.listdir("/proc/self/task")
+        return cls(rss_bytes(), heap_in_use(), len(fds), len(threads), host_rss)
 
 
 # --- objects ------------------------------------------------------------------
@@ -250,8 +250,8 @@ def store_rank(rank: int, name: str, port: int, barriers: int, every: int,
             barrier.execute_barrier()
             if rank == 0 and (count == 1 or count % every == 0 or count == barriers):
                 gc.collect()
-                samples.append(StoreSample(count, rss_bytes(), store.num_keys(),
-                                           time.perf_counter() - start))  # fmt: skip
+                secs = time.perf_counter() - start
+                samples.append(StoreSample(count, rss_bytes(), store.num_keys(), secs))
         # torch's class cannot wait for its peer: rank 0 keeps the store up.
         return samples, [barrier]
 

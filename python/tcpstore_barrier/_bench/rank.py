@@ -175,15 +175,16 @@ class Rank:
             if rank == 0:
                 self.servers[name] = server_threads() - known
         self.ours = ours = self.barriers["ours"]
+        torch: Any = self.barriers.get("torch")  # built whenever its blocks run
         loops = plan.work_loops
         #: One timed iteration of each kind of block but the floor.
         self.steps: dict[str, Callable[[], Any]] = {
-            **{name: barrier.execute_barrier for name, barrier in self.barriers.items()},
+            **{c: barrier.execute_barrier for c, barrier in self.barriers.items()},
             "work": lambda: python_work(loops),
             "split": self._split_iteration,
             "serial": lambda: (python_work(loops), ours.execute_barrier()),
-            "torch_serial": lambda: (python_work(loops), self.barriers["torch"].execute_barrier()),
-        }  # fmt: skip
+            "torch_serial": lambda: (python_work(loops), torch.execute_barrier()),
+        }
         #: What the split iterations of the current block saw.
         self.released: list[bool] = []
         self.arrive_ns: list[int] = []
@@ -296,7 +297,7 @@ def ranks_main(ranks: Sequence[int], plan: RankPlan, events: Any, done: Any) -> 
     threads = [
         threading.Thread(
             target=run_rank, args=(rank, plan, events, done, i == 0), name=f"rank{rank}"
-        )  # fmt: skip
+        )
         for i, rank in enumerate(ranks)
     ]
     if plan.config.busy_thread:
