@@ -250,8 +250,9 @@ def store_rank(rank: int, name: str, port: int, barriers: int, every: int,
             barrier.execute_barrier()
             if rank == 0 and (count == 1 or count % every == 0 or count == barriers):
                 gc.collect()
+                rss, keys = rss_bytes(), store.num_keys()
                 secs = time.perf_counter() - start
-                samples.append(StoreSample(count, rss_bytes(), store.num_keys(), secs))
+                samples.append(StoreSample(count, rss, keys, secs))
         # torch's class cannot wait for its peer: rank 0 keeps the store up.
         return samples, [barrier]
 

@@ -184,9 +184,8 @@ def format_table(summaries: Sequence[dict], contenders: Sequence[str]) -> str:
         for c in contenders:
             row += [us(s[c]["median_us"]), us(s[c]["p99_us"])]
         row += [f"{s[ratio_key(a, b)]:.2f}x" for a, b in ratios]
-        rows.append(
-            [*row, us(s["floor"]["median_us"]), us(s["host_floor"]["median_us"])]
-        )
+        row += [us(s["floor"]["median_us"]), us(s["host_floor"]["median_us"])]
+        rows.append(row)
         costs = [s.get(f"{c}_cost", {}) for c in contenders]
         cells = [us(cost.get(k)) for cost in costs for k in ("server_us", "total_us")]
         cost_rows.append([str(s["world_size"]), *cells])
