@@ -11,6 +11,7 @@ multiprocessing Events and Values of ``CONTEXT``.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue as queue_module
@@ -115,7 +116,10 @@ class Ranks:
             if isinstance(worker, threading.Thread):
                 continue  # daemon threads: they end with the test process
             if worker.is_alive():
-                os.kill(worker.pid, signal.SIGCONT)  # a stopped one cannot die
+                # A stopped one cannot die; one may also exit (and be
+                # reaped) between is_alive() and the signal.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGCONT)
                 worker.kill()
             worker.join()
 
