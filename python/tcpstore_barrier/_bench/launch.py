@@ -1,17 +1,18 @@
-"""The one way every bench command starts its processes, collects what
-they send and exits: forkserver processes, an event queue, a deadline, a
-``done`` event that tells them every figure is in, and the exit codes."""
+"""The one way every bench command starts its processes, collects what they
+send (over an event queue, by a deadline) and exits."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import queue as queue_module
+import signal
 import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -43,14 +44,9 @@ def pick_free_ports(count: int) -> list[int]:
 
 def report(name: Any, events: Any, done: Any, deadline_unix: float,
            body: Callable[[], tuple[Any, list[Any]]]) -> None:  # fmt: skip
-    """Run ``body`` in a bench process and send the figures it returns, or its
-    error, which the parent raises as a BenchError; None: nothing to send.
-
-    ``body`` also returns the barriers it built: they stay up (rank 0 hosts
-    the store every other one talks to) until every figure is in, or until
-    the time.time() ``deadline_unix``, and are then closed (torch's class
-    has no close()).
-    """
+    """Run ``body`` in a bench process, send the figures it returns (unless
+    None) or its error; keep the barriers it returns up (rank 0 hosts the
+    store) until every figure is in or the time.time() ``deadline_unix``."""
     try:
         figures, barriers = body()
         if figures is not None:
@@ -67,8 +63,7 @@ def report(name: Any, events: Any, done: Any, deadline_unix: float,
 
 def run_command(body: Callable[[], None]) -> int:
     """Run a bench command's ``body``; its exit code: 0, 1 on a BenchError (a
-    process failed or overran), 130 on Ctrl-C. run_jobs has killed every
-    process it started by the time either reaches here."""
+    process failed or overran), 130 on Ctrl-C."""
     try:
         body()
     except BenchError as e:
@@ -81,8 +76,7 @@ def run_command(body: Callable[[], None]) -> int:
 
 
 def write_json(path: str | None, document: dict[str, Any]) -> None:
-    """Write ``document`` to ``path``, if one was asked for, and say so;
-    records (dataclasses) as their fields."""
+    """Write ``document`` (records as their fields) to ``path``, if any."""
     if path is not None:
         with open(path, "w") as f:
             json.dump(document, f, default=asdict)
@@ -96,28 +90,27 @@ def run_jobs(
     what: str,
     on_progress: Callable[[Any], None] = lambda _: None,
 ) -> dict[Any, Any]:
-    """Start ``jobs``, return the figures of every name in ``expected``.
-
-    ``deadline`` is a time.monotonic() value; ``what`` names the run in
-    errors. Every process started here is gone when this returns or raises.
-    """
+    """Start ``jobs``, return the figures of every name in ``expected`` by the
+    time.monotonic() ``deadline``; ``what`` names the run in errors. Every
+    process started here is gone when this returns or raises."""
     context = multiprocessing.get_context("forkserver")
     # Importing torch takes a second or two; the forkserver pays it once.
     context.set_forkserver_preload(["tcpstore_barrier", "tcpstore_barrier._bench.rank"])
     events, done = context.Queue(), context.Event()
     processes: list[Any] = []
+    pids: dict[str, int] = {}
     grace_secs = 0.0
     try:
-        pids: dict[str, int] = {}
-        for name, target, args in jobs:
-            args = args(pids) if callable(args) else args
-            process = context.Process(
-                target=target, args=(*args, events, done), name=name, daemon=True
-            )
-            processes.append(process)
-            process.start()
-            assert process.pid is not None  # set by start()
-            pids[name] = process.pid
+        with _ctrl_c_deferred():
+            for name, target, args in jobs:
+                args = args(pids) if callable(args) else args
+                process = context.Process(
+                    target=target, args=(*args, events, done), name=name, daemon=True
+                )
+                processes.append(process)
+                process.start()
+                assert process.pid is not None  # set by start()
+                pids[name] = process.pid
         results = _collect(events, expected, processes, deadline, what, on_progress)
         # Ranks keep their stores up until every figure is in, then exit.
         grace_secs = max(0.1, min(10.0, deadline - time.monotonic()))
@@ -128,9 +121,23 @@ def run_jobs(
         events.close()
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Ctrl-C raised on leaving, not inside: interrupted within start(), a
+    process would run on with no pid known here to kill."""
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, _: pressed.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def _collect(events, expected, processes, deadline, what, on_progress) -> dict:
     results: dict[Any, Any] = {}
-    all_gone = False
+    all_gone = False  # exited processes may still have figures in the pipe
     while missing := sorted(expected - results.keys()):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -140,7 +147,6 @@ def _collect(events, expected, processes, deadline, what, on_progress) -> dict:
         except queue_module.Empty:
             if any(p.is_alive() for p in processes):
                 continue
-            # Exited processes may still have figures in the pipe: one more poll.
             if all_gone:
                 codes = [p.exitcode for p in processes]
                 gone = f"{missing} exited without reporting (exit codes {codes})"
