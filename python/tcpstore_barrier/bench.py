@@ -1,16 +1,11 @@
 """``python -m tcpstore_barrier bench``: our barrier against a C++ reference
-loop and torch's class, interleaved in one run.
-
-The pieces live in :mod:`tcpstore_barrier._bench`; this module runs them in
-order: parse, launch each world size, summarize, print, save.
-"""
+loop and torch's class, interleaved in one run; the pieces are in ``_bench``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from typing import Any
 
 from ._bench import launch, results
 from ._bench.cli import BenchConfig, ConfigError, add_bench_arguments, config_from_args
@@ -21,8 +16,7 @@ __all__ = ["BenchConfig", "BenchError", "add_bench_arguments", "main", "run_benc
 
 
 class Progress:
-    """Finished blocks out of ``total``, a line on stderr redrawn in place;
-    only on a terminal (CI logs get the table and the errors)."""
+    """Finished blocks out of ``total``, redrawn in place on a terminal only."""
 
     def __init__(self, total: int) -> None:
         self.total, self.done, self.tty = total, 0, sys.stderr.isatty()
@@ -51,8 +45,8 @@ def blocks_of(config: BenchConfig) -> list[results.Block]:
 def run_world(
     config: BenchConfig, world_size: int, deadline: float, work_loops: int,
     progress: Progress,
-) -> tuple[Any, list[results.Block], list[Any]]:  # fmt: skip
-    """Run every rank of one world size; its summary, schedule and figures."""
+) -> tuple[dict, results.World]:  # fmt: skip
+    """Run every rank of one world size; its summary and its figures."""
     blocks = blocks_of(config)
     # Split phase needs ours and torch's class only.
     built = tuple(
@@ -81,16 +75,13 @@ def run_world(
         jobs, set(range(world_size)), deadline, f"{where}: ranks", on_progress
     )
     figures = [by_rank[r] for r in range(world_size)]
+    world = results.World(world_size, blocks, figures, config.iters)
     if config.split_phase:
-        summary = results.summarize_split(world_size, blocks, figures, config.iters)
-    else:
-        summary = results.summarize_world(
-            world_size, blocks, figures, config.contenders, config.iters
-        )
-    return summary, blocks, figures
+        return results.summarize_split(world), world
+    return results.summarize_world(world, config.contenders), world
 
 
-def run_bench(config: BenchConfig) -> list[tuple]:
+def run_bench(config: BenchConfig) -> list[tuple[dict, results.World]]:
     """Run every world size of ``config`` in turn; raise BenchError on failure."""
     progress = Progress(len(blocks_of(config)) * len(config.world_sizes))
     deadline = time.monotonic() + config.timeout_secs
@@ -111,7 +102,7 @@ def print_bench(config: BenchConfig) -> None:
     """Run ``config``, print its tables, write its JSON and plot."""
     runs = run_bench(config)
     run_versions = results.versions()
-    summaries = [summary for summary, _, _ in runs]
+    summaries = [summary for summary, _ in runs]
     print(results.describe_run(config, run_versions), end="\n\n")
     if config.split_phase:
         print(results.format_split_table(summaries))

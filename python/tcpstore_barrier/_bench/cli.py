@@ -18,20 +18,17 @@ contender's own TCPStore. Contenders (--contenders):
   ours             this package's TCPStoreBarrier (--protocol, --peer-timeout)
   native           ours with protocol="native"
   ours-noliveness  ours with peer_timeout_secs=None
-  reference        torch's three requests a round in a C++ loop with the GIL
-                   released (benchmarks/reference_barrier.cpp)
-  torch            torch's Python class, torch.distributed.checkpoint.
-                   _experimental.barriers.TCPStoreBarrier, which
-                   always uses the libuv TCPStore, whatever --backend says
+  reference        torch's three requests a round in a C++ loop, GIL released
+  torch            torch's Python class (torch.distributed.checkpoint.
+                   _experimental), which always uses the libuv TCPStore
 
-Every rank times each execute_barrier() with time.perf_counter_ns; median
-and p99 are over all ranks' samples. The contenders run in blocks of --iters
-barriers (after --warmup untimed ones) in the same rank processes, in an
-order that rotates every round, so that noise hits all alike: compare ratios
-within a run. Each round ends with "floor": store.add round trips to ours'
-store from the last rank and from rank 0, which shares the server's process.
-"Where the time goes": the CPU time of each store's server threads (rank 0,
-/proc/self/task/TID/schedstat) and of every rank process, per barrier.
+Every rank times each execute_barrier() with time.perf_counter_ns; median and
+p99 are over all ranks' samples. The contenders run in blocks of --iters
+barriers (after --warmup untimed ones) in an order that rotates every round,
+so that noise hits all alike: compare ratios within a run. Each round ends
+with "floor": store.add round trips from the last rank and from rank 0.
+"Where the time goes": CPU time of each store's server threads and of every
+rank process, per barrier.
 
 --split-phase instead times loop iterations of --work-us of Python work and a
 barrier: "split" arrive(), work, wait(); "serial" work, execute_barrier();

@@ -1,11 +1,9 @@
 """``bench-import``: how long ``import tcpstore_barrier`` takes after torch.
 
-Each run is a fresh interpreter that imports torch, then times
-``import tcpstore_barrier`` with ``time.perf_counter``: what a program that
-already uses torch pays for this package (the extension, torch.distributed,
-registering with torch's barrier registry). The median over ``--runs`` is
-reported, with ``import torch`` alone for scale. One more run under
-``python -X importtime`` lists the modules that took longest themselves.
+Each of --runs fresh interpreters imports torch, then times ``import
+tcpstore_barrier``: what a program that uses torch pays for this package.
+The median is reported, with ``import torch`` alone for scale; one more run
+under ``python -X importtime`` lists the modules slowest by themselves.
 """
 
 from __future__ import annotations
@@ -56,8 +54,8 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
 
 def time_imports(runs: int) -> dict[str, Any]:
     """Seconds of ``runs`` fresh imports of torch and of this package after
-    it, their medians in ms, and the modules of one ``-X importtime`` run
-    that took longest themselves: (module, self us, cumulative us)."""
+    it, their medians in ms, and the slowest modules of one ``-X importtime``
+    run: (module, self us, cumulative us)."""
     timings = [_run("-c", _TIMING_SCRIPT).stdout.split() for _ in range(runs)]
     torch_secs, package_secs = ([float(t[i]) for t in timings] for i in (0, 1))
     breakdown = _run("-X", "importtime", "-c", "import torch; import tcpstore_barrier")
@@ -74,8 +72,9 @@ def time_imports(runs: int) -> dict[str, Any]:
 def format_timing(timing: dict[str, Any]) -> str:
     ms = [s * 1000 for s in timing["package_secs"]]
     lines = [
-        f"import tcpstore_barrier after import torch: median {median(ms):.1f} ms of "
-        f"{len(ms)} fresh runs (min {min(ms):.1f}, max {max(ms):.1f})",
+        "import tcpstore_barrier after import torch: median "
+        f"{timing['package_median_ms']:.1f} ms of {len(ms)} fresh runs "
+        f"(min {min(ms):.1f}, max {max(ms):.1f})",
         f"import torch alone: median {timing['torch_median_ms']:.1f} ms",
         "",
         "slowest modules of one -X importtime run after torch (self us, cumulative us):",
@@ -95,8 +94,7 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``bench-import``: time the import, print the figures, write the
-    JSON; return the exit code."""
+    """Run ``bench-import``; return the exit code."""
 
     def body() -> None:
         timing = time_imports(args.runs)

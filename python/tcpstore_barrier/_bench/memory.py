@@ -18,19 +18,16 @@ from .rank import build, raise_fd_limit
 from .results import align
 
 DESCRIPTION = """\
-Two measurements, each in fresh forkserver processes (torch preloaded):
+Two measurements, each in fresh processes:
 
-- objects: one process ("the measurer") constructs --objects barriers as
-  ranks 1..N of a world whose rank 0 runs in another ("the host") and hosts
-  the store: real joined ranks, each with its own connection, and the
-  server's memory out of the measurer's. Per object: the slopes of RSS and
-  of malloc'd bytes (glibc's mallinfo2, which sees small C++ objects RSS
-  may not) between a tenth of the objects and all, so one-time costs do not
-  count; fds and threads; the host's RSS per joined rank. Ours also after
+- objects: one process ("the measurer") constructs --objects barriers, ranks
+  1..N of a world whose rank 0 runs in another ("the host") and hosts the
+  store. Per object: the slopes of RSS and of malloc'd bytes (glibc's
+  mallinfo2) between a tenth of the objects and all, so that one-time costs
+  do not count; fds, threads; the host's RSS per joined rank. Ours also after
   one round (all arrive(), then all wait(), from one thread).
-- store: rank 0 of a world of 2 runs --barriers barriers in a tight loop and
-  samples its RSS and store.num_keys() every --sample-every; then torch's
-  class the same for --torch-barriers."""
+- store: rank 0 of a world of 2 runs --barriers barriers, sampling its RSS and
+  store.num_keys() every --sample-every; then torch's class, --torch-barriers."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +78,6 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --- readings of a process ------------------------------------------------------
-
-
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
@@ -129,11 +124,9 @@ class Reading:
 
 
 # --- objects ------------------------------------------------------------------
-
-
 def checkpoints(objects: int) -> list[int]:
-    """After how many objects the measurer reads: 0, a tenth, half, all."""
-    return sorted({0, max(1, objects // 10), max(1, objects // 2), objects})
+    """After how many objects the measurer reads: 0, a tenth, all."""
+    return sorted({0, max(1, objects // 10), objects})
 
 
 def objects_host(
@@ -157,8 +150,6 @@ class ObjectsFigures:
 
     constructed: dict[int, Reading]
     after_round: Reading | None
-    construct_secs: float
-    round_secs: float | None
 
 
 def objects_measurer(name: str, port: int, config: MemoryConfig, host_pid: int,
@@ -172,22 +163,19 @@ def objects_measurer(name: str, port: int, config: MemoryConfig, host_pid: int,
 
         barriers: list[Any] = []
         marks, readings = checkpoints(config.objects), {0: Reading.now(host_pid)}
-        started = time.perf_counter()
         for rank in range(1, config.objects + 1):
             barriers.append(
                 config.barrier(name, rank, config.objects + 1, port, "mem/")
             )
             if len(barriers) in marks:
                 readings[len(barriers)] = Reading.now(host_pid)
-        construct_secs, after, round_secs = time.perf_counter() - started, None, None
-        if name != "torch":
-            started = time.perf_counter()
-            for barrier in barriers:
-                barrier.arrive()
-            for barrier in barriers:
-                barrier.wait()
-            round_secs, after = time.perf_counter() - started, Reading.now(host_pid)
-        return ObjectsFigures(readings, after, construct_secs, round_secs), barriers
+        if name == "torch":  # it has no split phase
+            return ObjectsFigures(readings, None), barriers
+        for barrier in barriers:
+            barrier.arrive()
+        for barrier in barriers:
+            barrier.wait()
+        return ObjectsFigures(readings, Reading.now(host_pid)), barriers
 
     report("measurer", events, done, time.time() + config.timeout_secs, body)
 
@@ -228,8 +216,6 @@ def summarize_objects(name: str, objects: int, raw: ObjectsFigures) -> dict[str,
 
 
 # --- the store over many barriers -------------------------------------------------
-
-
 @dataclass(frozen=True)
 class StoreSample:
     barriers: int
@@ -260,8 +246,6 @@ def store_rank(rank: int, name: str, port: int, barriers: int, every: int,
 
 
 # --- the command ------------------------------------------------------------------
-
-
 def _measurer_args(name: str, port: int, config: MemoryConfig) -> Callable:
     """The measurer's arguments, once the host it measures has a pid."""
     return lambda pids: (name, port, config, pids["mem-host"])

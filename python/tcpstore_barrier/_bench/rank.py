@@ -1,8 +1,5 @@
-"""What one rank does: runs in the rank processes (or threads) only.
-
-Imported by name in the forkserver children, which have torch and this
-package preloaded, so that a rank process starts in milliseconds.
-"""
+"""What one rank of ``bench`` does, in the rank processes or threads. The
+forkserver preloads this module (and torch), so a rank starts in milliseconds."""
 
 from __future__ import annotations
 
@@ -47,15 +44,14 @@ class RankPlan:
 class BlockFigures:
     """What one rank measured in one block, in nanoseconds."""
 
-    #: One per barrier (per loop iteration with --split-phase; per store.add
-    #: in a floor block, on the ranks that measure it).
+    #: One per barrier, loop iteration (--split-phase) or store.add (floor).
     samples_ns: list[int] = field(default_factory=list)
     wall_ns: int = 0
-    #: Rank 0: CPU time of the block's contender's store server threads.
+    #: Rank 0: CPU time of the contender's store server threads.
     server_cpu_ns: int | None = None
     #: One rank of each process: CPU time of its whole process.
     process_cpu_ns: int | None = None
-    #: Split blocks: iterations whose round had released at wait(), and
+    #: Split blocks: iterations whose round had released before wait(), and
     #: arrive() and wait() timed alone.
     released_at_wait: int | None = None
     arrive_ns: list[int] | None = None
@@ -79,35 +75,38 @@ def build(
 ) -> Any:  # fmt: skip
     """Contender ``name``'s barrier for ``rank``, on a store at ``port``."""
     prefix = prefix or f"bench/{name}/"
-    if name == "torch":
-        from torch.distributed.checkpoint._experimental.barriers import (
-            TCPStoreBarrier as TorchBarrier,
-        )
-
-        return TorchBarrier(
-            global_rank=rank, global_world_size=world_size, barrier_prefix=prefix,
-            timeout_barrier_init_secs=max(1, int(init_timeout_secs)),
-            use_checkpoint_barrier_tcpstore_libuv=use_libuv, tcpstore_port=port,
-            master_address=LOOPBACK, timeout_secs=max(1, int(timeout_secs)),
-        )  # fmt: skip
     if name == "reference":
         import torch.distributed as dist
 
         from tcpstore_barrier._reference import ReferenceBarrier
 
-        store = dist.TCPStore(LOOPBACK, port, world_size, rank == 0,
-                              timedelta(seconds=init_timeout_secs), use_libuv=use_libuv)  # fmt: skip
+        init_timeout = timedelta(seconds=init_timeout_secs)
+        store = dist.TCPStore(
+            LOOPBACK, port, world_size, rank == 0, init_timeout, use_libuv=use_libuv
+        )
         store.set_timeout(timedelta(seconds=timeout_secs))
         return ReferenceBarrier(store, rank, world_size, prefix)
-    from tcpstore_barrier import TCPStoreBarrier
+    kwargs: dict[str, Any] = {}
+    if name == "torch":
+        from torch.distributed.checkpoint._experimental.barriers import (
+            TCPStoreBarrier,
+        )
 
-    kwargs: dict[str, Any] = {"protocol": "native" if name == "native" else protocol}
-    if name == "ours-noliveness" or peer_timeout == "off":
-        kwargs["peer_timeout_secs"] = None
-    elif peer_timeout is not None:  # else the constructor's default
-        kwargs["peer_timeout_secs"] = peer_timeout
-    return TCPStoreBarrier(rank, world_size, prefix, init_timeout_secs, use_libuv,
-                           port, LOOPBACK, timeout_secs, **kwargs)  # fmt: skip
+        # torch's class takes whole seconds.
+        init_timeout_secs, timeout_secs = (
+            max(1, int(secs)) for secs in (init_timeout_secs, timeout_secs)
+        )
+    else:
+        from tcpstore_barrier import TCPStoreBarrier  # type: ignore[assignment]
+
+        kwargs["protocol"] = "native" if name == "native" else protocol
+        if name == "ours-noliveness" or peer_timeout == "off":
+            kwargs["peer_timeout_secs"] = None
+        elif peer_timeout is not None:  # else the constructor's default
+            kwargs["peer_timeout_secs"] = peer_timeout
+    # Ours takes torch's arguments, in torch's order.
+    args: tuple[Any, ...] = (init_timeout_secs, use_libuv, port, LOOPBACK, timeout_secs)
+    return TCPStoreBarrier(rank, world_size, prefix, *args, **kwargs)
 
 
 def python_work(loops: int) -> int:
@@ -165,12 +164,13 @@ class Rank:
         remaining = plan.deadline_unix - time.time()
         # A minute to connect, more for worlds so large that it takes longer.
         init_timeout = min(max(60.0, 0.1 * plan.world_size), remaining)
+        use_libuv, config = plan.config.backend == "libuv", plan.config
         for name, port in zip(plan.contenders, plan.ports, strict=True):
             known = server_threads() if rank == 0 else set()
             self.barriers[name] = build(
-                name, rank, plan.world_size, port, use_libuv=plan.config.backend == "libuv",
-                protocol=plan.config.protocol, init_timeout_secs=init_timeout,
-                timeout_secs=remaining, peer_timeout=plan.config.peer_timeout,
+                name, rank, plan.world_size, port, use_libuv=use_libuv,
+                protocol=config.protocol, init_timeout_secs=init_timeout,
+                timeout_secs=remaining, peer_timeout=config.peer_timeout,
             )  # fmt: skip
             if rank == 0:
                 self.servers[name] = server_threads() - known
@@ -193,27 +193,24 @@ class Rank:
     def run(self, block: Block) -> BlockFigures:
         """Warm up, then time ``iters`` iterations of the block's kind; a
         contender's blocks also read the CPU time their barriers took."""
-        kind, config = block.kind, self.plan.config
+        kind = block.kind
         if kind == "floor":
             return self._floor()
         step = self.steps[kind]
         # Lines the ranks up; the work alone needs a barrier to do it.
-        for _ in range(max(config.warmup, 1 if kind == "work" else 0)):
+        for _ in range(max(self.plan.config.warmup, 1 if kind == "work" else 0)):
             self.ours.execute_barrier() if kind == "work" else step()
         self.released, self.arrive_ns, self.wait_ns = [], [], []
         # CPU over the timed barriers only: lining up may overlap other
         # ranks' previous block.
-        server = thread_cpu_ns(self.servers[kind]) if kind in self.servers else None
-        process = (
-            time.process_time_ns()
-            if self.whole_process and kind in self.barriers
-            else None
-        )
+        server = self.servers.get(kind)
+        server_before = thread_cpu_ns(server) if server is not None else 0
+        process_before = time.process_time_ns()
         figures = self._timed(step)
         if server is not None:
-            figures.server_cpu_ns = thread_cpu_ns(self.servers[kind]) - server
-        if process is not None:
-            figures.process_cpu_ns = time.process_time_ns() - process
+            figures.server_cpu_ns = thread_cpu_ns(server) - server_before
+        if self.whole_process and kind in self.barriers:
+            figures.process_cpu_ns = time.process_time_ns() - process_before
         if kind == "split":
             figures.released_at_wait = sum(self.released)
             figures.arrive_ns, figures.wait_ns = self.arrive_ns, self.wait_ns

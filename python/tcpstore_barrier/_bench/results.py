@@ -1,5 +1,5 @@
-"""The schedule of a world size, and from the ranks' figures to its summary,
-the tables, the JSON document and the plot. Pure: no store in here."""
+"""The schedule, and from the ranks' figures to the summaries, the tables,
+the JSON document and the plot. No store in here."""
 
 from __future__ import annotations
 
@@ -22,16 +22,14 @@ RATIOS = [
     ("ours", "ours-noliveness"),
     ("torch", "native"),
 ]
-#: Short names in the table's headers.
 SHORT = {"reference": "ref", "ours-noliveness": "nolive"}
 SPLIT_KINDS = ("split", "serial", "torch_serial")
 
 
 @dataclass(frozen=True)
 class Block:
-    """One block of the schedule: ``iters`` timed operations of one kind, a
-    contender's barriers, a "floor" of store round trips, or with
-    --split-phase "work", "split", "serial" or "torch_serial" iterations."""
+    """``iters`` timed operations of one kind: a contender's barriers, "floor"
+    store round trips, or a --split-phase kind of loop iteration."""
 
     index: int
     round: int
@@ -42,9 +40,8 @@ def schedule(
     kinds: Sequence[str], rounds: int, first: str = "", last: str = ""
 ) -> list[Block]:
     """``rounds`` rounds of a block of each of ``kinds``, between ``first`` and
-    ``last`` when given. The order rotates by one each round, so that over
-    len(kinds) rounds each kind runs once in each position and a drift over
-    the run (a CPU warming up, a store growing) favours none of them."""
+    ``last`` if given. The order rotates each round, so that a drift over the
+    run (a CPU warming up, a store growing) favours no kind."""
     blocks: list[Block] = []
     for r in range(rounds):
         shift = r % len(kinds)
@@ -55,95 +52,96 @@ def schedule(
     return blocks
 
 
-def _blocks(kind: str, plan: Sequence[Block], figures: Sequence[RankFigures]):
-    return [rank.blocks[b.index] for b in plan if b.kind == kind for rank in figures]
+@dataclass(frozen=True)
+class World:
+    """One world size's schedule and every rank's figures, rank order."""
 
+    size: int
+    plan: Sequence[Block]
+    figures: Sequence[RankFigures]
+    iters: int
 
-def latency(
-    kind: str, plan: Sequence[Block], figures: Sequence[RankFigures], iters: int = 0
-) -> dict[str, Any] | None:
-    """Latency of ``kind``'s blocks in microseconds, over every sample of
-    ``figures``; given ``iters``, also a block's wall time over its
-    iterations, averaged over ranks and blocks. None if none ran."""
-    blocks = _blocks(kind, plan, figures)
-    us = [ns / 1000 for block in blocks for ns in block.samples_ns]
-    if not us:
-        return None
-    # "inclusive" interpolates as numpy.percentile does by default.
-    p99 = statistics.quantiles(us, n=100, method="inclusive")[98] if us[1:] else us[0]
-    wall = statistics.fmean(b.wall_ns for b in blocks) / iters / 1000 if iters else None
-    return {
-        "samples": len(us),
-        "median_us": statistics.median(us),
-        "p99_us": p99,
-        "wall_per_iter_us": wall,
-    }
+    def blocks(self, kind: str, ranks: slice = slice(None)) -> list[BlockFigures]:
+        """The figures of ``kind``'s blocks, block by block, rank by rank."""
+        chosen = self.figures[ranks]
+        return [r.blocks[b.index] for b in self.plan if b.kind == kind for r in chosen]
 
+    def latency(self, kind: str, ranks: slice = slice(None)) -> dict[str, Any] | None:
+        """Microseconds per operation of ``kind``'s blocks over every sample of
+        ``ranks``, and a block's mean wall time per iteration; None if none ran."""
+        blocks = self.blocks(kind, ranks)
+        us = [ns / 1000 for block in blocks for ns in block.samples_ns]
+        if not us:
+            return None
+        # "inclusive" interpolates as numpy.percentile does by default.
+        p99 = (
+            statistics.quantiles(us, n=100, method="inclusive")[98] if us[1:] else us[0]
+        )
+        wall = statistics.fmean(b.wall_ns for b in blocks) / self.iters / 1000
+        summary = {
+            "samples": len(us),
+            "median_us": statistics.median(us),
+            "p99_us": p99,
+        }
+        return summary | {"wall_per_iter_us": wall}
 
-def cpu_cost(blocks: Sequence[BlockFigures], ranks: int, iters: int) -> dict | None:
-    """CPU time per barrier in microseconds, means over blocks: the store's
-    server threads, and every rank process (servers included), a block's
-    total summing its ranks' readings."""
-    per_block = [blocks[i : i + ranks] for i in range(0, len(blocks), ranks)]
-    server = [b[0].server_cpu_ns for b in per_block if b[0].server_cpu_ns is not None]
-    total = [
-        sum(r.process_cpu_ns or 0 for r in b)
-        for b in per_block
-        if any(r.process_cpu_ns is not None for r in b)
-    ]
-    if not server and not total:
-        return None
-    mean = lambda ns: statistics.fmean(ns) / iters / 1000 if ns else None  # noqa: E731
-    return {"server_us": mean(server), "total_us": mean(total)}
+    def cpu_cost(self, kind: str) -> dict[str, float | None] | None:
+        """CPU time per barrier in microseconds, means over blocks: the store's
+        server threads, and every rank process (servers included), a block's
+        total summing its ranks' readings."""
+        blocks, ranks = self.blocks(kind), self.size
+        per_block = [blocks[i : i + ranks] for i in range(0, len(blocks), ranks)]
+        server = [
+            b[0].server_cpu_ns for b in per_block if b[0].server_cpu_ns is not None
+        ]
+        total = [
+            sum(r.process_cpu_ns or 0 for r in b)
+            for b in per_block
+            if any(r.process_cpu_ns is not None for r in b)
+        ]
+        if not server and not total:
+            return None
+        mean = lambda ns: statistics.fmean(ns) / self.iters / 1000 if ns else None  # noqa: E731
+        return {"server_us": mean(server), "total_us": mean(total)}
 
 
 def ratio_key(numerator: str, denominator: str) -> str:
     return f"{numerator}_over_{denominator}".replace("-", "_")
 
 
-def summarize_world(
-    world_size: int,
-    plan: Sequence[Block],
-    figures: Sequence[RankFigures],
-    contenders: Sequence[str],
-    iters: int,
-) -> dict[str, Any]:
+def summarize_world(world: World, contenders: Sequence[str]) -> dict[str, Any]:
     """One world size as the tables and the JSON have it: each contender's
     latency, the round trips to ours' store from the last rank (a peer,
     "floor") and from rank 0, each contender's CPU cost, ratios of medians."""
-    summary: dict[str, Any] = {"world_size": world_size}
-    summary |= {c: latency(c, plan, figures, iters) for c in contenders}
-    summary["floor"] = latency("floor", plan, figures[-1:])
-    summary["host_floor"] = latency("floor", plan, figures[:1])
+    summary: dict[str, Any] = {"world_size": world.size}
+    summary |= {c: world.latency(c) for c in contenders}
+    summary["floor"] = world.latency("floor", slice(-1, None))
+    summary["host_floor"] = world.latency("floor", slice(0, 1))
     for c in contenders:
-        if cost := cpu_cost(_blocks(c, plan, figures), world_size, iters):
+        if cost := world.cpu_cost(c):
             summary[f"{c}_cost"] = cost
     median = {c: summary[c]["median_us"] for c in (*contenders, "floor")}
     for a, b in RATIOS:
-        summary[ratio_key(a, b)] = (
-            median[a] / median[b] if {a, b} <= median.keys() else None
-        )
+        both = {a, b} <= median.keys()
+        summary[ratio_key(a, b)] = median[a] / median[b] if both else None
     summary["ours_over_floor"] = median["ours"] / median["floor"]
     return summary
 
 
-def summarize_split(
-    world_size: int, plan: Sequence[Block], figures: Sequence[RankFigures], iters: int
-) -> dict[str, Any]:
+def summarize_split(world: World) -> dict[str, Any]:
     """One world size of --split-phase, per loop iteration, microseconds: each
     kind of block, the share of split iterations whose round had released
     before wait(), the medians of arrive() and wait() alone within them, and
     what the split phase saves (median serial - split)."""
-    split = _blocks("split", plan, figures)
+    split = world.blocks("split")
 
     def median_us(field: str) -> float:
         return statistics.median(ns / 1000 for b in split for ns in getattr(b, field))
 
-    summary: dict[str, Any] = {"world_size": world_size}
-    for kind in ("work", *SPLIT_KINDS):
-        summary[kind] = latency(kind, plan, figures, iters)
+    summary: dict[str, Any] = {"world_size": world.size}
+    summary |= {kind: world.latency(kind) for kind in ("work", *SPLIT_KINDS)}
     released = sum(b.released_at_wait or 0 for b in split)
-    summary["released_at_wait"] = released / (len(split) * iters)
+    summary["released_at_wait"] = released / (len(split) * world.iters)
     summary["arrive_median_us"] = median_us("arrive_ns")
     summary["wait_median_us"] = median_us("wait_ns")
     summary["saved_us"] = summary["serial"]["median_us"] - summary["split"]["median_us"]
@@ -255,7 +253,11 @@ def describe_run(config: BenchConfig, run_versions: dict[str, str]) -> str:
 # --- JSON and plot ------------------------------------------------------------
 
 
-def build_document(config, run_versions, worlds) -> dict[str, Any]:
+def build_document(
+    config: BenchConfig,
+    run_versions: dict[str, str],
+    worlds: Sequence[tuple[dict, World]],
+) -> dict[str, Any]:
     """The ``--json`` document: configuration, versions, summaries, and every
     rank's raw figures of each block (ns), for any other statistic."""
     return {
@@ -267,18 +269,18 @@ def build_document(config, run_versions, worlds) -> dict[str, Any]:
         },
         "worlds": [
             {
-                "world_size": summary["world_size"],
+                "world_size": world.size,
                 "summary": summary,
                 "ranks": [
                     {k: v for k, v in asdict(r).items() if k != "blocks"}
-                    for r in figures
+                    for r in world.figures
                 ],
                 "blocks": [
-                    {**asdict(b), "ranks": [r.blocks[b.index] for r in figures]}
-                    for b in plan
+                    {**asdict(b), "ranks": [r.blocks[b.index] for r in world.figures]}
+                    for b in world.plan
                 ],
             }
-            for summary, plan, figures in worlds
+            for summary, world in worlds
         ],
     }
 
