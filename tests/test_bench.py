@@ -239,10 +239,13 @@ def test_bench_overrunning_its_timeout_exits_1_and_kills_every_rank():
 def test_bench_ctrl_c_exits_130_and_kills_every_rank(running_processes):
     marker = uuid.uuid4().hex
     env = {**os.environ, "TCPSTORE_BENCH_TEST_MARKER": marker}
+    # SIGINT handled as in a terminal's foreground job, even if these tests run
+    # in a background one (which ignores it, and so would the bench).
     process = subprocess.Popen(
         [sys.executable, "-m", "tcpstore_barrier", "bench", "--world-size", "2", "--iters",
          "1000000", "--contenders", "ours"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     # Running: the bench, its forkserver and two ranks, for a second.
     deadline = time.monotonic() + 120

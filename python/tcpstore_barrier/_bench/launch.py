@@ -17,6 +17,8 @@ from dataclasses import asdict
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
+#: Back to the start of a terminal's line, and erase it.
+CLEAR_LINE = "\r\x1b[2K"
 
 #: A process to start: a name, its target, and its arguments (the event
 #: queue and ``done`` are appended), or a function of the pids of the
@@ -56,9 +58,8 @@ def report(name: Any, events: Any, done: Any, deadline_unix: float,
             if hasattr(barrier, "close"):
                 barrier.close()
     except BaseException as e:  # noqa: BLE001 - reported to the parent
-        events.put(
-            ("error", name, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-        )
+        message = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+        events.put(("error", name, message))
 
 
 def run_command(body: Callable[[], None]) -> int:
@@ -66,13 +67,14 @@ def run_command(body: Callable[[], None]) -> int:
     process failed or overran), 130 on Ctrl-C."""
     try:
         body()
+        return 0
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        message, code = f"error: {e}", 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        message, code = "interrupted", 130
+    # Over the progress line, if one is drawn.
+    print(f"{CLEAR_LINE if sys.stderr.isatty() else ''}{message}", file=sys.stderr)
+    return code
 
 
 def write_json(path: str | None, document: dict[str, Any]) -> None:
@@ -88,7 +90,6 @@ def run_jobs(
     expected: set[Any],
     deadline: float,
     what: str,
-    on_progress: Callable[[Any], None] = lambda _: None,
 ) -> dict[Any, Any]:
     """Start ``jobs``, return the figures of every name in ``expected`` by the
     time.monotonic() ``deadline``; ``what`` names the run in errors. Every
@@ -111,7 +112,7 @@ def run_jobs(
                 process.start()
                 assert process.pid is not None  # set by start()
                 pids[name] = process.pid
-        results = _collect(events, expected, processes, deadline, what, on_progress)
+        results = _collect(events, expected, processes, deadline, what)
         # Ranks keep their stores up until every figure is in, then exit.
         grace_secs = max(0.1, min(10.0, deadline - time.monotonic()))
         return results
@@ -125,6 +126,9 @@ def run_jobs(
 def _ctrl_c_deferred() -> Iterator[None]:
     """Ctrl-C raised on leaving, not inside: interrupted within start(), a
     process would run on with no pid known here to kill."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # SIGINT ignored, as in a background job, or handled by the caller
+        return
     pressed: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda number, _: pressed.append(number))
     try:
@@ -135,7 +139,7 @@ def _ctrl_c_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _collect(events, expected, processes, deadline, what, on_progress) -> dict:
+def _collect(events, expected, processes, deadline, what) -> dict:
     results: dict[Any, Any] = {}
     all_gone = False  # exited processes may still have figures in the pipe
     while missing := sorted(expected - results.keys()):
@@ -155,10 +159,7 @@ def _collect(events, expected, processes, deadline, what, on_progress) -> dict:
             continue
         if kind == "error":
             raise BenchError(f"{what}: {name} failed:\n{value}")
-        if kind == "progress":
-            on_progress(value)
-        else:
-            results[name] = value
+        results[name] = value
     return results
 
 
