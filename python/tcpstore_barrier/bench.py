@@ -15,24 +15,6 @@ from ._bench.rank import RankPlan, calibrate_work_loops, rank_groups, ranks_main
 __all__ = ["BenchConfig", "BenchError", "add_bench_arguments", "main", "run_bench"]
 
 
-class Progress:
-    """Finished blocks out of ``total``, redrawn in place on a terminal only."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.tty = total, 0, sys.stderr.isatty()
-
-    def show(self, label: str, advance: bool = False) -> None:
-        self.done += advance
-        if self.tty:
-            bar = "#" * (24 * self.done // self.total)
-            sys.stderr.write(f"\r\x1b[2K[{bar:.<24}] {self.done}/{self.total} {label}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\r\x1b[2K")
-
-
 def blocks_of(config: BenchConfig) -> list[results.Block]:
     """The schedule every world size of ``config`` runs."""
     if config.split_phase:
@@ -43,15 +25,13 @@ def blocks_of(config: BenchConfig) -> list[results.Block]:
 
 
 def run_world(
-    config: BenchConfig, world_size: int, deadline: float, work_loops: int,
-    progress: Progress,
-) -> tuple[dict, results.World]:  # fmt: skip
+    config: BenchConfig, world_size: int, deadline: float, work_loops: int
+) -> tuple[dict, results.World]:
     """Run every rank of one world size; its summary and its figures."""
     blocks = blocks_of(config)
     # Split phase needs ours and torch's class only.
-    built = tuple(
-        c for c in config.contenders if c in ("ours", "torch") or not config.split_phase
-    )
+    needed = ("ours", "torch") if config.split_phase else config.contenders
+    built = tuple(c for c in config.contenders if c in needed)
     plan = RankPlan(
         config=config, world_size=world_size, contenders=built,
         ports=tuple(launch.pick_free_ports(len(built))), schedule=tuple(blocks),
@@ -61,19 +41,9 @@ def run_world(
     groups = rank_groups(world_size, processes)
     jobs = [(f"bench-ranks{g[0]}-{g[-1]}", ranks_main, (g, plan)) for g in groups]
     where = f"world size {world_size}"
-
-    def on_progress(index: int) -> None:
-        if index < 0:
-            progress.show(f"{where}: ranks ready")
-        else:
-            block = blocks[index]
-            step = f"round {block.round + 1}/{config.rounds} {block.kind}"
-            progress.show(f"{where}: {step}", advance=True)
-
-    progress.show(f"{where}: starting ranks")
-    by_rank = launch.run_jobs(
-        jobs, set(range(world_size)), deadline, f"{where}: ranks", on_progress
-    )
+    if sys.stderr.isatty():  # rank 0 redraws the line as its blocks finish
+        print(f"{launch.CLEAR_LINE}{where}: starting ranks", end="", file=sys.stderr)
+    by_rank = launch.run_jobs(jobs, set(range(world_size)), deadline, f"{where}: ranks")
     figures = [by_rank[r] for r in range(world_size)]
     world = results.World(world_size, blocks, figures, config.iters)
     if config.split_phase:
@@ -83,18 +53,14 @@ def run_world(
 
 def run_bench(config: BenchConfig) -> list[tuple[dict, results.World]]:
     """Run every world size of ``config`` in turn; raise BenchError on failure."""
-    progress = Progress(len(blocks_of(config)) * len(config.world_sizes))
     deadline = time.monotonic() + config.timeout_secs
     # Calibrated before any rank or busy thread runs; the same for all.
     work_loops = calibrate_work_loops(config.work_us) if config.split_phase else 0
     runs = []
-    try:
-        for world_size in config.world_sizes:
-            if deadline <= time.monotonic():
-                raise BenchError(f"--timeout ran out before world size {world_size}")
-            runs.append(run_world(config, world_size, deadline, work_loops, progress))
-    finally:
-        progress.close()
+    for world_size in config.world_sizes:
+        if deadline <= time.monotonic():
+            raise BenchError(f"--timeout ran out before world size {world_size}")
+        runs.append(run_world(config, world_size, deadline, work_loops))
     return runs
 
 
@@ -108,9 +74,8 @@ def print_bench(config: BenchConfig) -> None:
         print(results.format_split_table(summaries))
     else:
         print(results.format_table(summaries, config.contenders))
-    launch.write_json(
-        config.json_path, results.build_document(config, run_versions, runs)
-    )
+    document = results.build_document(config, run_versions, runs)
+    launch.write_json(config.json_path, document)
     if config.plot_path is not None:
         title = f"{config.ranks}, torch {run_versions['torch']}, median (solid) and p99 (dashed)"
         results.plot_latency(summaries, config.contenders, config.plot_path, title)

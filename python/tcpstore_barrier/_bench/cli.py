@@ -182,8 +182,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     contenders = tuple(dict.fromkeys(c for c in chosen if c not in left_out))
     if "ours" not in contenders:
         raise ConfigError("--contenders must include ours")
-    fields = {
-        k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__
-    }
+    known = BenchConfig.__dataclass_fields__
+    fields = {k: v for k, v in vars(args).items() if k in known}
     fields |= {"world_sizes": tuple(args.world_sizes), "processes": args.processes or 1}
     return BenchConfig(**fields | {"contenders": contenders})

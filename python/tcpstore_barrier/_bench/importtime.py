@@ -12,7 +12,6 @@ import argparse
 import subprocess
 import sys
 from statistics import median
-from typing import Any
 
 from .cli import _positive_int, describe
 from .launch import BenchError, run_command, write_json
@@ -52,35 +51,31 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
         raise BenchError(f"timing the import failed: {e}\n{detail}") from None
 
 
-def time_imports(runs: int) -> dict[str, Any]:
-    """Seconds of ``runs`` fresh imports of torch and of this package after
-    it, their medians in ms, and the slowest modules of one ``-X importtime``
-    run: (module, self us, cumulative us)."""
+def print_imports(runs: int, json_path: str | None) -> None:
+    """Time ``runs`` fresh imports of torch and of this package after it, and
+    list the slowest modules of one ``-X importtime`` run; print, write JSON."""
     timings = [_run("-c", _TIMING_SCRIPT).stdout.split() for _ in range(runs)]
     torch_secs, package_secs = ([float(t[i]) for t in timings] for i in (0, 1))
     breakdown = _run("-X", "importtime", "-c", "import torch; import tcpstore_barrier")
     modules = parse_importtime(breakdown.stderr)
-    return {
+    slowest = sorted(modules, key=lambda m: m[1], reverse=True)[:8]
+    ms, torch_ms = [s * 1000 for s in package_secs], median(torch_secs) * 1000
+    print(
+        f"import tcpstore_barrier after import torch: median {median(ms):.1f} ms of "
+        f"{runs} fresh runs (min {min(ms):.1f}, max {max(ms):.1f})\n"
+        f"import torch alone: median {torch_ms:.1f} ms\n\n"
+        "slowest modules of one -X importtime run after torch (self us, cumulative us):"
+    )
+    for module, self_us, cumulative_us in slowest:
+        print(f"  {self_us:>8}  {cumulative_us:>8}  {module}")
+    timing = {
         "torch_secs": torch_secs,
         "package_secs": package_secs,
-        "slowest": sorted(modules, key=lambda m: m[1], reverse=True)[:8],
-        "package_median_ms": median(package_secs) * 1000,
-        "torch_median_ms": median(torch_secs) * 1000,
+        "slowest": slowest,
+        "package_median_ms": median(ms),
+        "torch_median_ms": torch_ms,
     }
-
-
-def format_timing(timing: dict[str, Any]) -> str:
-    ms = [s * 1000 for s in timing["package_secs"]]
-    lines = [
-        "import tcpstore_barrier after import torch: median "
-        f"{timing['package_median_ms']:.1f} ms of {len(ms)} fresh runs "
-        f"(min {min(ms):.1f}, max {max(ms):.1f})",
-        f"import torch alone: median {timing['torch_median_ms']:.1f} ms",
-        "",
-        "slowest modules of one -X importtime run after torch (self us, cumulative us):",
-    ]
-    lines += [f"  {s:>8}  {c:>8}  {module}" for module, s, c in timing["slowest"]]
-    return "\n".join(lines)
+    write_json(json_path, timing)
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,10 +90,4 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``bench-import``; return the exit code."""
-
-    def body() -> None:
-        timing = time_imports(args.runs)
-        print(format_timing(timing))
-        write_json(args.json_path, timing)
-
-    return run_command(body)
+    return run_command(lambda: print_imports(args.runs, args.json_path))

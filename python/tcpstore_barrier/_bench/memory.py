@@ -45,13 +45,12 @@ class MemoryConfig:
     protocol: str = "torch"
     timeout_secs: float = 600.0
     json_path: str | None = None
+    #: Always the constructor's default.
+    peer_timeout: None = None
 
-    def barrier(
-        self, name: str, rank: int, world_size: int, port: int, prefix: str
-    ) -> Any:
-        return build(name, rank, world_size, port, use_libuv=self.backend == "libuv",
-                     protocol=self.protocol, init_timeout_secs=min(60.0, self.timeout_secs),
-                     timeout_secs=self.timeout_secs, prefix=prefix)  # fmt: skip
+    def barrier(self, name: str, rank: int, world_size: int, port: int) -> Any:
+        secs = self.timeout_secs
+        return build(name, rank, world_size, port, self, min(60.0, secs), secs)
 
 
 # fmt: off
@@ -136,7 +135,7 @@ def objects_host(
 
     def body() -> tuple[None, list[Any]]:
         raise_fd_limit()
-        barrier = config.barrier(name, 0, config.objects + 1, port, "mem/")
+        barrier = config.barrier(name, 0, config.objects + 1, port)
         if name != "torch":
             barrier.execute_barrier()  # the measurer's round
         return None, [barrier]
@@ -164,9 +163,7 @@ def objects_measurer(name: str, port: int, config: MemoryConfig, host_pid: int,
         barriers: list[Any] = []
         marks, readings = checkpoints(config.objects), {0: Reading.now(host_pid)}
         for rank in range(1, config.objects + 1):
-            barriers.append(
-                config.barrier(name, rank, config.objects + 1, port, "mem/")
-            )
+            barriers.append(config.barrier(name, rank, config.objects + 1, port))
             if len(barriers) in marks:
                 readings[len(barriers)] = Reading.now(host_pid)
         if name == "torch":  # it has no split phase
@@ -229,7 +226,7 @@ def store_rank(rank: int, name: str, port: int, barriers: int, every: int,
     """One of 2 ranks; rank 0 samples its RSS and the store's keys."""
 
     def body() -> tuple[list[StoreSample], list[Any]]:
-        barrier = config.barrier(name, rank, 2, port, "flat/")
+        barrier = config.barrier(name, rank, 2, port)
         store = barrier._tcp_store if name == "torch" else barrier.store
         samples, start = [], time.perf_counter()
         for count in range(1, barriers + 1):
@@ -251,9 +248,14 @@ def _measurer_args(name: str, port: int, config: MemoryConfig) -> Callable:
     return lambda pids: (name, port, config, pids["mem-host"])
 
 
-def run_memory(config: MemoryConfig, log: Callable[[str], None]) -> tuple[list, list]:
+def run_memory(config: MemoryConfig) -> tuple[list, list]:
     """Run the measurements ``config`` asks for; raise BenchError on failure."""
-    deadline = time.monotonic() + config.timeout_secs
+    started = time.monotonic()
+    deadline = started + config.timeout_secs
+
+    def log(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr)
+
     names = ["ours", "torch"] if config.include_torch else ["ours"]
     objects, stores = [], []
     for name in names if config.only != "store" else ():
@@ -276,9 +278,8 @@ def run_memory(config: MemoryConfig, log: Callable[[str], None]) -> tuple[list, 
         args = (name, port, barriers, every, config)
         jobs = [(f"mem-rank{r}", store_rank, (r, *args)) for r in (0, 1)]
         figures = run_jobs(jobs, {"rank0", "rank1"}, deadline, f"store of {name}")
-        samples = figures["rank0"]
         stores.append(
-            {"implementation": name, "barriers": barriers, "samples": samples}
+            dict(implementation=name, barriers=barriers, samples=figures["rank0"])
         )
     return objects, stores
 
@@ -313,9 +314,9 @@ def format_store(samples: list[StoreSample]) -> str:
     )
 
 
-def print_memory(config: MemoryConfig, log: Callable[[str], None]) -> None:
+def print_memory(config: MemoryConfig) -> None:
     """Run ``config``'s measurements, print their tables, write the JSON."""
-    objects, stores = run_memory(config, log)
+    objects, stores = run_memory(config)
     if objects:
         print(f"memory per barrier object: {config.objects} objects as ranks 1..{config.objects} "
               f"of a world of {config.objects + 1}, in one process;\nrank 0 hosts the store in "
@@ -336,11 +337,4 @@ def main(args: argparse.Namespace) -> int:
     """Run ``bench-memory``; return the exit code."""
     fields = MemoryConfig.__dataclass_fields__
     config = MemoryConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    started = time.monotonic()
-
-    def log(text: str) -> None:
-        print(
-            f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True
-        )
-
-    return run_command(lambda: print_memory(config, log))
+    return run_command(lambda: print_memory(config))

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cli import BenchConfig
-from .launch import LOOPBACK, report
+from .launch import CLEAR_LINE, LOOPBACK, report
 from .results import Block
+
+if TYPE_CHECKING:
+    from .memory import MemoryConfig
 
 # Outside every contender's key space.
 FLOOR_KEY = "bench/floor"
@@ -69,12 +73,12 @@ class RankFigures:
 
 
 def build(
-    name: str, rank: int, world_size: int, port: int, *, use_libuv: bool,
-    protocol: str = "torch", init_timeout_secs: float, timeout_secs: float,
-    peer_timeout: float | str | None = None, prefix: str | None = None,
+    name: str, rank: int, world_size: int, port: int, config: BenchConfig | MemoryConfig,
+    init_timeout_secs: float, timeout_secs: float,
 ) -> Any:  # fmt: skip
-    """Contender ``name``'s barrier for ``rank``, on a store at ``port``."""
-    prefix = prefix or f"bench/{name}/"
+    """Contender ``name``'s barrier for ``rank``, on a store at ``port``, with
+    ``config``'s backend, protocol and peer timeout."""
+    prefix, use_libuv = f"bench/{name}/", config.backend == "libuv"
     if name == "reference":
         import torch.distributed as dist
 
@@ -99,11 +103,11 @@ def build(
     else:
         from tcpstore_barrier import TCPStoreBarrier  # type: ignore[assignment]
 
-        kwargs["protocol"] = "native" if name == "native" else protocol
-        if name == "ours-noliveness" or peer_timeout == "off":
+        kwargs["protocol"] = "native" if name == "native" else config.protocol
+        if name == "ours-noliveness" or config.peer_timeout == "off":
             kwargs["peer_timeout_secs"] = None
-        elif peer_timeout is not None:  # else the constructor's default
-            kwargs["peer_timeout_secs"] = peer_timeout
+        elif config.peer_timeout is not None:  # else the constructor's default
+            kwargs["peer_timeout_secs"] = config.peer_timeout
     # Ours takes torch's arguments, in torch's order.
     args: tuple[Any, ...] = (init_timeout_secs, use_libuv, port, LOOPBACK, timeout_secs)
     return TCPStoreBarrier(rank, world_size, prefix, *args, **kwargs)
@@ -164,14 +168,11 @@ class Rank:
         remaining = plan.deadline_unix - time.time()
         # A minute to connect, more for worlds so large that it takes longer.
         init_timeout = min(max(60.0, 0.1 * plan.world_size), remaining)
-        use_libuv, config = plan.config.backend == "libuv", plan.config
         for name, port in zip(plan.contenders, plan.ports, strict=True):
             known = server_threads() if rank == 0 else set()
             self.barriers[name] = build(
-                name, rank, plan.world_size, port, use_libuv=use_libuv,
-                protocol=config.protocol, init_timeout_secs=init_timeout,
-                timeout_secs=remaining, peer_timeout=config.peer_timeout,
-            )  # fmt: skip
+                name, rank, plan.world_size, port, plan.config, init_timeout, remaining
+            )
             if rank == 0:
                 self.servers[name] = server_threads() - known
         self.ours = ours = self.barriers["ours"]
@@ -262,19 +263,28 @@ def run_rank(
 
     def body() -> tuple[RankFigures, list[Any]]:
         me = Rank(rank, plan, whole_process)
-        if rank == 0:
-            events.put(("progress", rank, -1))
         blocks = []
         for block in plan.schedule:
             blocks.append(me.run(block))
-            if rank == 0:
-                events.put(("progress", rank, block.index))
+            if rank == 0 and sys.stderr.isatty():
+                show_progress(plan, block)
         torch = me.barriers.get("torch")
         torch_uses_libuv = torch and torch._tcp_store.libuvBackend
         figures = RankFigures(rank, me.ours.uses_libuv, torch_uses_libuv, blocks)
         return figures, list(me.barriers.values())
 
     report(rank, events, done, plan.deadline_unix, body)
+
+
+def show_progress(plan: RankPlan, block: Block) -> None:
+    """The bench's progress line, redrawn in place; cleared after the last block."""
+    done, total, rounds = block.index + 1, len(plan.schedule), plan.config.rounds
+    step = (
+        f"world size {plan.world_size}: round {block.round + 1}/{rounds} {block.kind}"
+    )
+    line = f"[{'#' * (24 * done // total):.<24}] {done}/{total} {step}"
+    sys.stderr.write(CLEAR_LINE + (line if done < total else ""))
+    sys.stderr.flush()
 
 
 def raise_fd_limit() -> None:
@@ -291,12 +301,10 @@ def ranks_main(ranks: Sequence[int], plan: RankPlan, events: Any, done: Any) -> 
     processes); its first rank also reads the process's CPU time, and with
     --busy-thread a CPU-bound thread competes with them all."""
     raise_fd_limit()
-    threads = [
-        threading.Thread(
-            target=run_rank, args=(rank, plan, events, done, i == 0), name=f"rank{rank}"
-        )
-        for i, rank in enumerate(ranks)
-    ]
+    threads = []
+    for i, rank in enumerate(ranks):
+        args = (rank, plan, events, done, i == 0)
+        threads.append(threading.Thread(target=run_rank, args=args, name=f"rank{rank}"))
     if plan.config.busy_thread:
         # Pure-Python work until the deadline, holding the GIL as much as
         # CPython lets it, as a trainer's data loaders do.

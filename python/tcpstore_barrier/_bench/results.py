@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from statistics import fmean, median, quantiles
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,10 +45,8 @@ def schedule(
     blocks: list[Block] = []
     for r in range(rounds):
         shift = r % len(kinds)
-        order = [first, *kinds[shift:], *kinds[:shift], last]
-        blocks += [
-            Block(len(blocks) + i, r, k) for i, k in enumerate(filter(None, order))
-        ]
+        for kind in filter(None, [first, *kinds[shift:], *kinds[:shift], last]):
+            blocks.append(Block(len(blocks), r, kind))
     return blocks
 
 
@@ -70,38 +68,35 @@ class World:
         """Microseconds per operation of ``kind``'s blocks over every sample of
         ``ranks``, and a block's mean wall time per iteration; None if none ran."""
         blocks = self.blocks(kind, ranks)
-        us = [ns / 1000 for block in blocks for ns in block.samples_ns]
-        if not us:
+        if not (us := [ns / 1000 for block in blocks for ns in block.samples_ns]):
             return None
         # "inclusive" interpolates as numpy.percentile does by default.
-        p99 = (
-            statistics.quantiles(us, n=100, method="inclusive")[98] if us[1:] else us[0]
-        )
-        wall = statistics.fmean(b.wall_ns for b in blocks) / self.iters / 1000
-        summary = {
+        p99 = quantiles(us, n=100, method="inclusive")[98] if us[1:] else us[0]
+        wall = fmean(b.wall_ns for b in blocks) / self.iters / 1000
+        return {
             "samples": len(us),
-            "median_us": statistics.median(us),
+            "median_us": median(us),
             "p99_us": p99,
+            "wall_per_iter_us": wall,
         }
-        return summary | {"wall_per_iter_us": wall}
 
     def cpu_cost(self, kind: str) -> dict[str, float | None] | None:
         """CPU time per barrier in microseconds, means over blocks: the store's
         server threads, and every rank process (servers included), a block's
         total summing its ranks' readings."""
         blocks, ranks = self.blocks(kind), self.size
-        per_block = [blocks[i : i + ranks] for i in range(0, len(blocks), ranks)]
+        by_block = [blocks[i : i + ranks] for i in range(0, len(blocks), ranks)]
         server = [
-            b[0].server_cpu_ns for b in per_block if b[0].server_cpu_ns is not None
+            b[0].server_cpu_ns for b in by_block if b[0].server_cpu_ns is not None
         ]
         total = [
             sum(r.process_cpu_ns or 0 for r in b)
-            for b in per_block
+            for b in by_block
             if any(r.process_cpu_ns is not None for r in b)
         ]
         if not server and not total:
             return None
-        mean = lambda ns: statistics.fmean(ns) / self.iters / 1000 if ns else None  # noqa: E731
+        mean = lambda ns: fmean(ns) / self.iters / 1000 if ns else None  # noqa: E731
         return {"server_us": mean(server), "total_us": mean(total)}
 
 
@@ -120,11 +115,11 @@ def summarize_world(world: World, contenders: Sequence[str]) -> dict[str, Any]:
     for c in contenders:
         if cost := world.cpu_cost(c):
             summary[f"{c}_cost"] = cost
-    median = {c: summary[c]["median_us"] for c in (*contenders, "floor")}
+    medians = {c: summary[c]["median_us"] for c in (*contenders, "floor")}
     for a, b in RATIOS:
-        both = {a, b} <= median.keys()
-        summary[ratio_key(a, b)] = median[a] / median[b] if both else None
-    summary["ours_over_floor"] = median["ours"] / median["floor"]
+        both = {a, b} <= medians.keys()
+        summary[ratio_key(a, b)] = medians[a] / medians[b] if both else None
+    summary["ours_over_floor"] = medians["ours"] / medians["floor"]
     return summary
 
 
@@ -136,7 +131,7 @@ def summarize_split(world: World) -> dict[str, Any]:
     split = world.blocks("split")
 
     def median_us(field: str) -> float:
-        return statistics.median(ns / 1000 for b in split for ns in getattr(b, field))
+        return median(ns / 1000 for b in split for ns in getattr(b, field))
 
     summary: dict[str, Any] = {"world_size": world.size}
     summary |= {kind: world.latency(kind) for kind in ("work", *SPLIT_KINDS)}
@@ -298,9 +293,9 @@ def plot_latency(
     sizes = [s["world_size"] for s in summaries]
     figure, axes = plt.subplots(figsize=(8, 5))
     for i, c in enumerate(contenders):
-        median = [s[c]["median_us"] for s in summaries]
+        medians = [s[c]["median_us"] for s in summaries]
         p99 = [s[c]["p99_us"] for s in summaries]
-        axes.plot(sizes, median, "o-", color=f"C{i}", label=f"{c} median")
+        axes.plot(sizes, medians, "o-", color=f"C{i}", label=f"{c} median")
         axes.plot(sizes, p99, "--", color=f"C{i}", alpha=0.5, label=f"{c} p99")
     floor = [s["floor"]["median_us"] for s in summaries]
     axes.plot(sizes, floor, ":", color="grey", label="one store round trip")
