@@ -23,12 +23,11 @@ contender's own TCPStore. Contenders (--contenders):
                    _experimental), which always uses the libuv TCPStore
 
 Every rank times each execute_barrier() with time.perf_counter_ns; median and
-p99 are over all ranks' samples. The contenders run in blocks of --iters
-barriers (after --warmup untimed ones) in an order that rotates every round,
-so that noise hits all alike: compare ratios within a run. Each round ends
-with "floor": store.add round trips from the last rank and from rank 0.
-"Where the time goes": CPU time of each store's server threads and of every
-rank process, per barrier.
+p99 are over all ranks' samples. Contenders run in blocks of --iters barriers
+(after --warmup untimed ones) in an order that rotates every round, so that
+noise hits all alike: compare ratios within a run. Each round ends with
+"floor": store.add round trips from the last rank and from rank 0. "Where the
+time goes": CPU time of the store's server threads and of every rank process.
 
 --split-phase instead times loop iterations of --work-us of Python work and a
 barrier: "split" arrive(), work, wait(); "serial" work, execute_barrier();

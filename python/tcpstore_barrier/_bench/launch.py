@@ -20,9 +20,8 @@ LOOPBACK = "127.0.0.1"
 #: Back to the start of a terminal's line, and erase it.
 CLEAR_LINE = "\r\x1b[2K"
 
-#: A process to start: a name, its target, and its arguments (the event
-#: queue and ``done`` are appended), or a function of the pids of the
-#: processes started before it.
+#: A process to start: a name, its target, and its arguments (the event queue
+#: and ``done`` appended), or a function of the pids of the ones before it.
 Job = tuple[
     str, Callable[..., None], "tuple[Any, ...] | Callable[[dict[str, int]], tuple]"
 ]

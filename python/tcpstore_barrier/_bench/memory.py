@@ -318,11 +318,10 @@ def print_memory(config: MemoryConfig) -> None:
     """Run ``config``'s measurements, print their tables, write the JSON."""
     objects, stores = run_memory(config)
     if objects:
-        print(f"memory per barrier object: {config.objects} objects as ranks 1..{config.objects} "
-              f"of a world of {config.objects + 1}, in one process;\nrank 0 hosts the store in "
-              f"another (\"host\"). RSS per object is the slope between\n"
-              f"{checkpoints(config.objects)[1]} and {config.objects} objects; ours' protocol: "
-              f"{config.protocol}, backend: {config.backend}\n")  # fmt: skip
+        n, tenth = config.objects, checkpoints(config.objects)[1]
+        print(f"memory per barrier object, ranks 1..{n} in one process, rank 0 hosting the "
+              f"store in another;\nslopes from {tenth} to {n} objects; ours' protocol "
+              f"{config.protocol}, backend {config.backend}\n")  # fmt: skip
         print(format_objects(objects))
     for store in stores:
         who = "ours" if store["implementation"] == "ours" else "torch's class"

@@ -8,6 +8,7 @@ import resource
 import sys
 import threading
 import time
+import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -115,23 +116,16 @@ def build(
 
 def python_work(loops: int) -> int:
     """A fixed amount of pure-Python work: ``loops`` multiply-adds."""
-    total = 0
-    for i in range(loops):
-        total += i * i
-    return total
+    return sum(i * i for i in range(loops))
 
 
-def calibrate_work_loops(work_us: float, tries: int = 5) -> int:
+def calibrate_work_loops(work_us: float, trial: int = 20_000) -> int:
     """Loops of :func:`python_work` that take about ``work_us`` here, alone;
-    the fastest of ``tries`` sets the rate, so a noisy moment cannot shrink it."""
+    the fastest of five tries sets the rate, so a noisy moment cannot shrink it."""
     if work_us <= 0:
         return 0
-    trial, timings = 20_000, []
-    for _ in range(tries):
-        start = time.perf_counter_ns()
-        python_work(trial)
-        timings.append(time.perf_counter_ns() - start)
-    return max(1, round(work_us * 1000 * trial / max(min(timings), 1)))
+    fastest = min(timeit.repeat(lambda: python_work(trial), number=1, repeat=5))
+    return max(1, round(work_us * 1e-6 * trial / fastest))
 
 
 def _proc_text(path: str) -> str:

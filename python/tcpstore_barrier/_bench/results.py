@@ -144,8 +144,6 @@ def summarize_split(world: World) -> dict[str, Any]:
 
 
 # --- text --------------------------------------------------------------------
-
-
 def us(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -246,8 +244,6 @@ def describe_run(config: BenchConfig, run_versions: dict[str, str]) -> str:
 
 
 # --- JSON and plot ------------------------------------------------------------
-
-
 def build_document(
     config: BenchConfig,
     run_versions: dict[str, str],
