@@ -26,7 +26,7 @@ def blocks_of(config: BenchConfig) -> list[results.Block]:
 
 def run_world(
     config: BenchConfig, world_size: int, deadline: float, work_loops: int
-) -> tuple[dict, results.World]:
+) -> results.Run:
     """Run every rank of one world size; its summary and its figures."""
     blocks = blocks_of(config)
     # Split phase needs ours and torch's class only.
@@ -51,7 +51,7 @@ def run_world(
     return results.summarize_world(world, config.contenders), world
 
 
-def run_bench(config: BenchConfig) -> list[tuple[dict, results.World]]:
+def run_bench(config: BenchConfig) -> list[results.Run]:
     """Run every world size of ``config`` in turn; raise BenchError on failure."""
     deadline = time.monotonic() + config.timeout_secs
     # Calibrated before any rank or busy thread runs; the same for all.

@@ -33,14 +33,11 @@ class BenchError(RuntimeError):
 
 def pick_free_ports(count: int) -> list[int]:
     """``count`` distinct loopback ports that were free a moment ago."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
         for s in sockets:
             s.bind((LOOPBACK, 0))
         return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def report(name: Any, events: Any, done: Any, deadline_unix: float,

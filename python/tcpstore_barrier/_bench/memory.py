@@ -177,10 +177,9 @@ def objects_measurer(name: str, port: int, config: MemoryConfig, host_pid: int,
     report("measurer", events, done, time.time() + config.timeout_secs, body)
 
 
-#: The objects table's rows: a label, the JSON key, the Reading field; each
-#: as constructed and "_after_round". RSS, heap and the host's RSS are slopes
-#: between the first non-zero checkpoint and the last, so that one-time costs
-#: do not count; fds and threads exact counts over all objects.
+#: The objects table's rows (label, JSON key, Reading field), each as constructed
+#: and "_after_round". RSS, heap and host RSS are slopes from a tenth of the
+#: objects to all, leaving one-time costs out; fds and threads exact counts.
 FIGURES = [("RSS per object (KiB)", "rss_per_object", "rss"),
            ("malloc'd per object (KiB)", "heap_per_object", "heap"),
            ("fds per object", "fds_per_object", "fds"),
@@ -191,9 +190,8 @@ AFTER = (("constructed", ""), ("after a round", "_after_round"))
 
 
 def summarize_objects(name: str, objects: int, raw: ObjectsFigures) -> dict[str, Any]:
-    """The objects' JSON: each of FIGURES per object as constructed and after
-    a round (None where not measured), whose addition is spread over every
-    object; and the raw readings."""
+    """Each of FIGURES per object as constructed and after a round (whose
+    addition is spread over every object; None if not measured), and the raw."""
     low = next((m for m in sorted(raw.constructed) if 0 < m < objects), 0)
     zero, first, last = (raw.constructed[m] for m in (0, low, objects))
     summary: dict[str, Any] = {"implementation": name, "objects": objects}
@@ -267,12 +265,10 @@ def run_memory(config: MemoryConfig) -> tuple[list, list]:
         ]
         raw = run_jobs(jobs, {"measurer"}, deadline, f"objects of {name}")["measurer"]
         objects.append(summarize_objects(name, config.objects, raw))
-    runs = {
-        "ours": (config.barriers, config.sample_every),
-        "torch": (config.torch_barriers, config.torch_sample_every),
-    }
     for name in names if config.only != "objects" else ():
-        barriers, every = runs[name]
+        ours = name == "ours"
+        barriers = config.barriers if ours else config.torch_barriers
+        every = config.sample_every if ours else config.torch_sample_every
         log(f"store: {name}, {barriers} barriers")
         (port,) = pick_free_ports(1)
         args = (name, port, barriers, every, config)

@@ -196,8 +196,7 @@ class Rank:
         for _ in range(max(self.plan.config.warmup, 1 if kind == "work" else 0)):
             self.ours.execute_barrier() if kind == "work" else step()
         self.released, self.arrive_ns, self.wait_ns = [], [], []
-        # CPU over the timed barriers only: lining up may overlap other
-        # ranks' previous block.
+        # CPU of the timed barriers only: lining up may overlap others' last block.
         server = self.servers.get(kind)
         server_before = thread_cpu_ns(server) if server is not None else 0
         process_before = time.process_time_ns()
@@ -252,8 +251,7 @@ class Rank:
 def run_rank(
     rank: int, plan: RankPlan, events: Any, done: Any, whole_process: bool
 ) -> None:
-    """Build every contender, run the schedule, report; rank 0 hosts every
-    store, so each rank keeps its barriers up until every rank has reported."""
+    """Build every contender, run the schedule, report the figures."""
 
     def body() -> tuple[RankFigures, list[Any]]:
         me = Rank(rank, plan, whole_process)
@@ -291,9 +289,8 @@ def raise_fd_limit() -> None:
 
 
 def ranks_main(ranks: Sequence[int], plan: RankPlan, events: Any, done: Any) -> None:
-    """Entry of a rank process: ``ranks`` as threads (one with --ranks
-    processes); its first rank also reads the process's CPU time, and with
-    --busy-thread a CPU-bound thread competes with them all."""
+    """A rank process: ``ranks`` as threads, the first also reading the process's
+    CPU time; with --busy-thread a CPU-bound thread competes with them all."""
     raise_fd_limit()
     threads = []
     for i, rank in enumerate(ranks):

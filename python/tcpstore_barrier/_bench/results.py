@@ -1,5 +1,4 @@
-"""The schedule, and from the ranks' figures to the summaries, the tables,
-the JSON document and the plot. No store in here."""
+"""The schedule; the ranks' figures to summaries, tables, JSON and plot."""
 
 from __future__ import annotations
 
@@ -81,23 +80,24 @@ class World:
         }
 
     def cpu_cost(self, kind: str) -> dict[str, float | None] | None:
-        """CPU time per barrier in microseconds, means over blocks: the store's
-        server threads, and every rank process (servers included), a block's
-        total summing its ranks' readings."""
+        """CPU us per barrier, means over blocks: the store's server threads,
+        and all rank processes (servers included), summing a block's readings."""
         blocks, ranks = self.blocks(kind), self.size
-        by_block = [blocks[i : i + ranks] for i in range(0, len(blocks), ranks)]
-        server = [
-            b[0].server_cpu_ns for b in by_block if b[0].server_cpu_ns is not None
-        ]
+        groups = [blocks[i : i + ranks] for i in range(0, len(blocks), ranks)]
+        server = [b[0].server_cpu_ns for b in groups if b[0].server_cpu_ns is not None]
         total = [
             sum(r.process_cpu_ns or 0 for r in b)
-            for b in by_block
+            for b in groups
             if any(r.process_cpu_ns is not None for r in b)
         ]
         if not server and not total:
             return None
         mean = lambda ns: fmean(ns) / self.iters / 1000 if ns else None  # noqa: E731
         return {"server_us": mean(server), "total_us": mean(total)}
+
+
+#: One world size as the bench reports it: its summary, and what it is made of.
+Run = tuple[dict[str, Any], World]
 
 
 def ratio_key(numerator: str, denominator: str) -> str:
@@ -124,10 +124,9 @@ def summarize_world(world: World, contenders: Sequence[str]) -> dict[str, Any]:
 
 
 def summarize_split(world: World) -> dict[str, Any]:
-    """One world size of --split-phase, per loop iteration, microseconds: each
-    kind of block, the share of split iterations whose round had released
-    before wait(), the medians of arrive() and wait() alone within them, and
-    what the split phase saves (median serial - split)."""
+    """One world size of --split-phase, per loop iteration in us: each kind of
+    block, the share of split iterations released before wait(), the medians of
+    arrive() and wait() alone, and what splitting saves (median serial - split)."""
     split = world.blocks("split")
 
     def median_us(field: str) -> float:
@@ -149,8 +148,7 @@ def us(value: float | None) -> str:
 
 
 def align(rows: Sequence[Sequence[str]], label_left: bool = False) -> str:
-    """A text table of ``rows`` (the first the headers), columns right-aligned,
-    but for the first with ``label_left``."""
+    """``rows`` as a text table, right-aligned but ``label_left`` for column 0."""
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     return "\n".join(
         "  ".join(
@@ -245,9 +243,7 @@ def describe_run(config: BenchConfig, run_versions: dict[str, str]) -> str:
 
 # --- JSON and plot ------------------------------------------------------------
 def build_document(
-    config: BenchConfig,
-    run_versions: dict[str, str],
-    worlds: Sequence[tuple[dict, World]],
+    config: BenchConfig, run_versions: dict[str, str], worlds: Sequence[Run]
 ) -> dict[str, Any]:
     """The ``--json`` document: configuration, versions, summaries, and every
     rank's raw figures of each block (ns), for any other statistic."""
