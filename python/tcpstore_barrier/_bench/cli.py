@@ -120,17 +120,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         f"{' '.join(DEFAULT_CONTENDERS)}; no native with --protocol native)")
     add("--no-torch", action="store_true", help="leave torch's class out")
     add("--ranks", choices=["processes", "threads"], default=d.ranks,
-        help="one process per rank, or ranks as threads of one process (or of "
-        "--processes K), each with its own barriers and store clients")
+        help="a process per rank, or ranks as threads (own barriers each) of --processes K")
     add("--processes", type=_positive_int, metavar="K",
-        help="with --ranks threads: spread the rank threads over at most K "
-        "processes, contiguous ranks each (default: 1)")
+        help="with --ranks threads: at most K processes, contiguous ranks each (default: 1)")
     add("--busy-thread", action="store_true",
-        help="run a CPU-bound pure-Python thread in each rank process, as a "
-        "trainer's data-loading threads do")
+        help="a CPU-bound pure-Python thread in each rank process, as a data loader is")
     add("--peer-timeout", type=_seconds_or_off, metavar="SECS|off",
-        help="peer_timeout_secs of ours and native: seconds, or 'off' for None "
-        "(default: the constructor's)")
+        help="peer_timeout_secs of ours, native; 'off' for None (default: the constructor's)")
     add("--plot", dest="plot_path", metavar="FILE.png",
         help="plot latency against world size (needs matplotlib)")
     add_shared_arguments(parser, "write the configuration, versions and every raw sample here")
