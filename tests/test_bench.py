@@ -249,12 +249,15 @@ def test_bench_ctrl_c_exits_130_and_kills_every_rank(running_processes):
     )  # fmt: skip
     # Running: the bench, its forkserver and two ranks, for a second.
     deadline = time.monotonic() + 120
-    while len(processes_with(marker)) < running_processes:
-        assert time.monotonic() < deadline, "the bench never started its processes"
-        time.sleep(0.05)
-    time.sleep(1 if running_processes == 4 else 0)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=30)
+    try:
+        while len(processes_with(marker)) < running_processes:
+            assert time.monotonic() < deadline, "the bench never started its processes"
+            time.sleep(0.05)
+        time.sleep(1 if running_processes == 4 else 0)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()  # a no-op once it has exited
     assert process.returncode == 130, err
     assert err == "interrupted\n"
     assert_no_process_left(marker)

@@ -60,8 +60,9 @@ def print_imports(runs: int, json_path: str | None) -> None:
     modules = parse_importtime(breakdown.stderr)
     slowest = sorted(modules, key=lambda m: m[1], reverse=True)[:8]
     ms, torch_ms = [s * 1000 for s in package_secs], median(torch_secs) * 1000
+    package_ms = median(ms)
     print(
-        f"import tcpstore_barrier after import torch: median {median(ms):.1f} ms of "
+        f"import tcpstore_barrier after import torch: median {package_ms:.1f} ms of "
         f"{runs} fresh runs (min {min(ms):.1f}, max {max(ms):.1f})\n"
         f"import torch alone: median {torch_ms:.1f} ms\n\n"
         "slowest modules of one -X importtime run after torch (self us, cumulative us):"
@@ -72,7 +73,7 @@ def print_imports(runs: int, json_path: str | None) -> None:
         "torch_secs": torch_secs,
         "package_secs": package_secs,
         "slowest": slowest,
-        "package_median_ms": median(ms),
+        "package_median_ms": package_ms,
         "torch_median_ms": torch_ms,
     }
     write_json(json_path, timing)

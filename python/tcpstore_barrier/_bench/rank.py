@@ -255,10 +255,10 @@ def run_rank(
 
     def body() -> tuple[RankFigures, list[Any]]:
         me = Rank(rank, plan, whole_process)
-        blocks = []
+        blocks, draws_progress = [], rank == 0 and sys.stderr.isatty()
         for block in plan.schedule:
             blocks.append(me.run(block))
-            if rank == 0 and sys.stderr.isatty():
+            if draws_progress:
                 show_progress(plan, block)
         torch = me.barriers.get("torch")
         torch_uses_libuv = torch and torch._tcp_store.libuvBackend
