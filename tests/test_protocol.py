@@ -158,10 +158,13 @@ def test_python_thread_keeps_running_while_a_rank_waits(port):
 
 def test_two_ranks_as_threads_of_one_process(port):
     def rank_body(rank, world_size, port):
-        barrier = our_barrier(rank, world_size, port)
-        for _ in range(100):
-            barrier.execute_barrier()
-        return barrier.sequence
+        # Closed on leaving, as the README's shutdown rule asks: rank 0's
+        # thread would otherwise take the store down with it while rank 1
+        # may still await the last round's reply.
+        with our_barrier(rank, world_size, port) as barrier:
+            for _ in range(100):
+                barrier.execute_barrier()
+            return barrier.sequence
 
     assert run_ranks(rank_body, 2, port, threads=True) == [100, 100]
 
