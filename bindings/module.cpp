@@ -90,8 +90,30 @@ Protocol protocolArg(const std::string& protocol) {
       "protocol must be 'torch' or 'native', got '" + protocol + "'");
 }
 
-std::unique_ptr<TCPStoreBarrier> withSignalChecks(
-    std::unique_ptr<TCPStoreBarrier> barrier) {
+bool pythonFinalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// Destroying a barrier may block for a while (a host whose round ended in
+// an error keeps the store up for the survivors): let other Python threads
+// run meanwhile, unless the interpreter is shutting down.
+struct DeleteWithoutGil {
+  void operator()(TCPStoreBarrier* barrier) const noexcept {
+    if (PyGILState_Check() != 0 && !pythonFinalizing()) {
+      py::gil_scoped_release nogil;
+      delete barrier;
+    } else {
+      delete barrier;
+    }
+  }
+};
+using BarrierHolder = std::unique_ptr<TCPStoreBarrier, DeleteWithoutGil>;
+
+BarrierHolder withSignalChecks(std::unique_ptr<TCPStoreBarrier> barrier) {
   // Lets Ctrl-C and other Python signal handlers run while a rank waits
   // without the GIL.
   barrier->setInterruptCheck([] {
@@ -100,7 +122,7 @@ std::unique_ptr<TCPStoreBarrier> withSignalChecks(
       throw py::error_already_set();
     }
   });
-  return barrier;
+  return BarrierHolder(barrier.release());
 }
 
 } // namespace
@@ -139,7 +161,7 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
-  py::class_<TCPStoreBarrier>(m, "TCPStoreBarrier")
+  py::class_<TCPStoreBarrier, BarrierHolder>(m, "TCPStoreBarrier")
       .def(
           py::init([](py::handle global_rank,
                       py::handle global_world_size,

@@ -1,6 +1,26 @@
 // Everything one TCPStoreBarrier holds, shared by the files that implement
 // it: construction.cpp (joining the store), tcpstore_barrier.cpp (a round),
-// housekeeping.cpp (finished rounds' keys, close()).
+// housekeeping.cpp (finished rounds' keys), close.cpp (leaving the store).
+//
+// Who owns what. The caller thread (the one calling the barrier's methods)
+// alone reads and writes `phase`, `sequence`, `round`, `arrival`,
+// `slowNoted`, `lost`, the caller's `connection` and the diagnosis
+// connection with its rank-key cache. The worker thread alone uses
+// `background` (through liveness ticks and delete jobs); `deletes` is
+// shared under its mutex, and Liveness guards its own alarm. The protocol
+// is a const description of the keys, read by both.
+//
+// The phases of the caller, and what moves between them:
+//
+//   kBetweenRounds --arrive()--> kArrivalSent --arrival answered--> kWaiting
+//   kWaiting --release seen--> kReleased --wait() completes--> kBetweenRounds
+//   (an arrival that releases the round goes straight to kReleased)
+//
+// A timeout or an interrupt leaves the phase as it is, so the next call
+// resumes the same round: in kArrivalSent the arrival's reply, and in
+// kWaiting the release, are still due on the caller's connection. A lost
+// peer or store moves any phase to kLost (`lost` holds the error, raised by
+// every later call); close() or destruction moves any phase to kClosed.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +42,15 @@
 
 namespace tcpstore_barrier::detail {
 
+enum class Phase {
+  kBetweenRounds,
+  kArrivalSent,
+  kWaiting,
+  kReleased,
+  kLost,
+  kClosed,
+};
+
 // Finished rounds waiting for their keys to be deleted (housekeeping.cpp):
 // written by the caller as rounds complete, read by the worker.
 struct DeleteQueue {
@@ -35,6 +64,7 @@ struct DeleteQueue {
 };
 
 struct BarrierState {
+  // As given.
   int64_t rank = 0;
   int64_t worldSize = 1;
   std::string prefix;
@@ -50,33 +80,47 @@ struct BarrierState {
   std::optional<StoreAddress> address;
   // The c10d store: rank 0's server, from_store's, or a client on demand.
   c10::intrusive_ptr<c10d::Store> store;
+  // The one interrupt point: every blocking wait of the caller thread runs
+  // it between slices (through runInterruptCheck()).
   std::function<void()> interruptCheck;
 
-  std::unique_ptr<RoundProtocol> protocol;
+  std::unique_ptr<const RoundProtocol> protocol;
   // The caller's connection, and the worker's.
   std::unique_ptr<StoreConnection> connection;
   std::unique_ptr<StoreConnection> background;
+  // Opened at the first timeout, to name the missing ranks while the
+  // caller's connection still awaits the release and the worker may be
+  // busy.
+  std::unique_ptr<StoreConnection> diagnosis;
+  RankKeyCache diagnosisRankKeys;
   std::unique_ptr<Liveness> liveness;
   DeleteQueue deletes;
   // Last, so that it stops first: its thread uses everything above.
   std::unique_ptr<Worker> worker;
 
+  Phase phase = Phase::kBetweenRounds;
   int64_t sequence = 0;
-  bool arrivalSent = false;
-  bool arrived = false;
-  bool released = false;
-  bool slowNoted = false;
+  RoundKeys round;
   Arrival arrival;
-  // Set once a peer or the store is lost: every later call raises it.
+  // The round has waited kSlowRound and said so (noteSlowRound).
+  bool slowNoted = false;
+  // The error of kLost.
   std::exception_ptr lost;
-  bool storeUnreachable = false;
-  bool closed = false;
 
   void runInterruptCheck() const {
     if (interruptCheck) {
       interruptCheck();
     }
   }
+  // This rank has counted itself into the current round.
+  bool arrived() const noexcept {
+    return phase == Phase::kWaiting || phase == Phase::kReleased;
+  }
+  // The store host is gone: nothing more is asked of the store.
+  bool storeLost() const;
+  // How long a store connection may go unanswered: the silence liveness
+  // allows, or with liveness off the round's own time limit.
+  std::chrono::milliseconds stallLimit() const;
   std::string describeStore() const {
     return connection ? connection->describe() : std::string("the store");
   }
@@ -84,7 +128,13 @@ struct BarrierState {
 
 // housekeeping.cpp
 void deleteFinishedRounds(BarrierState& state);
+
+// close.cpp
 void closeBarrier(BarrierState& state);
+// The destructor's part: close() without waiting for peers, except that a
+// host whose round ended in an error keeps the store up a little while for
+// the survivors (see close.cpp).
+void destroyBarrier(BarrierState& state) noexcept;
 
 // tcpstore_barrier.cpp: the error for a store that failed mid-call.
 [[noreturn]] void throwStoreUnreachable(

@@ -24,6 +24,16 @@ std::string textOf(const std::vector<uint8_t>& bytes) {
   return {bytes.begin(), bytes.end()};
 }
 
+const char* withoutBacktrace(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
+    return error->what_without_backtrace();
+  }
+  return e.what();
+}
+
+// Every call goes through guarded(): whatever the store throws becomes
+// StoreUnavailable, the one failure the barrier acts on (it marks itself
+// lost, and the worker raises the alarm), with c10's backtrace left out.
 class C10dConnection final : public StoreConnection {
  public:
   explicit C10dConnection(c10::intrusive_ptr<c10d::Store> store)
@@ -34,23 +44,29 @@ class C10dConnection final : public StoreConnection {
   }
 
   void set(std::string_view key, std::string_view value) override {
-    store_->set(std::string(key), bytesOf(value));
+    guarded([&] {
+      store_->set(std::string(key), bytesOf(value));
+    });
   }
 
   void flush(Clock::time_point) override {}
 
   void sendAdd(
       std::string_view key, int64_t delta, Clock::time_point) override {
-    added_ = store_->add(std::string(key), delta);
+    added_ = guarded([&] {
+      return store_->add(std::string(key), delta);
+    });
   }
 
   void addEach(
       const std::vector<std::string>& keys,
       int64_t delta,
       Clock::time_point) override {
-    for (const auto& key : keys) {
-      store_->add(key, delta);
-    }
+    guarded([&] {
+      for (const auto& key : keys) {
+        store_->add(key, delta);
+      }
+    });
   }
 
   bool replyReady(Clock::time_point) override {
@@ -62,37 +78,45 @@ class C10dConnection final : public StoreConnection {
   }
 
   bool check(const std::vector<std::string>& keys, Clock::time_point) override {
-    return store_->check(keys);
+    return guarded([&] {
+      return store_->check(keys);
+    });
   }
 
   std::vector<bool> checkEach(
       const std::vector<std::string>& keys, Clock::time_point) override {
-    std::vector<bool> exists;
-    exists.reserve(keys.size());
-    for (const auto& key : keys) {
-      exists.push_back(store_->check({key}));
-    }
-    return exists;
+    return guarded([&] {
+      std::vector<bool> exists;
+      exists.reserve(keys.size());
+      for (const auto& key : keys) {
+        exists.push_back(store_->check({key}));
+      }
+      return exists;
+    });
   }
 
   std::vector<std::string> multiGet(
       const std::vector<std::string>& keys, Clock::time_point) override {
-    std::vector<std::string> values;
-    values.reserve(keys.size());
-    for (const auto& key : keys) {
-      values.push_back(textOf(store_->get(key)));
-    }
-    return values;
+    return guarded([&] {
+      std::vector<std::string> values;
+      values.reserve(keys.size());
+      for (const auto& key : keys) {
+        values.push_back(textOf(store_->get(key)));
+      }
+      return values;
+    });
   }
 
   std::vector<bool> deleteEach(
       const std::vector<std::string>& keys, Clock::time_point) override {
-    std::vector<bool> existed;
-    existed.reserve(keys.size());
-    for (const auto& key : keys) {
-      existed.push_back(store_->deleteKey(key));
-    }
-    return existed;
+    return guarded([&] {
+      std::vector<bool> existed;
+      existed.reserve(keys.size());
+      for (const auto& key : keys) {
+        existed.push_back(store_->deleteKey(key));
+      }
+      return existed;
+    });
   }
 
   std::string compareSet(
@@ -100,8 +124,10 @@ class C10dConnection final : public StoreConnection {
       std::string_view expected,
       std::string_view desired,
       Clock::time_point) override {
-    return textOf(store_->compareSet(
-        std::string(key), bytesOf(expected), bytesOf(desired)));
+    return guarded([&] {
+      return textOf(store_->compareSet(
+          std::string(key), bytesOf(expected), bytesOf(desired)));
+    });
   }
 
   void startWait(std::string_view key, Clock::time_point) override {
@@ -116,21 +142,10 @@ class C10dConnection final : public StoreConnection {
 
   bool awaitRelease(Clock::time_point until, int alarmFd) override {
     for (;;) {
-      const auto sliceStart = Clock::now();
-      const auto slice = std::max(
-          std::chrono::milliseconds(1),
-          std::min(
-              kWaitSlice,
-              std::chrono::ceil<std::chrono::milliseconds>(
-                  until - sliceStart)));
-      try {
-        store_->wait(waitedKey_, slice);
+      if (guarded([&] {
+            return store_->check(waitedKey_);
+          })) {
         return true;
-      } catch (const c10::Error&) {
-        // Stores report an elapsed wait as an error; an early one is real.
-        if (Clock::now() < sliceStart + slice) {
-          throw;
-        }
       }
       if (alarmFd >= 0) {
         pollfd pfd{alarmFd, POLLIN, 0};
@@ -138,10 +153,26 @@ class C10dConnection final : public StoreConnection {
           return false;
         }
       }
-      if (Clock::now() >= until) {
+      const auto now = Clock::now();
+      if (now >= until) {
         return false;
       }
+      // Stores report an elapsed wait only as an error, which cannot be
+      // told from a failing store: wait a slice, then look with check().
+      const auto slice = std::max(
+          std::chrono::milliseconds(1),
+          std::min(
+              kWaitSlice,
+              std::chrono::ceil<std::chrono::milliseconds>(until - now)));
+      try {
+        store_->wait(waitedKey_, slice);
+      } catch (const std::exception&) {
+      }
     }
+  }
+
+  bool idle() const noexcept override {
+    return true;
   }
 
   void abort() noexcept override {}
@@ -151,6 +182,17 @@ class C10dConnection final : public StoreConnection {
   }
 
  private:
+  template <typename Call>
+  auto guarded(Call call) -> decltype(call()) {
+    try {
+      return call();
+    } catch (const std::exception& e) {
+      throw StoreUnavailable(
+          fmt::format("{} failed: {}", description_, withoutBacktrace(e)),
+          false);
+    }
+  }
+
   c10::intrusive_ptr<c10d::Store> store_;
   std::string description_;
   std::vector<std::string> waitedKey_;

@@ -57,10 +57,12 @@ void startRounds(
   state.protocol = makeRoundProtocol(
       state.protocolKind, state.rank, state.worldSize, state.prefix);
   if (address) {
-    state.connection = openWireConnection(*address, deadline, [&state] {
-      state.runInterruptCheck();
-    });
-    state.background = openWireConnection(*address, deadline);
+    state.connection =
+        openWireConnection(*address, deadline, state.stallLimit(), [&state] {
+          state.runInterruptCheck();
+        });
+    state.background =
+        openWireConnection(*address, deadline, state.stallLimit());
   } else {
     state.connection = openC10dConnection(state.store);
     state.background = openC10dConnection(state.store);
@@ -287,7 +289,9 @@ TCPStoreBarrier::TCPStoreBarrier(
   }
 }
 
-TCPStoreBarrier::~TCPStoreBarrier() = default;
+TCPStoreBarrier::~TCPStoreBarrier() {
+  detail::destroyBarrier(*state_);
+}
 
 int64_t TCPStoreBarrier::sequence() const noexcept {
   return state_->sequence;
@@ -315,12 +319,13 @@ Protocol TCPStoreBarrier::protocol() const noexcept {
   return state_->protocolKind;
 }
 bool TCPStoreBarrier::closed() const noexcept {
-  return state_->closed;
+  return state_->phase == detail::Phase::kClosed;
 }
 
 c10::intrusive_ptr<c10d::Store> TCPStoreBarrier::store() {
   BarrierState& state = *state_;
-  if (!state.store && state.address && !state.closed) {
+  if (!state.store && state.address &&
+      state.phase != detail::Phase::kClosed) {
     c10d::TCPStoreOptions clientOptions;
     clientOptions.port = state.address->port;
     clientOptions.isServer = false;

@@ -21,11 +21,19 @@ constexpr double kBeatsPerSilence = 2.5;
 constexpr int64_t kAlarmOffset = int64_t{1} << 40;
 
 constexpr std::string_view kAliveInfix = "/alive/";
+constexpr std::string_view kClosedInfix = "/closed/";
 constexpr std::string_view kLostSuffix = "/lost";
 constexpr std::string_view kLostField = "lost=";
 constexpr std::string_view kMissingField = ";missing=";
 
 } // namespace
+
+std::string closedKey(const std::string& prefix, int64_t rank) {
+  std::string key = prefix;
+  key.append(kClosedInfix);
+  appendDecimal(key, rank);
+  return key;
+}
 
 std::string joinRanks(const std::vector<int64_t>& ranks) {
   std::string text;
@@ -50,31 +58,46 @@ std::vector<int64_t> splitRanks(std::string_view text) {
   return ranks;
 }
 
+bool SilenceTracker::silent(
+    int64_t rank, const std::string& value, Clock::time_point now) {
+  auto [entry, first] = seen_.try_emplace(rank, Seen{value, now});
+  if (first || entry->second.value != value) {
+    entry->second = Seen{value, now};
+    return false;
+  }
+  return now - entry->second.since >= limit_;
+}
+
+LivenessTiming::LivenessTiming(
+    std::optional<std::chrono::milliseconds> peerTimeout, int64_t worldSize) {
+  if (peerTimeout) {
+    const auto fair =
+        std::chrono::milliseconds(worldSize * 1000 / kHeartbeatsPerSecond);
+    interval = std::max(*peerTimeout / 5, fair);
+    silenceLimit = std::max(
+        *peerTimeout,
+        std::chrono::duration_cast<std::chrono::milliseconds>(
+            interval * kBeatsPerSilence));
+  }
+}
+
 Liveness::Liveness(
     int64_t rank,
     int64_t worldSize,
     const std::string& prefix,
     std::optional<std::chrono::milliseconds> peerTimeout,
-    RoundProtocol& protocol,
+    const RoundProtocol& protocol,
     StoreConnection& connection)
     : rank_(rank),
       worldSize_(worldSize),
       prefix_(prefix),
       enabled_(peerTimeout.has_value()),
+      timing_(peerTimeout, worldSize),
       protocol_(protocol),
       connection_(connection),
       ownAliveKey_(aliveKey(rank)),
-      alarmFd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
-  if (enabled_) {
-    const auto fair =
-        std::chrono::milliseconds(worldSize * 1000 / kHeartbeatsPerSecond);
-    interval_ = std::max(*peerTimeout / 5, fair);
-    silenceLimit_ = std::max(
-        *peerTimeout,
-        std::chrono::duration_cast<std::chrono::milliseconds>(
-            interval_ * kBeatsPerSilence));
-  }
-}
+      alarmFd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+      silence_(timing_.silenceLimit) {}
 
 std::string Liveness::aliveKey(int64_t rank) const {
   std::string key = prefix_;
@@ -130,12 +153,12 @@ void Liveness::tick() {
     round = round_;
   }
   const auto now = Clock::now();
-  const auto deadline = now + silenceLimit_;
+  const auto deadline = now + timing_.silenceLimit;
   try {
     if (connection_.add(ownAliveKey_, 1, deadline) >= kAlarmOffset) {
       readDeclaredLoss(deadline);
     } else if (
-        round.waiting && round.watcher && now - round.since >= interval_) {
+        round.waiting && round.watcher && now - round.since >= timing_.interval) {
       watch(round, deadline);
     }
   } catch (const StoreUnavailable& e) {
@@ -165,15 +188,19 @@ void Liveness::readDeclaredLoss(Clock::time_point deadline) {
               std::string_view(declared).substr(
                   std::min(declared.size(), missingAt + kMissingField.size()))),
           {}});
+  // The host, itself about to raise this verdict and perhaps to exit,
+  // keeps the store up until every survivor has it (close.cpp).
+  connection_.set(closedKey(prefix_, rank_), "1");
+  connection_.flush(deadline);
 }
 
 void Liveness::watch(const Round& round, Clock::time_point deadline) {
   if (round.sequence != seenSequence_) {
-    seen_.clear();
+    silence_.clear();
     seenSequence_ = round.sequence;
   }
   const auto missing =
-      protocol_.missingRanks(connection_, round.sequence, deadline);
+      protocol_.missingRanks(connection_, rankKeys_, round.sequence, deadline);
   // torch's ranks send no heartbeat: only ranks with a counter are watched.
   // A rank still constructing may get one later, so look again each time.
   std::vector<int64_t> unknown;
@@ -198,10 +225,7 @@ void Liveness::watch(const Round& round, Clock::time_point deadline) {
   const auto now = Clock::now();
   std::vector<int64_t> lost;
   for (std::size_t i = 0; i < watched.size(); ++i) {
-    auto [entry, first] = seen_.try_emplace(watched[i], Seen{values[i], now});
-    if (first || entry->second.value != values[i]) {
-      entry->second = Seen{values[i], now};
-    } else if (now - entry->second.since >= silenceLimit_) {
+    if (silence_.silent(watched[i], values[i], now)) {
       lost.push_back(watched[i]);
     }
   }

@@ -36,6 +36,40 @@ struct Alarm {
   std::string detail;
 };
 
+// Decides silence from a counter's successive readings: a rank is silent
+// once its counter has not moved for `limit`, timed by this observer's own
+// clock from the reading that first showed the value (clocks of other
+// hosts are never compared). The one judge of silence: watchers and rank
+// 0's close() both use it.
+class SilenceTracker {
+ public:
+  explicit SilenceTracker(std::chrono::milliseconds limit) : limit_(limit) {}
+
+  // Records `value`, read at `now`, of `rank`'s counter; whether it has
+  // stood still for the limit.
+  bool silent(int64_t rank, const std::string& value, Clock::time_point now);
+  void clear() {
+    seen_.clear();
+  }
+
+ private:
+  struct Seen {
+    std::string value;
+    Clock::time_point since;
+  };
+  std::chrono::milliseconds limit_;
+  std::map<int64_t, Seen> seen_;
+};
+
+// The heartbeat's period and the silence allowed, for a peer timeout (nullopt:
+// liveness off, both zero) and a world size.
+struct LivenessTiming {
+  LivenessTiming(
+      std::optional<std::chrono::milliseconds> peerTimeout, int64_t worldSize);
+  std::chrono::milliseconds interval{0};
+  std::chrono::milliseconds silenceLimit{0};
+};
+
 class Liveness {
  public:
   // `connection` is the worker's, used only from tick(); `peerTimeout`
@@ -46,18 +80,18 @@ class Liveness {
       int64_t worldSize,
       const std::string& prefix,
       std::optional<std::chrono::milliseconds> peerTimeout,
-      RoundProtocol& protocol,
+      const RoundProtocol& protocol,
       StoreConnection& connection);
 
   // The heartbeat's period: a fifth of the peer timeout, stretched so that
   // all ranks together send at most kHeartbeatsPerSecond.
   std::chrono::milliseconds interval() const noexcept {
-    return interval_;
+    return timing_.interval;
   }
   // How long a rank may stay silent: the peer timeout, or two and a half
   // intervals when the world is so large that the interval had to stretch.
   std::chrono::milliseconds silenceLimit() const noexcept {
-    return silenceLimit_;
+    return timing_.silenceLimit;
   }
   bool enabled() const noexcept {
     return enabled_;
@@ -88,11 +122,6 @@ class Liveness {
     int64_t sequence = 0;
     Clock::time_point since;
   };
-  struct Seen {
-    std::string value;
-    Clock::time_point since;
-  };
-
   void watch(const Round& round, Clock::time_point deadline);
   void learnMembers(
       const std::vector<int64_t>& ranks, Clock::time_point deadline);
@@ -108,9 +137,8 @@ class Liveness {
   int64_t worldSize_;
   std::string prefix_;
   bool enabled_;
-  std::chrono::milliseconds interval_{0};
-  std::chrono::milliseconds silenceLimit_{0};
-  RoundProtocol& protocol_;
+  const LivenessTiming timing_;
+  const RoundProtocol& protocol_;
   StoreConnection& connection_;
   std::string ownAliveKey_;
   UniqueFd alarmFd_;
@@ -121,9 +149,15 @@ class Liveness {
 
   // Worker thread only.
   std::set<int64_t> members_;
-  std::map<int64_t, Seen> seen_;
+  RankKeyCache rankKeys_;
+  SilenceTracker silence_;
   int64_t seenSequence_ = -1;
 };
+
+// `{prefix}/closed/{r}`: rank r needs nothing more of the store. It says
+// so when it closes, when its barrier is destroyed, and when it has learnt
+// a verdict of lost peers (after which it never asks the store again).
+std::string closedKey(const std::string& prefix, int64_t rank);
 
 // "2,5" and back.
 std::string joinRanks(const std::vector<int64_t>& ranks);

@@ -21,44 +21,48 @@ class TorchKeysProtocol final : public RoundProtocol {
 
   void sendArrival(
       StoreConnection& connection,
+      RoundKeys& round,
       int64_t sequence,
-      Clock::time_point deadline) override {
+      Clock::time_point deadline) const override {
     // torch's class announces the round it joins under `rank{r}` first; the
     // value is what names a missing rank when a round times out. It leaves
     // in the same send as the add.
-    writeRankKey(connection, sequence);
-    numMembersKey_.assign(prefix_)
-        .append(sequenceText_)
-        .append(kNumMembersSuffix);
-    releaseKey_.assign(prefix_).append(sequenceText_).append(kLastMemberSuffix);
-    connection.sendAdd(numMembersKey_, 1, deadline);
+    round.sequenceText.clear();
+    appendDecimal(round.sequenceText, sequence);
+    writeRankKey(connection, round);
+    assignRoundKey(round.countKey, round, kNumMembersSuffix);
+    assignRoundKey(round.releaseKey, round, kLastMemberSuffix);
+    connection.sendAdd(round.countKey, 1, deadline);
   }
 
-  bool arrivalAnswered(
-      StoreConnection& connection, Clock::time_point until) override {
+  bool arrivalAnswered(StoreConnection& connection, Clock::time_point until)
+      const override {
     return connection.replyReady(until);
   }
 
   Arrival finishArrival(
-      StoreConnection& connection, Clock::time_point deadline) override {
+      StoreConnection& connection,
+      const RoundKeys& round,
+      Clock::time_point deadline) const override {
     const int64_t order = connection.readAdd(deadline);
     if (order >= worldSize_) {
       // The last arriver releases the others and has nothing to wait for.
-      connection.set(releaseKey_, kReleasedValue);
+      connection.set(round.releaseKey, kReleasedValue);
       connection.flush(deadline);
       return {true, order};
     }
-    connection.startWait(releaseKey_, deadline);
+    connection.startWait(round.releaseKey, deadline);
     return {false, order};
   }
 
-  void noteSlowRound(StoreConnection&, int64_t) override {}
+  void noteSlowRound(StoreConnection&, const RoundKeys&) const override {}
 
   std::vector<int64_t> missingRanks(
       StoreConnection& connection,
+      RankKeyCache& cache,
       int64_t sequence,
-      Clock::time_point deadline) override {
-    return ranksBehind(connection, sequence, deadline);
+      Clock::time_point deadline) const override {
+    return ranksBehind(connection, cache, sequence, deadline);
   }
 
   std::string releaseKey(int64_t sequence) const override {
@@ -69,7 +73,7 @@ class TorchKeysProtocol final : public RoundProtocol {
       StoreConnection& connection,
       int64_t newest,
       int64_t count,
-      Clock::time_point deadline) override {
+      Clock::time_point deadline) const override {
     // A torch rank never takes its turn, so walk back past this batch, a
     // batch at a time, until a round is found already deleted. Walkers that
     // meet stop at each other's deletes; the one still deleting carries on
@@ -96,36 +100,39 @@ class ServerBarrierProtocol final : public RoundProtocol {
 
   void sendArrival(
       StoreConnection& connection,
+      RoundKeys& round,
       int64_t sequence,
-      Clock::time_point deadline) override {
-    appendSequence(sequence);
-    releaseKey_.assign(prefix_)
-        .append(sequenceText_)
-        .append(kServerBarrierSuffix);
+      Clock::time_point deadline) const override {
+    round.sequenceText.clear();
+    appendDecimal(round.sequenceText, sequence);
+    assignRoundKey(round.releaseKey, round, kServerBarrierSuffix);
     // The request is the arrival: the server answers it once the count is
     // reached. The `rank{r}` key waits for noteSlowRound(), which halves the
     // server's work in rounds that release at once.
-    connection.startServerBarrier(releaseKey_, worldSize_, deadline);
+    connection.startServerBarrier(round.releaseKey, worldSize_, deadline);
   }
 
-  bool arrivalAnswered(StoreConnection&, Clock::time_point) override {
+  bool arrivalAnswered(StoreConnection&, Clock::time_point) const override {
     return true;
   }
 
-  Arrival finishArrival(StoreConnection&, Clock::time_point) override {
+  Arrival finishArrival(
+      StoreConnection&, const RoundKeys&, Clock::time_point) const override {
     return {false, 0};
   }
 
   std::vector<int64_t> missingRanks(
       StoreConnection& connection,
+      RankKeyCache& cache,
       int64_t sequence,
-      Clock::time_point deadline) override {
+      Clock::time_point deadline) const override {
     return ranksBehindCount(
-        connection, sequence, releaseKey(sequence), deadline);
+        connection, cache, sequence, releaseKey(sequence), deadline);
   }
 
-  void noteSlowRound(StoreConnection& connection, int64_t sequence) override {
-    writeRankKey(connection, sequence);
+  void noteSlowRound(StoreConnection& connection, const RoundKeys& round)
+      const override {
+    writeRankKey(connection, round);
   }
 
   std::string releaseKey(int64_t sequence) const override {
@@ -136,7 +143,7 @@ class ServerBarrierProtocol final : public RoundProtocol {
       StoreConnection& connection,
       int64_t newest,
       int64_t count,
-      Clock::time_point deadline) override {
+      Clock::time_point deadline) const override {
     std::vector<std::string> keys;
     for (int64_t old = newest; old > newest - count && old >= 0; --old) {
       keys.push_back(roundKey(old, kServerBarrierSuffix));
@@ -163,15 +170,22 @@ std::optional<int64_t> parseDecimal(std::string_view text) {
   return value;
 }
 
+namespace {
+
+std::string rankKeyOf(int64_t rank) {
+  std::string key = "rank";
+  appendDecimal(key, rank);
+  return key;
+}
+
+} // namespace
+
 RoundProtocol::RoundProtocol(
     int64_t rank, int64_t worldSize, std::string prefix)
     : rank_(rank),
       worldSize_(worldSize),
       prefix_(std::move(prefix)),
-      rankKeySeen_(static_cast<std::size_t>(worldSize), false) {
-  rankKey_ = "rank";
-  appendDecimal(rankKey_, rank_);
-}
+      rankKey_(rankKeyOf(rank)) {}
 
 bool RoundProtocol::watches(const Arrival& arrival) const {
   // The first two arrivers wait the longest; ranks 0 and 1 stand in when
@@ -187,22 +201,22 @@ std::string RoundProtocol::roundKey(
   return key;
 }
 
-void RoundProtocol::appendSequence(int64_t sequence) {
-  sequenceText_.clear();
-  appendDecimal(sequenceText_, sequence);
+void RoundProtocol::assignRoundKey(
+    std::string& key, const RoundKeys& round, std::string_view suffix) const {
+  key.assign(prefix_).append(round.sequenceText).append(suffix);
 }
 
 void RoundProtocol::writeRankKey(
-    StoreConnection& connection, int64_t sequence) {
-  appendSequence(sequence);
-  connection.set(rankKey_, sequenceText_);
+    StoreConnection& connection, const RoundKeys& round) const {
+  connection.set(rankKey_, round.sequenceText);
 }
 
 std::vector<int64_t> RoundProtocol::ranksBehindCount(
     StoreConnection& connection,
+    RankKeyCache& cache,
     int64_t sequence,
     const std::string& countKey,
-    Clock::time_point deadline) {
+    Clock::time_point deadline) const {
   // A native rank writes its `rank{r}` key only once its round has been
   // slow, so one that arrived just now may not have written it yet: the
   // round's count says how many arrived, and the keys catch up within
@@ -215,46 +229,50 @@ std::vector<int64_t> RoundProtocol::ranksBehindCount(
     return parseDecimal(connection.multiGet(count, deadline).front())
         .value_or(0);
   };
-  auto missing = ranksBehind(connection, sequence, deadline);
+  auto missing = ranksBehind(connection, cache, sequence, deadline);
   const auto giveUp =
       std::min(deadline, Clock::now() + std::chrono::milliseconds(300));
   while (worldSize_ - static_cast<int64_t>(missing.size()) < arrived() &&
          Clock::now() < giveUp) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    missing = ranksBehind(connection, sequence, deadline);
+    missing = ranksBehind(connection, cache, sequence, deadline);
   }
   return missing;
 }
 
 std::vector<int64_t> RoundProtocol::ranksBehind(
-    StoreConnection& connection, int64_t sequence, Clock::time_point deadline) {
-  if (allRankKeys_.empty()) {
+    StoreConnection& connection,
+    RankKeyCache& cache,
+    int64_t sequence,
+    Clock::time_point deadline) const {
+  if (cache.keys.empty()) {
     for (int64_t r = 0; r < worldSize_; ++r) {
-      allRankKeys_.push_back("rank" + std::to_string(r));
+      cache.keys.push_back(rankKeyOf(r));
     }
+    cache.seen.assign(cache.keys.size(), false);
   }
   // Before every rank has entered some round, a rank without a key is
   // missing; reading a missing key is an error on the legacy server.
   std::vector<std::string> unseen;
   std::vector<std::size_t> unseenRanks;
-  for (std::size_t r = 0; r < allRankKeys_.size(); ++r) {
-    if (!rankKeySeen_[r]) {
-      unseen.push_back(allRankKeys_[r]);
+  for (std::size_t r = 0; r < cache.keys.size(); ++r) {
+    if (!cache.seen[r]) {
+      unseen.push_back(cache.keys[r]);
       unseenRanks.push_back(r);
     }
   }
   if (!unseen.empty()) {
     const auto exists = connection.checkEach(unseen, deadline);
     for (std::size_t i = 0; i < exists.size(); ++i) {
-      rankKeySeen_[unseenRanks[i]] = exists[i];
+      cache.seen[unseenRanks[i]] = exists[i];
     }
   }
   std::vector<std::string> keys;
   std::vector<int64_t> keyRanks;
   std::vector<int64_t> missing;
-  for (std::size_t r = 0; r < allRankKeys_.size(); ++r) {
-    if (rankKeySeen_[r]) {
-      keys.push_back(allRankKeys_[r]);
+  for (std::size_t r = 0; r < cache.keys.size(); ++r) {
+    if (cache.seen[r]) {
+      keys.push_back(cache.keys[r]);
       keyRanks.push_back(static_cast<int64_t>(r));
     } else {
       missing.push_back(static_cast<int64_t>(r));

@@ -21,27 +21,51 @@ struct Arrival {
   int64_t order = 0;
 };
 
+// The keys of the round the caller is in, kept between rounds so that
+// entering one allocates nothing once they have grown. Caller thread only.
+struct RoundKeys {
+  std::string sequenceText;
+  // torch: `{prefix}{s}/num_members`.
+  std::string countKey;
+  // What releases the round: torch's `last_member`, native's `barrier`.
+  std::string releaseKey;
+};
+
+// Which `rank{r}` keys exist. They are never deleted, so a key seen once
+// stays seen. Each thread that names missing ranks keeps its own.
+struct RankKeyCache {
+  std::vector<std::string> keys;
+  std::vector<bool> seen;
+};
+
+// A protocol is a const description of a round's keys and requests: it is
+// shared by the caller thread and the worker, and holds nothing that
+// changes; the buffers it fills belong to whoever passes them in.
 class RoundProtocol {
  public:
   RoundProtocol(int64_t rank, int64_t worldSize, std::string prefix);
   virtual ~RoundProtocol() = default;
 
-  // Sends this rank's arrival at round `sequence`.
+  // Sends this rank's arrival at round `sequence`, filling `round`.
   virtual void sendArrival(
       StoreConnection& connection,
+      RoundKeys& round,
       int64_t sequence,
-      Clock::time_point deadline) = 0;
+      Clock::time_point deadline) const = 0;
   // Whether the store's answer to the arrival is here (or none is due), so
   // that finishArrival() will not block.
   virtual bool arrivalAnswered(
-      StoreConnection& connection, Clock::time_point until) = 0;
+      StoreConnection& connection, Clock::time_point until) const = 0;
   // Reads the store's answer and, unless the arrival released the round,
   // starts the wait for the release on `connection`.
   virtual Arrival finishArrival(
-      StoreConnection& connection, Clock::time_point deadline) = 0;
+      StoreConnection& connection,
+      const RoundKeys& round,
+      Clock::time_point deadline) const = 0;
 
   // Called once a round has waited kSlowRound without releasing.
-  virtual void noteSlowRound(StoreConnection& connection, int64_t sequence) = 0;
+  virtual void noteSlowRound(
+      StoreConnection& connection, const RoundKeys& round) const = 0;
 
   // Whether a rank that entered a round so watches its peers' liveness: a
   // few ranks per round do, so the store's load does not grow with them.
@@ -50,8 +74,9 @@ class RoundProtocol {
   // The ranks that had not entered round `sequence`.
   virtual std::vector<int64_t> missingRanks(
       StoreConnection& connection,
+      RankKeyCache& cache,
       int64_t sequence,
-      Clock::time_point deadline) = 0;
+      Clock::time_point deadline) const = 0;
 
   // The key whose setting releases round `sequence`, for messages.
   virtual std::string releaseKey(int64_t sequence) const = 0;
@@ -62,35 +87,35 @@ class RoundProtocol {
       StoreConnection& connection,
       int64_t newest,
       int64_t count,
-      Clock::time_point deadline) = 0;
+      Clock::time_point deadline) const = 0;
 
  protected:
   // Ranks whose `rank{r}` key is missing or below `sequence`.
   std::vector<int64_t> ranksBehind(
       StoreConnection& connection,
+      RankKeyCache& cache,
       int64_t sequence,
-      Clock::time_point deadline);
+      Clock::time_point deadline) const;
   // The same, read until it agrees with the number of ranks that
   // `countKey` says have arrived (for at most 300 ms).
   std::vector<int64_t> ranksBehindCount(
       StoreConnection& connection,
+      RankKeyCache& cache,
       int64_t sequence,
       const std::string& countKey,
-      Clock::time_point deadline);
+      Clock::time_point deadline) const;
   std::string roundKey(int64_t sequence, std::string_view suffix) const;
-  void appendSequence(int64_t sequence);
-  void writeRankKey(StoreConnection& connection, int64_t sequence);
+  // `{prefix}{s}{suffix}` into `key`, reusing its storage.
+  void assignRoundKey(
+      std::string& key,
+      const RoundKeys& round,
+      std::string_view suffix) const;
+  void writeRankKey(StoreConnection& connection, const RoundKeys& round) const;
 
-  int64_t rank_;
-  int64_t worldSize_;
-  std::string prefix_;
-  std::string rankKey_;
-  std::vector<std::string> allRankKeys_;
-  // Ranks whose key was seen once: `rank{r}` keys are never deleted.
-  std::vector<bool> rankKeySeen_;
-  std::string sequenceText_;
-  std::string numMembersKey_;
-  std::string releaseKey_;
+  const int64_t rank_;
+  const int64_t worldSize_;
+  const std::string prefix_;
+  const std::string rankKey_;
 };
 
 std::unique_ptr<RoundProtocol> makeRoundProtocol(

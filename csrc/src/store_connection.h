@@ -96,6 +96,11 @@ class StoreConnection {
   // -1) becomes readable.
   virtual bool awaitRelease(Clock::time_point until, int alarmFd) = 0;
 
+  // Whether no reply is due on this connection: nothing sent is still
+  // unanswered (an arrival or a wait cut short leaves one due), so that a
+  // new request's reply cannot be mistaken for an older one's.
+  virtual bool idle() const noexcept = 0;
+
   // Makes a call blocked in another thread fail at once (for shutdown).
   virtual void abort() noexcept = 0;
 
@@ -112,11 +117,14 @@ struct StoreAddress {
 };
 
 // Connects, retrying a refused connection until `deadline`, and checks that
-// the server answers. `interruptCheck`, if set, runs between slices of
-// every blocking call.
+// the server answers. The kernel gives up on the connection once data sent
+// has gone unacknowledged for `stallLimit` (TCP_USER_TIMEOUT): the silence
+// the barrier allows, so a stall it would wait out never kills the socket.
+// `interruptCheck`, if set, runs between slices of every blocking call.
 std::unique_ptr<StoreConnection> openWireConnection(
     const StoreAddress& address,
     Clock::time_point deadline,
+    std::chrono::milliseconds stallLimit,
     std::function<void()> interruptCheck = nullptr);
 
 // Counts this client in TCPStore's `init/` key, as every c10d client that

@@ -23,6 +23,7 @@
 namespace tcpstore_barrier {
 
 using detail::BarrierState;
+using detail::Phase;
 
 namespace {
 
@@ -37,7 +38,7 @@ constexpr std::chrono::milliseconds kInterruptSlice{100};
 constexpr std::chrono::milliseconds kDiagnosisBudget{900};
 
 void checkUsable(const BarrierState& state) {
-  if (state.closed) {
+  if (state.phase == Phase::kClosed) {
     throw std::logic_error(
         fmt::format(
             "TCPStoreBarrier rank {} (prefix '{}') is closed",
@@ -60,7 +61,7 @@ Clock::time_point replyDeadline(
 }
 
 std::string whatThisRankKnew(const BarrierState& state) {
-  if (!state.arrived) {
+  if (!state.arrived()) {
     return "this rank had not arrived in the round";
   }
   if (state.arrival.order > 0) {
@@ -70,57 +71,6 @@ std::string whatThisRankKnew(const BarrierState& state) {
         state.worldSize);
   }
   return "this rank had arrived in the round";
-}
-
-[[noreturn]] void throwTimeout(BarrierState& state) {
-  struct Diagnosis {
-    std::vector<int64_t> missing;
-    std::string failure;
-  };
-  auto diagnosis = std::make_shared<Diagnosis>();
-  const auto budget = Clock::now() + kDiagnosisBudget;
-  // On the worker's connection: the caller's still awaits the release.
-  const bool answered = state.worker->runBefore(
-      [diagnosis,
-       protocol = state.protocol.get(),
-       connection = state.background.get(),
-       sequence = state.sequence,
-       budget] {
-        try {
-          diagnosis->missing =
-              protocol->missingRanks(*connection, sequence, budget);
-        } catch (const std::exception& e) {
-          diagnosis->failure = e.what();
-        }
-      },
-      budget);
-  if (!answered) {
-    detail::throwStoreUnreachable(
-        state,
-        fmt::format(
-            "{} did not answer within {} when asked which ranks were "
-            "missing at the timeout",
-            state.describeStore(),
-            describeSeconds(kDiagnosisBudget)));
-  }
-  if (!diagnosis->failure.empty()) {
-    detail::throwStoreUnreachable(state, diagnosis->failure);
-  }
-  const auto key = state.protocol->releaseKey(state.sequence);
-  throw BarrierTimeoutError(
-      fmt::format(
-          "TCPStoreBarrier timed out after {} on rank {} (world size {}) "
-          "at barrier key '{}' (sequence {}); missing ranks: [{}]",
-          describeSeconds(state.timeout),
-          state.rank,
-          state.worldSize,
-          key,
-          state.sequence,
-          fmt::join(diagnosis->missing, ", ")),
-      key,
-      state.sequence,
-      state.timeout,
-      diagnosis->missing);
 }
 
 [[noreturn]] void throwAlarm(BarrierState& state, const Alarm& alarm) {
@@ -146,27 +96,109 @@ std::string whatThisRankKnew(const BarrierState& state) {
       alarm.missingRanks,
       alarm.lostRanks);
   state.lost = std::make_exception_ptr(error);
+  state.phase = Phase::kLost;
   throw error;
 }
 
-void enterRound(BarrierState& state, Clock::time_point deadline) {
-  // A loss noticed between rounds ends the barrier before this rank counts
-  // itself into a round that cannot complete.
+// A loss noticed between rounds, or while an arrival was cut short, ends
+// the barrier before this rank counts itself into a round that cannot
+// complete.
+void checkNoAlarm(BarrierState& state) {
   if (auto alarm = state.liveness->alarm()) {
     throwAlarm(state, *alarm);
   }
+}
+
+// Names the ranks missing at a timeout, on a connection of its own: the
+// caller's still awaits the release, and the worker may be busy for longer
+// than a timed-out caller may wait (a heartbeat to a slow store, a batch of
+// deletes). nullopt when the store did not answer within the budget: a slow
+// store is not a lost one (liveness decides that), and the round has merely
+// timed out.
+std::optional<std::vector<int64_t>> diagnoseTimeout(BarrierState& state) {
+  const auto budget = Clock::now() + kDiagnosisBudget;
   try {
-    const auto replyBy = replyDeadline(state, deadline);
-    if (!state.arrivalSent) {
-      state.protocol->sendArrival(*state.connection, state.sequence, replyBy);
-      state.arrivalSent = true;
+    if (!state.diagnosis) {
+      state.diagnosis = state.address
+          ? openWireConnection(
+                *state.address,
+                budget,
+                state.stallLimit(),
+                [&state] {
+                  state.runInterruptCheck();
+                })
+          : openC10dConnection(state.store);
     }
-    state.arrival = state.protocol->finishArrival(*state.connection, replyBy);
+    return state.protocol->missingRanks(
+        *state.diagnosis, state.diagnosisRankKeys, state.sequence, budget);
+  } catch (const StoreUnavailable& e) {
+    state.diagnosis.reset();
+    if (!e.silent()) {
+      detail::throwStoreUnreachable(state, e.what());
+    }
+  } catch (const c10::DistNetworkError& e) {
+    // Refused until the budget ran out: nobody listens any more.
+    state.diagnosis.reset();
+    detail::throwStoreUnreachable(state, e.what_without_backtrace());
+  } catch (...) {
+    // Interrupted: a reply may be due on it.
+    state.diagnosis.reset();
+    throw;
+  }
+  return std::nullopt;
+}
+
+[[noreturn]] void throwTimeout(BarrierState& state) {
+  const auto missing = diagnoseTimeout(state);
+  const auto key = state.protocol->releaseKey(state.sequence);
+  throw BarrierTimeoutError(
+      fmt::format(
+          "TCPStoreBarrier timed out after {} on rank {} (world size {}) "
+          "at barrier key '{}' (sequence {}); {}",
+          describeSeconds(state.timeout),
+          state.rank,
+          state.worldSize,
+          key,
+          state.sequence,
+          missing ? fmt::format("missing ranks: [{}]", fmt::join(*missing, ", "))
+                  : fmt::format(
+                        "missing ranks unknown: {} did not say within {}",
+                        state.describeStore(),
+                        describeSeconds(kDiagnosisBudget))),
+      key,
+      state.sequence,
+      state.timeout,
+      missing.value_or(std::vector<int64_t>{}));
+}
+
+void startArrival(BarrierState& state, Clock::time_point deadline) {
+  checkNoAlarm(state);
+  try {
+    state.protocol->sendArrival(
+        *state.connection,
+        state.round,
+        state.sequence,
+        replyDeadline(state, deadline));
   } catch (const StoreUnavailable& e) {
     detail::throwStoreUnreachable(state, e.what());
   }
-  state.arrived = true;
-  state.released = state.arrival.released;
+  state.phase = Phase::kArrivalSent;
+}
+
+void enterRound(BarrierState& state, Clock::time_point deadline) {
+  if (state.phase == Phase::kBetweenRounds) {
+    startArrival(state, deadline);
+  } else {
+    checkNoAlarm(state);
+  }
+  try {
+    state.arrival = state.protocol->finishArrival(
+        *state.connection, state.round, replyDeadline(state, deadline));
+  } catch (const StoreUnavailable& e) {
+    detail::throwStoreUnreachable(state, e.what());
+  }
+  state.phase =
+      state.arrival.released ? Phase::kReleased : Phase::kWaiting;
   state.slowNoted = false;
   state.liveness->enterRound(
       state.sequence, state.protocol->watches(state.arrival));
@@ -183,17 +215,15 @@ void awaitRelease(BarrierState& state, Clock::time_point deadline) {
     }
     try {
       if (state.connection->awaitRelease(until, state.liveness->alarmFd())) {
-        state.released = true;
+        state.phase = Phase::kReleased;
         return;
       }
-      if (auto alarm = state.liveness->alarm()) {
-        throwAlarm(state, *alarm);
-      }
+      checkNoAlarm(state);
       if (Clock::now() >= deadline) {
         throwTimeout(state);
       }
       if (!state.slowNoted) {
-        state.protocol->noteSlowRound(*state.connection, state.sequence);
+        state.protocol->noteSlowRound(*state.connection, state.round);
         state.connection->flush(replyDeadline(state, deadline));
         state.slowNoted = true;
       }
@@ -205,24 +235,51 @@ void awaitRelease(BarrierState& state, Clock::time_point deadline) {
 }
 
 void completeRound(BarrierState& state, Clock::time_point deadline) {
-  if (!state.released) {
+  if (state.phase != Phase::kReleased) {
     awaitRelease(state, deadline);
   }
   state.liveness->leaveRound();
   deleteFinishedRounds(state);
   ++state.sequence;
-  state.arrivalSent = false;
-  state.arrived = false;
-  state.released = false;
+  state.phase = Phase::kBetweenRounds;
 }
 
 } // namespace
 
 namespace detail {
 
+bool BarrierState::storeLost() const {
+  if (!lost) {
+    return false;
+  }
+  try {
+    std::rethrow_exception(lost);
+  } catch (const StoreUnreachableError&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+std::chrono::milliseconds BarrierState::stallLimit() const {
+  if (peerTimeout) {
+    return LivenessTiming(peerTimeout, worldSize).silenceLimit;
+  }
+  return std::max(timeout, std::chrono::milliseconds(1000));
+}
+
 void throwStoreUnreachable(BarrierState& state, const std::string& what) {
+  // A verdict on lost peers, once this rank has it, outlives the store: a
+  // host that exits right after its own PeerLostError takes the store with
+  // it, and must not change what the survivors name.
+  if (state.liveness) {
+    if (auto alarm = state.liveness->alarm();
+        alarm && alarm->kind == Alarm::Kind::kPeersLost) {
+      throwAlarm(state, *alarm);
+    }
+  }
   std::vector<int64_t> lostRanks;
-  if (state.hostsStore || state.ownsStore) {
+  if (state.ownsStore) {
     lostRanks.push_back(0);
   }
   StoreUnreachableError error(
@@ -238,31 +295,22 @@ void throwStoreUnreachable(BarrierState& state, const std::string& what) {
       state.sequence,
       lostRanks);
   state.lost = std::make_exception_ptr(error);
-  state.storeUnreachable = true;
+  state.phase = Phase::kLost;
   throw error;
 }
 
 void BarrierAccess::sendArrival(TCPStoreBarrier& barrier) {
   BarrierState& state = *barrier.state_;
   checkUsable(state);
-  if (state.arrived || state.arrivalSent) {
-    return;
+  if (state.phase == Phase::kBetweenRounds) {
+    startArrival(state, Clock::now() + state.timeout);
   }
-  try {
-    state.protocol->sendArrival(
-        *state.connection,
-        state.sequence,
-        replyDeadline(state, Clock::now() + state.timeout));
-  } catch (const StoreUnavailable& e) {
-    throwStoreUnreachable(state, e.what());
-  }
-  state.arrivalSent = true;
 }
 
 bool BarrierAccess::arrivalAnswered(
     TCPStoreBarrier& barrier, std::chrono::milliseconds patience) {
   BarrierState& state = *barrier.state_;
-  if (state.arrived) {
+  if (state.phase != Phase::kArrivalSent) {
     return true;
   }
   try {
@@ -278,7 +326,7 @@ bool BarrierAccess::arrivalAnswered(
 void TCPStoreBarrier::executeBarrier() {
   checkUsable(*state_);
   const auto deadline = Clock::now() + state_->timeout;
-  if (!state_->arrived) {
+  if (!state_->arrived()) {
     enterRound(*state_, deadline);
   }
   completeRound(*state_, deadline);
@@ -286,14 +334,14 @@ void TCPStoreBarrier::executeBarrier() {
 
 void TCPStoreBarrier::arrive() {
   checkUsable(*state_);
-  if (!state_->arrived) {
+  if (!state_->arrived()) {
     enterRound(*state_, Clock::now() + state_->timeout);
   }
 }
 
 void TCPStoreBarrier::wait() {
   checkUsable(*state_);
-  if (!state_->arrived) {
+  if (state_->phase == Phase::kBetweenRounds) {
     throw std::logic_error(
         fmt::format(
             "TCPStoreBarrier rank {}: wait() called before arrive() for "
@@ -301,20 +349,27 @@ void TCPStoreBarrier::wait() {
             state_->rank,
             state_->sequence));
   }
-  completeRound(*state_, Clock::now() + state_->timeout);
+  const auto deadline = Clock::now() + state_->timeout;
+  if (!state_->arrived()) {
+    // arrive() was cut short before the store's answer: finish it.
+    enterRound(*state_, deadline);
+  }
+  completeRound(*state_, deadline);
 }
 
 bool TCPStoreBarrier::released() {
   BarrierState& state = *state_;
-  if (state.released || !state.arrived || state.lost || state.closed) {
-    return state.released;
+  if (state.phase != Phase::kWaiting) {
+    return state.phase == Phase::kReleased;
   }
   try {
-    state.released = state.connection->awaitRelease(Clock::now(), -1);
+    if (state.connection->awaitRelease(Clock::now(), -1)) {
+      state.phase = Phase::kReleased;
+    }
   } catch (const StoreUnavailable&) {
     // The next wait() reports it, with the round's context.
   }
-  return state.released;
+  return state.phase == Phase::kReleased;
 }
 
 } // namespace tcpstore_barrier

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <stdexcept>
 #include <utility>
 
 #include <fmt/format.h>
@@ -61,7 +62,8 @@ class WireConnection final : public StoreConnection {
 
   void sendAdd(std::string_view key, int64_t delta, Clock::time_point deadline)
       override {
-    begin(QueryType::ADD);
+    startCall();
+    beginWithReply(QueryType::ADD);
     appendKey(key);
     appendValue(delta);
     sendPending(deadline);
@@ -71,8 +73,9 @@ class WireConnection final : public StoreConnection {
       const std::vector<std::string>& keys,
       int64_t delta,
       Clock::time_point deadline) override {
+    startCall();
     for (const auto& key : keys) {
-      begin(QueryType::ADD);
+      beginWithReply(QueryType::ADD);
       appendKey(key);
       appendValue(delta);
     }
@@ -99,22 +102,29 @@ class WireConnection final : public StoreConnection {
   }
 
   int64_t readAdd(Clock::time_point deadline) override {
-    return readValue<int64_t>(deadline);
+    const auto order = readValue<int64_t>(deadline);
+    --repliesDue_;
+    return order;
   }
 
   bool check(const std::vector<std::string>& keys, Clock::time_point deadline)
       override {
-    begin(QueryType::CHECK);
+    startCall();
+    beginWithReply(QueryType::CHECK);
     appendKeys(keys);
     sendPending(deadline);
-    return readValue<CheckResponseType>(deadline) == CheckResponseType::READY;
+    const bool ready =
+        readValue<CheckResponseType>(deadline) == CheckResponseType::READY;
+    --repliesDue_;
+    return ready;
   }
 
   std::vector<bool> checkEach(
       const std::vector<std::string>& keys,
       Clock::time_point deadline) override {
+    startCall();
     for (const auto& key : keys) {
-      begin(QueryType::CHECK);
+      beginWithReply(QueryType::CHECK);
       appendValue<uint64_t>(1);
       appendKey(key);
     }
@@ -130,21 +140,24 @@ class WireConnection final : public StoreConnection {
   std::vector<std::string> multiGet(
       const std::vector<std::string>& keys,
       Clock::time_point deadline) override {
-    begin(QueryType::MULTI_GET);
+    startCall();
+    beginWithReply(QueryType::MULTI_GET);
     appendKeys(keys);
     sendPending(deadline);
     std::vector<std::string> values(keys.size());
     for (auto& value : values) {
       value = readString(deadline);
     }
+    --repliesDue_;
     return values;
   }
 
   std::vector<bool> deleteEach(
       const std::vector<std::string>& keys,
       Clock::time_point deadline) override {
+    startCall();
     for (const auto& key : keys) {
-      begin(QueryType::DELETE_KEY);
+      beginWithReply(QueryType::DELETE_KEY);
       appendKey(key);
     }
     return readEach<bool>(
@@ -160,31 +173,34 @@ class WireConnection final : public StoreConnection {
       std::string_view expected,
       std::string_view desired,
       Clock::time_point deadline) override {
-    begin(QueryType::COMPARE_SET);
+    startCall();
+    beginWithReply(QueryType::COMPARE_SET);
     appendKey(key);
     appendString(expected);
     appendString(desired);
     sendPending(deadline);
-    return readString(deadline);
+    auto value = readString(deadline);
+    --repliesDue_;
+    return value;
   }
 
   void startWait(std::string_view key, Clock::time_point deadline) override {
-    begin(QueryType::WAIT);
+    startCall();
+    beginWithReply(QueryType::WAIT);
     appendValue<uint64_t>(1);
     appendKey(key);
     sendPending(deadline);
-    waiting_ = true;
   }
 
   void startServerBarrier(
       std::string_view key,
       int64_t worldSize,
       Clock::time_point deadline) override {
-    begin(QueryType::BARRIER);
+    startCall();
+    beginWithReply(QueryType::BARRIER);
     appendKey(key);
     appendValue(worldSize);
     sendPending(deadline);
-    waiting_ = true;
   }
 
   bool awaitRelease(Clock::time_point until, int alarmFd) override {
@@ -194,7 +210,7 @@ class WireConnection final : public StoreConnection {
         if (reply != WaitResponseType::STOP_WAITING) {
           fail("answered a wait with an unexpected reply", false);
         }
-        waiting_ = false;
+        --repliesDue_;
         return true;
       }
       pollfd fds[2] = {{fd_.get(), POLLIN, 0}, {alarmFd, POLLIN, 0}};
@@ -213,6 +229,10 @@ class WireConnection final : public StoreConnection {
     }
   }
 
+  bool idle() const noexcept override {
+    return repliesDue_ == 0 && pending_.empty();
+  }
+
   void abort() noexcept override {
     ::shutdown(fd_.get(), SHUT_RDWR);
   }
@@ -227,20 +247,22 @@ class WireConnection final : public StoreConnection {
     begin(QueryType::VALIDATE);
     appendValue(c10d::detail::validationMagicNumber);
     const uint32_t nonce = static_cast<uint32_t>(::getpid());
-    begin(QueryType::PING);
+    beginWithReply(QueryType::PING);
     appendValue(nonce);
     sendPending(deadline);
     if (readValue<uint32_t>(deadline) != nonce) {
       fail("answered the handshake with a wrong nonce", false);
     }
+    --repliesDue_;
   }
 
   void countWorker(Clock::time_point deadline) {
-    begin(QueryType::ADD);
+    beginWithReply(QueryType::ADD);
     appendString(kWorkerCountKey);
     appendValue<int64_t>(1);
     sendPending(deadline);
     readValue<int64_t>(deadline);
+    --repliesDue_;
   }
 
  private:
@@ -249,6 +271,26 @@ class WireConnection final : public StoreConnection {
       throw StoreUnavailable(failure_, failureSilent_);
     }
     pending_.push_back(static_cast<char>(query));
+  }
+
+  // A request with a reply. Replies come in request order and carry no
+  // tag: one still due from a call cut short (an interrupt, a deadline)
+  // would be read as this request's, so only the split calls (an arrival,
+  // a wait) may leave one due, and they alone may send behind it.
+  void beginWithReply(QueryType query) {
+    begin(query);
+    ++repliesDue_;
+  }
+
+  // Where a call with replies starts: none may be due from an earlier one.
+  void startCall() const {
+    if (repliesDue_ != 0) {
+      throw std::logic_error(
+          fmt::format(
+              "tcpstore_barrier: a request to {} would read a reply due to an "
+              "earlier one",
+              description_));
+    }
   }
 
   template <typename T>
@@ -276,6 +318,7 @@ class WireConnection final : public StoreConnection {
     replies.reserve(count);
     for (std::size_t i = 0; i < count; ++i) {
       replies.push_back(read());
+      --repliesDue_;
     }
     return replies;
   }
@@ -387,7 +430,8 @@ class WireConnection final : public StoreConnection {
   std::string pending_;
   std::string received_;
   std::size_t consumed_ = 0;
-  bool waiting_ = false;
+  // Requests sent whose reply has not been read in full.
+  int64_t repliesDue_ = 0;
   std::string failure_;
   bool failureSilent_ = false;
 };
@@ -397,9 +441,10 @@ class WireConnection final : public StoreConnection {
 std::unique_ptr<StoreConnection> openWireConnection(
     const StoreAddress& address,
     Clock::time_point deadline,
+    std::chrono::milliseconds stallLimit,
     std::function<void()> interruptCheck) {
   UniqueFd fd = connectSocket(address.host, address.port, deadline);
-  tuneStoreSocket(fd.get(), std::chrono::seconds(10));
+  tuneStoreSocket(fd.get(), stallLimit);
   auto connection = std::make_unique<WireConnection>(
       std::move(fd), address, std::move(interruptCheck));
   connection->validate(deadline);

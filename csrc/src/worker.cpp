@@ -1,7 +1,6 @@
 #include "worker.h"
 
 #include <algorithm>
-#include <memory>
 #include <utility>
 
 namespace tcpstore_barrier {
@@ -67,25 +66,6 @@ void Worker::postAt(std::function<void()> job, Clock::time_point notBefore) {
     jobs_.push_back(Job{std::move(job), notBefore});
   }
   changed_.notify_all();
-}
-
-bool Worker::runBefore(std::function<void()> job, Clock::time_point deadline) {
-  struct Done {
-    std::mutex mutex;
-    std::condition_variable changed;
-    bool done = false;
-  };
-  auto done = std::make_shared<Done>();
-  post([job = std::move(job), done] {
-    job();
-    std::lock_guard<std::mutex> lock(done->mutex);
-    done->done = true;
-    done->changed.notify_all();
-  });
-  std::unique_lock<std::mutex> lock(done->mutex);
-  return done->changed.wait_until(lock, deadline, [&] {
-    return done->done;
-  });
 }
 
 void Worker::run() {

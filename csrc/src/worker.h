@@ -1,6 +1,6 @@
 // A background thread that runs posted jobs in order, and a periodic tick
 // between them. It knows nothing of barriers: liveness gives it the tick,
-// housekeeping and timeout diagnosis give it jobs.
+// housekeeping gives it jobs.
 #pragma once
 
 #include <chrono>
@@ -35,10 +35,6 @@ class Worker {
   void post(std::function<void()> job);
   // Runs `job` no earlier than `notBefore`; jobs due run in posting order.
   void postAt(std::function<void()> job, Clock::time_point notBefore);
-
-  // Runs `job` on the thread; false if it had not finished by `deadline`
-  // (it then still runs, and must own what it uses).
-  bool runBefore(std::function<void()> job, Clock::time_point deadline);
 
  private:
   void run();

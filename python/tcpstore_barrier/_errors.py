@@ -87,22 +87,29 @@ class PeerLostError(BarrierTimeoutError):
         )
 
 
-class StoreUnreachableError(PeerLostError, DistNetworkError):
+class StoreUnreachableError(DistNetworkError):
     """The store host is gone or stopped answering.
 
-    Both a :class:`torch.distributed.DistNetworkError` (what torch raises for
-    a store that went away) and a :class:`PeerLostError` (rank 0, which hosts
-    the store, is lost). The message says which store, the rank, prefix and
-    sequence, and what this rank knew of the round. The barrier is then
-    unusable: every later call raises this error again.
+    A :class:`torch.distributed.DistNetworkError`, as torch raises for a
+    store that went away, and not a :class:`BarrierTimeoutError`: no round
+    timed out, and there is no time limit or key to report. The same type
+    and hierarchy as the C++ ``tcpstore_barrier::StoreUnreachableError``. The
+    message says which store, the rank, prefix and sequence, and what this
+    rank knew of the round. The barrier is then over: every later call
+    raises this error again. Catch :class:`torch.distributed.DistError` to
+    handle it together with :class:`BarrierTimeoutError` and
+    :class:`PeerLostError`.
 
     Attributes:
+        sequence: the round the barrier was in.
         lost_ranks: ``[0]`` when the barrier created the store (rank 0 hosts
-            it), else ``[]``.
+            it), else ``[]`` (a store given to ``from_store``).
     """
 
     def __init__(self, message: str, sequence: int, lost_ranks: list[int]) -> None:
-        PeerLostError.__init__(self, message, [], "", sequence, 0.0, lost_ranks)
+        super().__init__(message)
+        self.sequence = sequence
+        self.lost_ranks = sorted(lost_ranks)
 
     def __reduce__(self):
         return (type(self), (self.args[0], self.sequence, self.lost_ranks))

@@ -1,0 +1,203 @@
+// Leaving the store: close()'s handshake, and what a barrier destroyed
+// without close() does instead.
+//
+// The shutdown rule: the rank that hosts the store waits, up to the
+// timeout, until every other rank of this library has closed (or been
+// lost), so that no peer loses the store while still finishing its last
+// round; the others say that they have closed in their last request, which
+// has no reply. A destroyed barrier does the same, except that the host
+// waits only when its round ended in an error (a timeout, an interrupt, a
+// lost peer), and then only briefly: long enough for the survivors to
+// reach the same verdict, which needs the store.
+#include <algorithm>
+#include <thread>
+
+#include <c10/util/Logging.h>
+
+#include "barrier_state.h"
+
+namespace tcpstore_barrier::detail {
+namespace {
+
+// How often the host looks for ranks that have closed.
+constexpr std::chrono::milliseconds kClosePoll{10};
+// How long a destroyed host keeps the store up after an error: survivors
+// learn a verdict from their next heartbeat, and those that timed out with
+// the host need the store a moment longer to name the missing ranks.
+constexpr int kLingerIntervals = 3;
+constexpr std::chrono::milliseconds kMinLinger{2000};
+constexpr std::chrono::milliseconds kMaxLinger{10000};
+// A rank's goodbye is one send into its socket's buffer.
+constexpr std::chrono::milliseconds kGoodbyeDeadline{1000};
+
+// The host waits until every other rank of this library has said it
+// closed, or saw a verdict, or has been silent for the liveness limit (it
+// will never say so), or `deadline` passes.
+void awaitClosers(
+    BarrierState& state, StoreConnection& store, Clock::time_point deadline) {
+  std::vector<int64_t> pending;
+  {
+    std::vector<std::string> aliveKeys;
+    for (int64_t r = 1; r < state.worldSize; ++r) {
+      aliveKeys.push_back(state.liveness->aliveKey(r));
+    }
+    // torch's ranks have no counter: they never close, and are not awaited.
+    const auto members = store.checkEach(aliveKeys, deadline);
+    for (std::size_t i = 0; i < members.size(); ++i) {
+      if (members[i]) {
+        pending.push_back(static_cast<int64_t>(i) + 1);
+      }
+    }
+  }
+  if (auto alarm = state.liveness->alarm()) {
+    for (const int64_t lost : alarm->lostRanks) {
+      pending.erase(
+          std::remove(pending.begin(), pending.end(), lost), pending.end());
+    }
+  }
+  SilenceTracker silence(state.liveness->silenceLimit());
+  auto nextLook = Clock::now();
+  while (!pending.empty()) {
+    std::vector<std::string> keys;
+    for (const int64_t rank : pending) {
+      keys.push_back(closedKey(state.prefix, rank));
+    }
+    if (store.check(keys, deadline)) {
+      return;
+    }
+    const auto now = Clock::now();
+    if (now >= deadline) {
+      LOG(INFO) << "TCPStoreBarrier rank 0: closing " << store.describe()
+                << " although " << pending.size()
+                << " ranks had not closed in time";
+      return;
+    }
+    if (now >= nextLook) {
+      // Drop the ranks that closed, and those that stopped heartbeating.
+      const auto closed = store.checkEach(keys, deadline);
+      std::vector<int64_t> still;
+      for (std::size_t i = 0; i < pending.size(); ++i) {
+        if (!closed[i]) {
+          still.push_back(pending[i]);
+        }
+      }
+      pending = std::move(still);
+      if (state.liveness->enabled() && !pending.empty()) {
+        std::vector<std::string> aliveKeys;
+        for (const int64_t rank : pending) {
+          aliveKeys.push_back(state.liveness->aliveKey(rank));
+        }
+        const auto values = store.multiGet(aliveKeys, deadline);
+        std::vector<int64_t> alive;
+        for (std::size_t i = 0; i < pending.size(); ++i) {
+          if (!silence.silent(pending[i], values[i], now)) {
+            alive.push_back(pending[i]);
+          }
+        }
+        pending = std::move(alive);
+      }
+      nextLook =
+          now +
+          std::max(state.liveness->interval(), std::chrono::milliseconds(200));
+      continue;
+    }
+    std::this_thread::sleep_for(kClosePoll);
+    state.runInterruptCheck();
+  }
+}
+
+// The host's handshake needs a connection whose replies cannot cross an
+// earlier request's: the caller's, unless one is still due on it (a round
+// left entered, an arrival cut short by an interrupt).
+void hostAwaitsClosers(BarrierState& state, Clock::time_point deadline) {
+  if (state.connection->idle()) {
+    awaitClosers(state, *state.connection, deadline);
+    return;
+  }
+  auto fresh = openWireConnection(*state.address, deadline, state.stallLimit());
+  awaitClosers(state, *fresh, deadline);
+}
+
+// A peer's last request, and one without a reply: once the host has seen
+// it, nothing of this rank is left in flight.
+void sayClosed(BarrierState& state) {
+  state.connection->set(closedKey(state.prefix, state.rank), "1");
+  state.connection->flush(Clock::now() + kGoodbyeDeadline);
+}
+
+// stop() before reset(): reset() clears the pointer that a job in flight
+// (deleteWhenQuiet re-posting itself) still reads.
+void stopWorker(BarrierState& state) {
+  if (state.worker) {
+    state.worker->stop();
+    state.worker.reset();
+  }
+}
+
+void releaseStore(BarrierState& state) {
+  state.diagnosis.reset();
+  state.background.reset();
+  state.connection.reset();
+  state.store.reset();
+}
+
+std::chrono::milliseconds lingerLimit(const BarrierState& state) {
+  return std::clamp(
+      state.liveness->interval() * kLingerIntervals, kMinLinger, kMaxLinger);
+}
+
+} // namespace
+
+void closeBarrier(BarrierState& state) {
+  if (state.phase == Phase::kClosed) {
+    return;
+  }
+  const bool storeLost = state.storeLost();
+  state.phase = Phase::kClosed;
+  stopWorker(state);
+  // The handshake only among ranks of a store this library created, and
+  // only while that store still answers.
+  if (state.ownsStore && !storeLost) {
+    try {
+      if (state.hostsStore) {
+        hostAwaitsClosers(state, Clock::now() + state.timeout);
+      } else {
+        sayClosed(state);
+      }
+    } catch (const StoreUnavailable&) {
+      // The store went first; there is nobody left to tell.
+    } catch (const c10::DistNetworkError&) {
+    }
+  }
+  releaseStore(state);
+}
+
+void destroyBarrier(BarrierState& state) noexcept {
+  if (state.phase == Phase::kClosed) {
+    releaseStore(state);
+    return;
+  }
+  // No interrupt checks from a destructor: one that threw would end the
+  // process, and Python may be finalizing.
+  state.interruptCheck = nullptr;
+  const bool storeLost = state.storeLost();
+  const bool endedInError = state.phase == Phase::kArrivalSent ||
+      state.phase == Phase::kWaiting ||
+      (state.phase == Phase::kLost && !storeLost);
+  state.phase = Phase::kClosed;
+  stopWorker(state);
+  if (state.ownsStore && !storeLost && state.connection) {
+    try {
+      if (!state.hostsStore) {
+        sayClosed(state);
+      } else if (endedInError) {
+        hostAwaitsClosers(state, Clock::now() + lingerLimit(state));
+      }
+    } catch (...) {
+      // Whatever the store did, the barrier is gone.
+    }
+  }
+  releaseStore(state);
+}
+
+} // namespace tcpstore_barrier::detail
