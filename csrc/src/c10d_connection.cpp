@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <utility>
 
+#include <c10/util/Type.h>
 #include <fmt/format.h>
 
 #include "store_connection.h"
@@ -13,8 +14,9 @@
 namespace tcpstore_barrier {
 namespace {
 
-// How long one wait on the store lasts before the alarm is looked at again.
-constexpr std::chrono::milliseconds kWaitSlice{50};
+// How often a waiting rank looks for the release: these stores are not
+// for hot paths, and a slice also bounds how late the alarm is seen.
+constexpr std::chrono::milliseconds kPollSlice{10};
 
 std::vector<uint8_t> bytesOf(std::string_view text) {
   return {text.begin(), text.end()};
@@ -40,8 +42,8 @@ class C10dConnection final : public StoreConnection {
       : store_(std::move(store)),
         description_(
             fmt::format(
-                "the store given to from_store ({})", typeid(*store_).name())) {
-  }
+                "the store given to from_store ({})",
+                c10::demangle(typeid(*store_).name()))) {}
 
   void set(std::string_view key, std::string_view value) override {
     guarded([&] {
@@ -141,32 +143,25 @@ class C10dConnection final : public StoreConnection {
   }
 
   bool awaitRelease(Clock::time_point until, int alarmFd) override {
+    // Polled with check(): stores report an elapsed wait() only as an error,
+    // which cannot be told from a failing store, and FileStore's wait()
+    // lasts whole seconds.
     for (;;) {
       if (guarded([&] {
             return store_->check(waitedKey_);
           })) {
         return true;
       }
-      if (alarmFd >= 0) {
-        pollfd pfd{alarmFd, POLLIN, 0};
-        if (::poll(&pfd, 1, 0) > 0) {
-          return false;
-        }
-      }
       const auto now = Clock::now();
       if (now >= until) {
         return false;
       }
-      // Stores report an elapsed wait only as an error, which cannot be
-      // told from a failing store: wait a slice, then look with check().
-      const auto slice = std::max(
-          std::chrono::milliseconds(1),
-          std::min(
-              kWaitSlice,
-              std::chrono::ceil<std::chrono::milliseconds>(until - now)));
-      try {
-        store_->wait(waitedKey_, slice);
-      } catch (const std::exception&) {
+      const int sliceMs = static_cast<int>(std::min<int64_t>(
+          kPollSlice.count(),
+          std::chrono::ceil<std::chrono::milliseconds>(until - now).count()));
+      pollfd pfd{alarmFd, POLLIN, 0};
+      if (::poll(&pfd, alarmFd >= 0 ? 1 : 0, sliceMs) > 0) {
+        return false;
       }
     }
   }

@@ -192,7 +192,8 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
       serverOptions.port = port;
       serverOptions.isServer = true;
       serverOptions.numWorkers = static_cast<std::size_t>(state.worldSize);
-      serverOptions.waitWorkers = true;
+      // Waited for below, to the millisecond.
+      serverOptions.waitWorkers = false;
       serverOptions.timeout = options.initTimeout;
       serverOptions.useLibUV = options.useLibUV;
       // TCPStore's own server listens on every interface; binding the
@@ -206,10 +207,11 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
     }
     startRounds(
         state, StoreAddress{options.masterAddress, port, "/"}, deadline);
-    if (!state.hostsStore) {
-      // Counted like c10d's clients, so that rank 0 (ours or torch's)
-      // stops waiting for its workers.
-      registerWorker(*state.connection, deadline);
+    // Counted like c10d's clients, so that rank 0 (ours or torch's) stops
+    // waiting for its workers.
+    registerWorker(*state.connection, deadline);
+    if (state.hostsStore) {
+      awaitWorkers(*state.connection, state.worldSize, deadline);
     }
   } catch (const c10::DistStoreError& e) {
     throw c10::DistStoreError(

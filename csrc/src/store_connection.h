@@ -132,6 +132,14 @@ std::unique_ptr<StoreConnection> openWireConnection(
 // or torch's) sees it.
 void registerWorker(StoreConnection& connection, Clock::time_point deadline);
 
+// Waits, as c10d's host does, until `worldSize` clients (itself included)
+// have registered; throws c10::DistStoreError at `deadline`. c10d's own
+// wait counts whole seconds, and so overran a deadline by up to one.
+void awaitWorkers(
+    StoreConnection& connection,
+    int64_t worldSize,
+    Clock::time_point deadline);
+
 // The TCPStore (host, port and key prefix) under `store` and its
 // PrefixStores, if that is what it is.
 std::optional<StoreAddress> wireAddressOf(const c10d::Store& store);

@@ -133,7 +133,9 @@ std::optional<std::vector<int64_t>> diagnoseTimeout(BarrierState& state) {
         *state.diagnosis, state.diagnosisRankKeys, state.sequence, budget);
   } catch (const StoreUnavailable& e) {
     state.diagnosis.reset();
-    if (!e.silent()) {
+    // Without liveness, nothing else will ever tell a frozen store from a
+    // slow one: one that cannot even say who is missing is taken for lost.
+    if (!e.silent() || !state.liveness->enabled()) {
       detail::throwStoreUnreachable(state, e.what());
     }
   } catch (const c10::DistNetworkError& e) {
@@ -185,12 +187,35 @@ void startArrival(BarrierState& state, Clock::time_point deadline) {
   state.phase = Phase::kArrivalSent;
 }
 
+// Waits for the store's answer to this rank's arrival as for a release: a
+// store slow to answer makes the round time out (the answer stays due, and
+// the next call resumes here); only liveness, or with liveness off a store
+// that does not even say who is missing, ends the barrier.
+void awaitArrivalAnswer(BarrierState& state, Clock::time_point deadline) {
+  for (;;) {
+    const auto until = std::min(deadline, Clock::now() + kInterruptSlice);
+    try {
+      if (state.protocol->arrivalAnswered(*state.connection, until)) {
+        return;
+      }
+    } catch (const StoreUnavailable& e) {
+      detail::throwStoreUnreachable(state, e.what());
+    }
+    checkNoAlarm(state);
+    if (Clock::now() >= deadline) {
+      throwTimeout(state);
+    }
+    state.runInterruptCheck();
+  }
+}
+
 void enterRound(BarrierState& state, Clock::time_point deadline) {
   if (state.phase == Phase::kBetweenRounds) {
     startArrival(state, deadline);
   } else {
     checkNoAlarm(state);
   }
+  awaitArrivalAnswer(state, deadline);
   try {
     state.arrival = state.protocol->finishArrival(
         *state.connection, state.round, replyDeadline(state, deadline));

@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 #include <utility>
 
 #include <fmt/format.h>
@@ -33,6 +34,9 @@ constexpr std::chrono::milliseconds kInterruptSlice{100};
 
 // c10d's client counts itself in this key, without its "/" key prefix.
 constexpr std::string_view kWorkerCountKey = "init/";
+// How often the host looks at the count while it waits for its workers.
+constexpr std::chrono::milliseconds kWorkerPoll{10};
+constexpr std::chrono::milliseconds kWorkerPollReply{500};
 
 int millisUntil(Clock::time_point until) {
   const auto left =
@@ -256,13 +260,16 @@ class WireConnection final : public StoreConnection {
     --repliesDue_;
   }
 
-  void countWorker(Clock::time_point deadline) {
+  // Adds `delta` to the worker count; its value then.
+  int64_t countWorkers(int64_t delta, Clock::time_point deadline) {
+    startCall();
     beginWithReply(QueryType::ADD);
     appendString(kWorkerCountKey);
-    appendValue<int64_t>(1);
+    appendValue<int64_t>(delta);
     sendPending(deadline);
-    readValue<int64_t>(deadline);
+    const auto count = readValue<int64_t>(deadline);
     --repliesDue_;
+    return count;
   }
 
  private:
@@ -452,7 +459,33 @@ std::unique_ptr<StoreConnection> openWireConnection(
 }
 
 void registerWorker(StoreConnection& connection, Clock::time_point deadline) {
-  dynamic_cast<WireConnection&>(connection).countWorker(deadline);
+  dynamic_cast<WireConnection&>(connection).countWorkers(1, deadline);
+}
+
+void awaitWorkers(
+    StoreConnection& connection,
+    int64_t worldSize,
+    Clock::time_point deadline) {
+  auto& wire = dynamic_cast<WireConnection&>(connection);
+  for (;;) {
+    // The last look, at the deadline, still gets its answer.
+    const int64_t joined = wire.countWorkers(
+        0, std::max(deadline, Clock::now() + kWorkerPollReply));
+    if (joined >= worldSize) {
+      return;
+    }
+    if (Clock::now() >= deadline) {
+      throw c10::DistStoreError(
+          {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+          fmt::format(
+              "{} of {} ranks had joined {}",
+              joined,
+              worldSize,
+              connection.describe()));
+    }
+    std::this_thread::sleep_for(std::min<Clock::duration>(
+        kWorkerPoll, deadline - Clock::now()));
+  }
 }
 
 } // namespace tcpstore_barrier
