@@ -27,6 +27,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -34,6 +35,7 @@
 using namespace std::chrono_literals;
 using tcpstore_barrier::BarrierTimeoutError;
 using tcpstore_barrier::PeerLostError;
+using tcpstore_barrier::StoreUnreachableError;
 using tcpstore_barrier::TCPStoreBarrier;
 using tcpstore_barrier::TCPStoreBarrierOptions;
 using Clock = std::chrono::steady_clock;
@@ -650,6 +652,81 @@ TEST_CASE(host_close_waits_for_every_rank_to_close) {
     barrier.close();
     REQUIRE(lateRankClosing.load());
   });
+}
+
+// A handler written from the Python docs catches the same errors in C++:
+// a lost store is a DistNetworkError, not a timeout; a lost peer is a
+// timeout (BarrierTimeoutError, a DistStoreError).
+TEST_CASE(store_unreachable_error_is_a_dist_network_error_and_not_a_timeout) {
+  const uint16_t port = freePort();
+  Latch joined(2);
+  Latch waiting(2);
+  runRanks(2, [&](int64_t rank) {
+    auto barrier = std::make_unique<TCPStoreBarrier>(options(rank, 2, port));
+    joined.arriveAndWait();
+    if (rank == 0) {
+      waiting.arriveAndWait();
+      // Rank 1's arrival is on the store; the host goes without close(),
+      // between rounds, so its store goes at once.
+      std::this_thread::sleep_for(200ms);
+      barrier.reset();
+      return;
+    }
+    waiting.arriveAndWait();
+    bool caughtAsTimeout = false;
+    bool caughtAsNetworkError = false;
+    try {
+      barrier->executeBarrier();
+    } catch (const BarrierTimeoutError&) {
+      caughtAsTimeout = true;
+    } catch (const c10::DistNetworkError& e) {
+      caughtAsNetworkError = true;
+      const auto* unreachable = dynamic_cast<const StoreUnreachableError*>(&e);
+      REQUIRE(unreachable != nullptr);
+      REQUIRE_EQ(unreachable->lostRanks(), std::vector<int64_t>{0});
+      REQUIRE_EQ(unreachable->sequence(), 0);
+      REQUIRE_CONTAINS(e.what_without_backtrace(), "is gone");
+    }
+    REQUIRE(!caughtAsTimeout);
+    REQUIRE(caughtAsNetworkError);
+    // Every later call raises it again, as the same type.
+    REQUIRE_THROWS(
+        StoreUnreachableError, barrier->executeBarrier(), "is gone");
+    barrier->close();
+  });
+}
+
+TEST_CASE(peer_lost_error_is_a_barrier_timeout_and_a_dist_store_error) {
+  static_assert(std::is_base_of_v<BarrierTimeoutError, PeerLostError>);
+  static_assert(std::is_base_of_v<c10::DistStoreError, BarrierTimeoutError>);
+  static_assert(
+      std::is_base_of_v<c10::DistNetworkError, StoreUnreachableError>);
+  static_assert(!std::is_base_of_v<BarrierTimeoutError, StoreUnreachableError>);
+}
+
+// Destruction without close() stops the worker before it releases what the
+// worker's jobs use, whatever they are doing: a batch of deletes waiting
+// for the barrier to be quiet, re-posting itself, or talking to the store.
+// The sanitizer builds of this test catch a job reading freed state.
+TEST_CASE(destroying_a_barrier_in_the_middle_of_deletes_is_safe) {
+  constexpr int kTries = 12;
+  std::mt19937 rng(7);
+  for (int attempt = 0; attempt < kTries; ++attempt) {
+    const uint16_t port = freePort();
+    // Around the 50 ms of quiet after which the queued deletes start.
+    const auto pause = std::chrono::milliseconds(
+        std::uniform_int_distribution<int>(20, 80)(rng));
+    Latch done(2);
+    runRanks(2, [&](int64_t rank) {
+      auto barrier = std::make_unique<TCPStoreBarrier>(options(rank, 2, port));
+      for (int round = 0; round < 130; ++round) {
+        barrier->executeBarrier();
+      }
+      done.arriveAndWait();
+      std::this_thread::sleep_for(rank == 0 ? pause : pause / 2);
+      barrier.reset();
+    });
+  }
 }
 
 TEST_CASE(closed_barrier_rejects_rounds_and_closes_once) {
