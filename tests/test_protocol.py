@@ -112,9 +112,11 @@ def timestamped_rounds(
     stamps = []
     for _ in range(rounds):
         time.sleep(rng.uniform(0, 0.002))
-        entered = time.time()
+        # CLOCK_MONOTONIC: one clock for every process of the machine, and
+        # one that no clock adjustment moves between two stamps.
+        entered = time.monotonic()
         barrier.execute_barrier()
-        stamps.append((entered, time.time()))
+        stamps.append((entered, time.monotonic()))
     if rank not in torch_ranks:  # torch's class has no close()
         assert barrier.sequence == rounds
         barrier.close()
@@ -202,11 +204,16 @@ def test_import_works_as_the_first_import_of_a_program():
 
 
 def test_native_timeout_names_only_ranks_that_never_arrived(port):
-    # Native ranks write their rank key only once a round is slow, so rank 1,
-    # arriving 50 ms before rank 0 times out, has not written it yet when
-    # rank 0 names the missing: the server's count must keep it off the list.
-    barriers = make_pair(port, world_size=3, timeout_secs=1.0, protocol="native")
-    late = threading.Timer(0.95, lambda: run_quietly(barriers[1].execute_barrier))
+    # Native ranks write their rank key only once their wait has been slow
+    # for 100 ms. Rank 1 arrives first (arrive(): counted by the server, no
+    # key) and starts waiting 50 ms before rank 0 times out, so its key comes
+    # after rank 0 first reads the keys: the server's count must keep it off
+    # the list while the key catches up (the core waits 300 ms for that, so a
+    # timer up to ~250 ms late still passes). Only rank 2 never arrived.
+    timeout = 1.0
+    barriers = make_pair(port, world_size=3, timeout_secs=timeout, protocol="native")
+    barriers[1].arrive()
+    late = threading.Timer(timeout - 0.05, lambda: run_quietly(barriers[1].wait))
     late.start()
     with pytest.raises(BarrierTimeoutError) as caught:
         barriers[0].execute_barrier()

@@ -86,3 +86,28 @@ def assert_no_early_release(stamps, resolution=0.0):
         assert first_exit + resolution >= last_entry, (
             f"round {s} released before every rank entered"
         )
+
+
+def await_key(store, key, ready=lambda value: True, timeout=20.0, poll=0.002):
+    """Polls `store` until `key` exists and `ready(its value)`; returns the
+    value. Fails after `timeout` s: far beyond what a passing test needs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if store.check([key]):
+            value = store.get(key)
+            if ready(value):
+                return value
+        assert time.monotonic() < deadline, f"{key} not ready within {timeout} s"
+        time.sleep(poll)
+
+
+def await_arrivals(store, prefix, sequence, count, timeout=20.0):
+    """Blocks until `count` ranks have entered round `sequence` of the barrier
+    `prefix` (torch's protocol): its `{prefix}{sequence}/num_members` counter,
+    which each rank adds 1 to as it enters, is visible to everyone."""
+    await_key(
+        store,
+        f"{prefix}{sequence}/num_members",
+        lambda value: int(value) >= count,
+        timeout,
+    )
