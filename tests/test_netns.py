@@ -9,6 +9,8 @@ and the others must name it.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from support import free_port, netns
 from support.barriers import assert_no_early_release
@@ -119,3 +121,58 @@ def test_three_hosts_with_delay_and_loss_run_500_barriers_then_name_the_host_cut
         pytest.skip(reason)
     hosts.impair("delay", "2ms", "loss", "1%")
     run_rounds_then_cut_one_host(hosts)
+
+
+# A host whose link goes down for STALL seconds, well inside the round's
+# limit, with liveness off: nothing but timeout_secs bounds the round, so
+# the stall must not break it. The stalled host enters the round while its
+# link is down, so its arrival stays unacknowledged for the whole stall and
+# the kernel retransmits it: a connection whose TCP_USER_TIMEOUT is shorter
+# than the stall is killed under the round.
+STALL = 15.0
+STALL_TIMEOUT = 60.0
+STALL_ROUNDS = 5
+
+
+@pytest.mark.slow
+def test_a_network_stall_within_timeout_secs_does_not_break_a_round_without_liveness(
+    hosts,
+):
+    stalled = WORLD_SIZE - 1
+    port = free_port()
+    store = (hosts.addresses[0], port)
+    # HostRanks' peer timeout defaults to "off": no heartbeats, so the
+    # arrival is the only thing the stalled host sends.
+    with HostRanks(hosts, port, STALL_ROUNDS, STALL_TIMEOUT) as ranks:
+        ranks.collect("rounds", range(WORLD_SIZE), timeout=120)
+        hosts.cut(stalled)
+        # The others enter at once; whether before or during the stall does
+        # not matter, they wait for the stalled host either way.
+        ranks.tell(range(WORLD_SIZE), "go")
+        in_flight_at = hosts.await_unacknowledged(stalled, *store, timeout=10)
+        time.sleep(max(0.0, in_flight_at + STALL - time.monotonic()))
+        # What the kernel still holds for the store at the end of the stall
+        # (None: it dropped the connection).
+        held_at_restore = hosts.unacknowledged_bytes(stalled, *store)
+        hosts.restore(stalled)
+        restored_at = time.monotonic()
+        # The stalled host first: if its connection died, it knows at once.
+        last = ranks.collect("last", [stalled], timeout=STALL_TIMEOUT + 15)
+        outcome = last[stalled]
+        assert outcome["error"] is None, (
+            f"host {stalled} failed {outcome['ended_at'] - in_flight_at:.1f} s "
+            f"into a {STALL:g} s stall (unacknowledged bytes at the restore: "
+            f"{held_at_restore}): {outcome['error']}"
+        )
+        # collect() keeps every rank's report it met on the way.
+        others = [r for r in range(WORLD_SIZE) if r not in last]
+        last.update(ranks.collect("last", others, timeout=STALL_TIMEOUT + 15))
+    for rank, outcome in sorted(last.items()):
+        assert outcome["error"] is None, f"rank {rank}: {outcome['error']}"
+        assert outcome["elapsed"] < STALL_TIMEOUT
+    print(
+        f"FIGURE netns_stall_unacked_bytes_at_restore: {held_at_restore}\n"
+        f"FIGURE netns_round_done_after_restore_s: "
+        f"{max(o['ended_at'] for o in last.values()) - restored_at:.3f}\n"
+        f"FIGURE netns_stalled_round_s: {last[stalled]['elapsed']:.3f}"
+    )

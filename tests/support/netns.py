@@ -163,6 +163,37 @@ class Hosts:
         """Takes host i off the network: its switch port goes down."""
         _run("ip", "-n", self.switch, "link", "set", f"p{i}", "down")
 
+    def restore(self, i):
+        """Puts host i back on the network: its switch port comes up again.
+        Its connections were never closed, so TCP resumes them, if they
+        outlived the stall."""
+        _run("ip", "-n", self.switch, "link", "set", f"p{i}", "up")
+
+    def unacknowledged_bytes(self, i, address, port):
+        """What host i has sent (or queued) to address:port and not had
+        acknowledged: the Send-Q of its established TCP connections there.
+        None when it has no such connection left."""
+        out = _run(
+            "ip", "netns", "exec", self.names[i],
+            "ss", "-tnH", "state", "established", "dst", f"{address}:{port}",
+        ).stdout  # fmt: skip
+        # Each line: Recv-Q Send-Q Local-Address:Port Peer-Address:Port
+        queues = [int(line.split()[1]) for line in out.splitlines() if line.strip()]
+        return sum(queues) if queues else None
+
+    def await_unacknowledged(self, i, address, port, timeout):
+        """Polls until host i has unacknowledged data in flight to
+        address:port; returns when it was first seen."""
+        deadline = time.monotonic() + timeout
+        while not self.unacknowledged_bytes(i, address, port):
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"host {i} had nothing unacknowledged to {address}:{port} "
+                    f"within {timeout} s"
+                )
+            time.sleep(0.02)
+        return time.monotonic()
+
     def popen(self, i, argv, **kwargs):
         return subprocess.Popen(["ip", "netns", "exec", self.names[i], *argv], **kwargs)
 
