@@ -182,8 +182,8 @@ void destroyBarrier(BarrierState& state) noexcept {
   state.interruptCheck = nullptr;
   const bool storeLost = state.storeLost();
   const bool endedInError = state.phase == Phase::kArrivalSent ||
-      state.phase == Phase::kWaiting ||
-      (state.phase == Phase::kLost && !storeLost);
+                            state.phase == Phase::kWaiting ||
+                            (state.phase == Phase::kLost && !storeLost);
   state.phase = Phase::kClosed;
   stopWorker(state);
   if (state.ownsStore && !storeLost && state.connection) {

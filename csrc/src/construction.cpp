@@ -326,8 +326,7 @@ bool TCPStoreBarrier::closed() const noexcept {
 
 c10::intrusive_ptr<c10d::Store> TCPStoreBarrier::store() {
   BarrierState& state = *state_;
-  if (!state.store && state.address &&
-      state.phase != detail::Phase::kClosed) {
+  if (!state.store && state.address && state.phase != detail::Phase::kClosed) {
     c10d::TCPStoreOptions clientOptions;
     clientOptions.port = state.address->port;
     clientOptions.isServer = false;

@@ -58,14 +58,14 @@ std::vector<int64_t> splitRanks(std::string_view text) {
   return ranks;
 }
 
-bool SilenceTracker::silent(
+Clock::duration SilenceTracker::stillFor(
     int64_t rank, const std::string& value, Clock::time_point now) {
   auto [entry, first] = seen_.try_emplace(rank, Seen{value, now});
   if (first || entry->second.value != value) {
     entry->second = Seen{value, now};
-    return false;
+    return Clock::duration::zero();
   }
-  return now - entry->second.since >= limit_;
+  return now - entry->second.since;
 }
 
 LivenessTiming::LivenessTiming(
@@ -158,7 +158,8 @@ void Liveness::tick() {
     if (connection_.add(ownAliveKey_, 1, deadline) >= kAlarmOffset) {
       readDeclaredLoss(deadline);
     } else if (
-        round.waiting && round.watcher && now - round.since >= timing_.interval) {
+        round.waiting && round.watcher &&
+        now - round.since >= timing_.interval) {
       watch(round, deadline);
     }
   } catch (const StoreUnavailable& e) {
@@ -224,12 +225,25 @@ void Liveness::watch(const Round& round, Clock::time_point deadline) {
   const auto values = connection_.multiGet(keys, deadline);
   const auto now = Clock::now();
   std::vector<int64_t> lost;
+  // Ranks that die together stop up to an interval apart, and this watcher
+  // may see one go still a watch before another: a declaration, final once
+  // made, also names those still for all but the last interval and a half
+  // of the limit (and at least two beats), so one death does not hide the
+  // next.
+  const auto companionLimit = std::max<Clock::duration>(
+      timing_.silenceLimit - timing_.interval * 3 / 2, timing_.interval * 2);
+  std::vector<int64_t> companions;
   for (std::size_t i = 0; i < watched.size(); ++i) {
-    if (silence_.silent(watched[i], values[i], now)) {
+    const auto still = silence_.stillFor(watched[i], values[i], now);
+    if (still >= timing_.silenceLimit) {
       lost.push_back(watched[i]);
+    } else if (still >= companionLimit) {
+      companions.push_back(watched[i]);
     }
   }
   if (!lost.empty()) {
+    lost.insert(lost.end(), companions.begin(), companions.end());
+    std::sort(lost.begin(), lost.end());
     declareLoss(lost, missing, deadline);
     readDeclaredLoss(deadline);
   }

@@ -45,9 +45,14 @@ class SilenceTracker {
  public:
   explicit SilenceTracker(std::chrono::milliseconds limit) : limit_(limit) {}
 
-  // Records `value`, read at `now`, of `rank`'s counter; whether it has
-  // stood still for the limit.
-  bool silent(int64_t rank, const std::string& value, Clock::time_point now);
+  // Records `value`, read at `now`, of `rank`'s counter; how long it has
+  // stood still (zero for a new value).
+  Clock::duration stillFor(
+      int64_t rank, const std::string& value, Clock::time_point now);
+  // Whether it has stood still for the limit.
+  bool silent(int64_t rank, const std::string& value, Clock::time_point now) {
+    return stillFor(rank, value, now) >= limit_;
+  }
   void clear() {
     seen_.clear();
   }

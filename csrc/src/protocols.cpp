@@ -35,8 +35,8 @@ class TorchKeysProtocol final : public RoundProtocol {
     connection.sendAdd(round.countKey, 1, deadline);
   }
 
-  bool arrivalAnswered(StoreConnection& connection, Clock::time_point until)
-      const override {
+  bool arrivalAnswered(
+      StoreConnection& connection, Clock::time_point until) const override {
     return connection.replyReady(until);
   }
 
@@ -130,8 +130,8 @@ class ServerBarrierProtocol final : public RoundProtocol {
         connection, cache, sequence, releaseKey(sequence), deadline);
   }
 
-  void noteSlowRound(StoreConnection& connection, const RoundKeys& round)
-      const override {
+  void noteSlowRound(
+      StoreConnection& connection, const RoundKeys& round) const override {
     writeRankKey(connection, round);
   }
 

@@ -107,9 +107,7 @@ class RoundProtocol {
   std::string roundKey(int64_t sequence, std::string_view suffix) const;
   // `{prefix}{s}{suffix}` into `key`, reusing its storage.
   void assignRoundKey(
-      std::string& key,
-      const RoundKeys& round,
-      std::string_view suffix) const;
+      std::string& key, const RoundKeys& round, std::string_view suffix) const;
   void writeRankKey(StoreConnection& connection, const RoundKeys& round) const;
 
   const int64_t rank_;

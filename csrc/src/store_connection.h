@@ -136,9 +136,7 @@ void registerWorker(StoreConnection& connection, Clock::time_point deadline);
 // have registered; throws c10::DistStoreError at `deadline`. c10d's own
 // wait counts whole seconds, and so overran a deadline by up to one.
 void awaitWorkers(
-    StoreConnection& connection,
-    int64_t worldSize,
-    Clock::time_point deadline);
+    StoreConnection& connection, int64_t worldSize, Clock::time_point deadline);
 
 // The TCPStore (host, port and key prefix) under `store` and its
 // PrefixStores, if that is what it is.

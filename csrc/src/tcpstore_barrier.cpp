@@ -119,15 +119,14 @@ std::optional<std::vector<int64_t>> diagnoseTimeout(BarrierState& state) {
   const auto budget = Clock::now() + kDiagnosisBudget;
   try {
     if (!state.diagnosis) {
-      state.diagnosis = state.address
-          ? openWireConnection(
-                *state.address,
-                budget,
-                state.stallLimit(),
-                [&state] {
-                  state.runInterruptCheck();
-                })
-          : openC10dConnection(state.store);
+      state.diagnosis = state.address ? openWireConnection(
+                                            *state.address,
+                                            budget,
+                                            state.stallLimit(),
+                                            [&state] {
+                                              state.runInterruptCheck();
+                                            })
+                                      : openC10dConnection(state.store);
     }
     return state.protocol->missingRanks(
         *state.diagnosis, state.diagnosisRankKeys, state.sequence, budget);
@@ -162,11 +161,12 @@ std::optional<std::vector<int64_t>> diagnoseTimeout(BarrierState& state) {
           state.worldSize,
           key,
           state.sequence,
-          missing ? fmt::format("missing ranks: [{}]", fmt::join(*missing, ", "))
-                  : fmt::format(
-                        "missing ranks unknown: {} did not say within {}",
-                        state.describeStore(),
-                        describeSeconds(kDiagnosisBudget))),
+          missing
+              ? fmt::format("missing ranks: [{}]", fmt::join(*missing, ", "))
+              : fmt::format(
+                    "missing ranks unknown: {} did not say within {}",
+                    state.describeStore(),
+                    describeSeconds(kDiagnosisBudget))),
       key,
       state.sequence,
       state.timeout,
@@ -222,8 +222,7 @@ void enterRound(BarrierState& state, Clock::time_point deadline) {
   } catch (const StoreUnavailable& e) {
     detail::throwStoreUnreachable(state, e.what());
   }
-  state.phase =
-      state.arrival.released ? Phase::kReleased : Phase::kWaiting;
+  state.phase = state.arrival.released ? Phase::kReleased : Phase::kWaiting;
   state.slowNoted = false;
   state.liveness->enterRound(
       state.sequence, state.protocol->watches(state.arrival));

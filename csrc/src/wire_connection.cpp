@@ -483,8 +483,8 @@ void awaitWorkers(
               worldSize,
               connection.describe()));
     }
-    std::this_thread::sleep_for(std::min<Clock::duration>(
-        kWorkerPoll, deadline - Clock::now()));
+    std::this_thread::sleep_for(
+        std::min<Clock::duration>(kWorkerPoll, deadline - Clock::now()));
   }
 }
 

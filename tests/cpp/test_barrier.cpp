@@ -690,8 +690,7 @@ TEST_CASE(store_unreachable_error_is_a_dist_network_error_and_not_a_timeout) {
     REQUIRE(!caughtAsTimeout);
     REQUIRE(caughtAsNetworkError);
     // Every later call raises it again, as the same type.
-    REQUIRE_THROWS(
-        StoreUnreachableError, barrier->executeBarrier(), "is gone");
+    REQUIRE_THROWS(StoreUnreachableError, barrier->executeBarrier(), "is gone");
     barrier->close();
   });
 }
