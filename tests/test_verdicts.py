@@ -217,21 +217,33 @@ def two_killed_after_rounds(rank, world_size, port, victims, rounds, peer_timeou
     return outcome
 
 
-def test_two_peers_killed_after_twenty_rounds_one_a_watcher_are_named_alike(port):
-    world_size, victims, rounds, peer_timeout = 5, (1, 2), 20, 1.0
+def kill_while_the_others_wait(port, world_size, victims, rounds, peer_timeout, after):
+    """Runs two_killed_after_rounds; once the survivors wait in round
+    `rounds`, and `after` seconds more, kills the victims back to back.
+    Returns the survivors' results and when the kill was sent."""
     survivors = [r for r in range(world_size) if r not in victims]
     with start_ranks(
         two_killed_after_rounds, world_size, port, victims, rounds, peer_timeout
     ) as ranks:
         store = observer(port)
-        # Round 20 is the 21st: the survivors wait in it.
         await_arrivals(store, PREFIX, rounds, len(survivors), timeout=60)
-        # Back to back, before the watchers' first watch of this round.
+        time.sleep(after)
         for victim in victims:
             ranks.signal(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         results = ranks.results(survivors, timeout=60)
         ranks.assert_exited(killed=victims)
+    return results, killed_at
+
+
+def test_two_peers_killed_after_twenty_rounds_one_a_watcher_are_named_alike(port):
+    world_size, victims, rounds, peer_timeout = 5, (1, 2), 20, 1.0
+    survivors = [r for r in range(world_size) if r not in victims]
+    # Round 20 is the 21st: the survivors wait in it. The kill comes before
+    # the watchers' first watch of this round.
+    results, killed_at = kill_while_the_others_wait(
+        port, world_size, victims, rounds, peer_timeout, after=0.0
+    )
     assert_one_verdict(results, survivors, lost=list(victims))
     for rank in survivors:
         assert results[rank]["error"]["sequence"] == rounds
@@ -313,18 +325,10 @@ def test_two_peers_killed_while_the_watchers_watch_are_both_named(port):
     # final, so it must not name only the first of them.
     world_size, victims, peer_timeout = 5, (1, 4), 1.0
     survivors = [r for r in range(world_size) if r not in victims]
-    with start_ranks(
-        two_killed_after_rounds, world_size, port, victims, 0, peer_timeout
-    ) as ranks:
-        store = observer(port)
-        await_arrivals(store, PREFIX, 0, len(survivors), timeout=60)
-        # At least three intervals (0.2 s each) after the survivors entered:
-        # every watcher has begun its watches.
-        time.sleep(3 * peer_timeout / 5)
-        for victim in victims:
-            ranks.signal(victim, signal.SIGKILL)
-        killed_at = time.monotonic()
-        results = ranks.results(survivors, timeout=60)
-        ranks.assert_exited(killed=victims)
+    # At least three intervals (0.2 s each) after the survivors entered:
+    # every watcher has begun its watches.
+    results, killed_at = kill_while_the_others_wait(
+        port, world_size, victims, 0, peer_timeout, after=3 * peer_timeout / 5
+    )
     assert_one_verdict(results, survivors, lost=list(victims))
     detections(results, survivors, killed_at, peer_timeout)

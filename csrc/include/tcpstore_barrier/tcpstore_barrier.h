@@ -99,7 +99,8 @@ class PeerLostError : public BarrierTimeoutError {
 
 // Raised when the store host is gone (its connections closed or reset) or
 // stopped answering (frozen, or cut off with its connections left open).
-// After it, every call of the barrier raises it again.
+// After it, every call of the barrier raises it again. A DistNetworkError,
+// not a BarrierTimeoutError: no round timed out. The same in Python.
 class StoreUnreachableError : public c10::DistNetworkError {
  public:
   StoreUnreachableError(
@@ -209,8 +210,11 @@ class TCPStoreBarrier {
   // the last round loses the store under it; other ranks only say that they
   // have closed, in their last request. torch's Python ranks never close and
   // are not waited for. A barrier over a store from elsewhere (from_store)
-  // leaves it as it is. Destroying a barrier without close() tears its
-  // store down at once. Idempotent; never throws for a store failure.
+  // leaves it as it is. Destroying a barrier without close() says goodbye
+  // on other ranks and tears rank 0's store down at once, unless its last
+  // round ended in an error: then the store stays up, for a few heartbeat
+  // intervals at most, until the survivors have the same verdict.
+  // Idempotent; never throws for a store failure.
   void close();
   bool closed() const noexcept;
 
