@@ -92,3 +92,46 @@ def test_host_close_waits_for_a_live_peer_only_until_timeout_secs(port, peer_tim
     # A live peer may still need the store (README, "Shutting down"): rank 0
     # keeps it up for the whole timeout, and not past it.
     assert CLOSE_TIMEOUT - 0.1 <= elapsed <= CLOSE_TIMEOUT + SLACK, f"{elapsed:.2f} s"
+
+
+# --- the host's process after Ctrl-C -------------------------------------------------
+
+
+def host_interrupted(rank, world_size, port, done):
+    """Rank 0 waits in a round rank 1 never enters and is interrupted by
+    SIGINT; the KeyboardInterrupt ends its process (the launcher reports
+    it), which destroys its barrier without close(). Rank 1 stays alive,
+    heartbeating, until the test is done."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    barrier = our_barrier(rank, world_size, port, init=20, timeout=120)
+    if rank == 1:
+        done.wait(60)
+        return None
+    barrier.execute_barrier()
+    return "released?!"
+
+
+def test_ctrl_c_on_the_store_host_ends_its_process_promptly(port):
+    # A host destroyed after a timeout or a lost peer keeps its store up for
+    # the survivors' verdict; after Ctrl-C there is no verdict to share, and
+    # the user waits for the process to end.
+    import os
+    import signal
+
+    from support.barriers import await_arrivals
+    from support.launch import start_ranks
+
+    done = CONTEXT.Event()
+    with start_ranks(host_interrupted, 2, port, done) as ranks:
+        store = dist.TCPStore(LOOPBACK, port, is_master=False, wait_for_workers=False)
+        await_arrivals(store, "ckpt", 0, 1)
+        os.kill(ranks.workers[0].pid, signal.SIGINT)
+        sent = time.monotonic()
+        ranks.workers[0].join(30)
+        ended = time.monotonic() - sent
+        done.set()
+    report_figure("host process ended after Ctrl-C (s)", ended)
+    assert ranks.workers[0].exitcode == 0, ranks.exit_codes()
+    assert ended < 1.0, f"{ended:.2f} s"

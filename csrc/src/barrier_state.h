@@ -104,6 +104,10 @@ struct BarrierState {
   Arrival arrival;
   // The round has waited kSlowRound and said so (noteSlowRound).
   bool slowNoted = false;
+  // The last call ended in a BarrierTimeoutError (not an interrupt): the
+  // other ranks are likely timing out too, and need the store to say who
+  // is missing (close.cpp).
+  bool timedOut = false;
   // The error of kLost.
   std::exception_ptr lost;
 

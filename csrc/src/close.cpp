@@ -6,8 +6,8 @@
 // lost), so that no peer loses the store while still finishing its last
 // round; the others say that they have closed in their last request, which
 // has no reply. A destroyed barrier does the same, except that the host
-// waits only when its round ended in an error (a timeout, an interrupt, a
-// lost peer), and then only briefly: long enough for the survivors to
+// waits only when its last call ended in a verdict (a timeout, a lost
+// peer), and then only briefly: long enough for the survivors to
 // reach the same verdict, which needs the store.
 #include <algorithm>
 #include <thread>
@@ -181,9 +181,10 @@ void destroyBarrier(BarrierState& state) noexcept {
   // process, and Python may be finalizing.
   state.interruptCheck = nullptr;
   const bool storeLost = state.storeLost();
-  const bool endedInError = state.phase == Phase::kArrivalSent ||
-                            state.phase == Phase::kWaiting ||
-                            (state.phase == Phase::kLost && !storeLost);
+  // Not after an interrupt: nobody else needs the store for a verdict
+  // then, and Ctrl-C must end the process promptly.
+  const bool endedInError =
+      state.timedOut || (state.phase == Phase::kLost && !storeLost);
   state.phase = Phase::kClosed;
   stopWorker(state);
   if (state.ownsStore && !storeLost && state.connection) {

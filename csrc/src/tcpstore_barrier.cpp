@@ -37,7 +37,9 @@ constexpr std::chrono::milliseconds kInterruptSlice{100};
 // returns within its deadline plus a second.
 constexpr std::chrono::milliseconds kDiagnosisBudget{900};
 
-void checkUsable(const BarrierState& state) {
+// Where every call starts.
+void checkUsable(BarrierState& state) {
+  state.timedOut = false;
   if (state.phase == Phase::kClosed) {
     throw std::logic_error(
         fmt::format(
@@ -151,6 +153,7 @@ std::optional<std::vector<int64_t>> diagnoseTimeout(BarrierState& state) {
 
 [[noreturn]] void throwTimeout(BarrierState& state) {
   const auto missing = diagnoseTimeout(state);
+  state.timedOut = true;
   const auto key = state.protocol->releaseKey(state.sequence);
   throw BarrierTimeoutError(
       fmt::format(
