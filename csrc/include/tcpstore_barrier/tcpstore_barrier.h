@@ -212,8 +212,8 @@ class TCPStoreBarrier {
   // are not waited for. A barrier over a store from elsewhere (from_store)
   // leaves it as it is. Destroying a barrier without close() says goodbye
   // on other ranks and tears rank 0's store down at once, unless its last
-  // call ended in a timeout or a lost peer: then the store stays up, for a few heartbeat
-  // intervals at most, until the survivors have the same verdict.
+  // call ended in a timeout or a lost peer: then the store stays up, for a few
+  // heartbeat intervals at most, until the survivors have the same verdict.
   // Idempotent; never throws for a store failure.
   void close();
   bool closed() const noexcept;
