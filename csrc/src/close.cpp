@@ -10,6 +10,7 @@
 // peer), and then only briefly: long enough for the survivors to
 // reach the same verdict, which needs the store.
 #include <algorithm>
+#include <optional>
 #include <thread>
 
 #include <c10/util/Logging.h>
@@ -146,23 +147,21 @@ std::chrono::milliseconds lingerLimit(const BarrierState& state) {
       state.liveness->interval() * kLingerIntervals, kMinLinger, kMaxLinger);
 }
 
-} // namespace
-
-void closeBarrier(BarrierState& state) {
-  if (state.phase == Phase::kClosed) {
-    return;
-  }
+// What close() and destruction share: stop the worker, say goodbye as this
+// rank's role asks (the host waiting for the others until `hostWaitsUntil`,
+// if set), let go of the store. The handshake only among ranks of a store
+// this library created, and only while that store still answers.
+void leaveStore(
+    BarrierState& state, std::optional<Clock::time_point> hostWaitsUntil) {
   const bool storeLost = state.storeLost();
   state.phase = Phase::kClosed;
   stopWorker(state);
-  // The handshake only among ranks of a store this library created, and
-  // only while that store still answers.
   if (state.ownsStore && !storeLost) {
     try {
-      if (state.hostsStore) {
-        hostAwaitsClosers(state, Clock::now() + state.timeout);
-      } else {
+      if (!state.hostsStore) {
         sayClosed(state);
+      } else if (hostWaitsUntil) {
+        hostAwaitsClosers(state, *hostWaitsUntil);
       }
     } catch (const StoreUnavailable&) {
       // The store went first; there is nobody left to tell.
@@ -170,6 +169,14 @@ void closeBarrier(BarrierState& state) {
     }
   }
   releaseStore(state);
+}
+
+} // namespace
+
+void closeBarrier(BarrierState& state) {
+  if (state.phase != Phase::kClosed) {
+    leaveStore(state, Clock::now() + state.timeout);
+  }
 }
 
 void destroyBarrier(BarrierState& state) noexcept {
@@ -180,25 +187,19 @@ void destroyBarrier(BarrierState& state) noexcept {
   // No interrupt checks from a destructor: one that threw would end the
   // process, and Python may be finalizing.
   state.interruptCheck = nullptr;
-  const bool storeLost = state.storeLost();
   // Not after an interrupt: nobody else needs the store for a verdict
   // then, and Ctrl-C must end the process promptly.
-  const bool endedInError =
-      state.timedOut || (state.phase == Phase::kLost && !storeLost);
-  state.phase = Phase::kClosed;
-  stopWorker(state);
-  if (state.ownsStore && !storeLost && state.connection) {
-    try {
-      if (!state.hostsStore) {
-        sayClosed(state);
-      } else if (endedInError) {
-        hostAwaitsClosers(state, Clock::now() + lingerLimit(state));
-      }
-    } catch (...) {
-      // Whatever the store did, the barrier is gone.
-    }
+  const bool endedInVerdict =
+      state.timedOut || (state.phase == Phase::kLost && !state.storeLost());
+  try {
+    leaveStore(
+        state,
+        endedInVerdict ? std::optional(Clock::now() + lingerLimit(state))
+                       : std::nullopt);
+  } catch (...) {
+    // Whatever the store did, the barrier is gone.
+    releaseStore(state);
   }
-  releaseStore(state);
 }
 
 } // namespace tcpstore_barrier::detail

@@ -106,9 +106,9 @@ class WireConnection final : public StoreConnection {
   }
 
   int64_t readAdd(Clock::time_point deadline) override {
-    const auto order = readValue<int64_t>(deadline);
-    --repliesDue_;
-    return order;
+    return readReply([&] {
+      return readValue<int64_t>(deadline);
+    });
   }
 
   bool check(const std::vector<std::string>& keys, Clock::time_point deadline)
@@ -117,10 +117,9 @@ class WireConnection final : public StoreConnection {
     beginWithReply(QueryType::CHECK);
     appendKeys(keys);
     sendPending(deadline);
-    const bool ready =
-        readValue<CheckResponseType>(deadline) == CheckResponseType::READY;
-    --repliesDue_;
-    return ready;
+    return readReply([&] {
+      return readValue<CheckResponseType>(deadline) == CheckResponseType::READY;
+    });
   }
 
   std::vector<bool> checkEach(
@@ -148,12 +147,13 @@ class WireConnection final : public StoreConnection {
     beginWithReply(QueryType::MULTI_GET);
     appendKeys(keys);
     sendPending(deadline);
-    std::vector<std::string> values(keys.size());
-    for (auto& value : values) {
-      value = readString(deadline);
-    }
-    --repliesDue_;
-    return values;
+    return readReply([&] {
+      std::vector<std::string> values(keys.size());
+      for (auto& value : values) {
+        value = readString(deadline);
+      }
+      return values;
+    });
   }
 
   std::vector<bool> deleteEach(
@@ -183,9 +183,9 @@ class WireConnection final : public StoreConnection {
     appendString(expected);
     appendString(desired);
     sendPending(deadline);
-    auto value = readString(deadline);
-    --repliesDue_;
-    return value;
+    return readReply([&] {
+      return readString(deadline);
+    });
   }
 
   void startWait(std::string_view key, Clock::time_point deadline) override {
@@ -210,11 +210,12 @@ class WireConnection final : public StoreConnection {
   bool awaitRelease(Clock::time_point until, int alarmFd) override {
     for (;;) {
       if (received_.size() > consumed_) {
-        const auto reply = readValue<WaitResponseType>(until);
+        const auto reply = readReply([&] {
+          return readValue<WaitResponseType>(until);
+        });
         if (reply != WaitResponseType::STOP_WAITING) {
           fail("answered a wait with an unexpected reply", false);
         }
-        --repliesDue_;
         return true;
       }
       pollfd fds[2] = {{fd_.get(), POLLIN, 0}, {alarmFd, POLLIN, 0}};
@@ -254,10 +255,12 @@ class WireConnection final : public StoreConnection {
     beginWithReply(QueryType::PING);
     appendValue(nonce);
     sendPending(deadline);
-    if (readValue<uint32_t>(deadline) != nonce) {
+    const auto echoed = readReply([&] {
+      return readValue<uint32_t>(deadline);
+    });
+    if (echoed != nonce) {
       fail("answered the handshake with a wrong nonce", false);
     }
-    --repliesDue_;
   }
 
   // Adds `delta` to the worker count; its value then.
@@ -267,9 +270,9 @@ class WireConnection final : public StoreConnection {
     appendString(kWorkerCountKey);
     appendValue<int64_t>(delta);
     sendPending(deadline);
-    const auto count = readValue<int64_t>(deadline);
-    --repliesDue_;
-    return count;
+    return readReply([&] {
+      return readValue<int64_t>(deadline);
+    });
   }
 
  private:
@@ -324,10 +327,17 @@ class WireConnection final : public StoreConnection {
     std::vector<Reply> replies;
     replies.reserve(count);
     for (std::size_t i = 0; i < count; ++i) {
-      replies.push_back(read());
-      --repliesDue_;
+      replies.push_back(readReply(read));
     }
     return replies;
+  }
+
+  // Reads one reply in full: it is then no longer due.
+  template <typename Read>
+  auto readReply(Read read) -> decltype(read()) {
+    auto reply = read();
+    --repliesDue_;
+    return reply;
   }
 
   void appendKeys(const std::vector<std::string>& keys) {
