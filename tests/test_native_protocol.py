@@ -1,7 +1,8 @@
 """protocol="native" (the store's server-side BARRIER, every rank using it)
-keeps the promises the torch protocol keeps: a killed peer is named lost, a
-retry after a timeout resumes the same round, Ctrl-C works while waiting,
-and finished rounds' keys are deleted.
+keeps the promises the torch protocol keeps: a killed peer is named lost,
+Ctrl-C works while waiting, and finished rounds' keys are deleted. (A retry
+after a timeout resuming the same round: test_reliability.py's resumed
+rounds, run with both protocols.)
 
 Ranks are processes (forkserver, see support/launch.py) on a real TCPStore
 on 127.0.0.1. The test process watches the store through a client of its
@@ -21,7 +22,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 from support import LOOPBACK, free_port, report_figure
-from support.barriers import assert_no_early_release, describe, our_barrier, timed_round
+from support.barriers import describe, our_barrier, timed_round
 from support.launch import run_ranks, start_ranks
 
 PREFIX = "ckpt"
@@ -121,74 +122,6 @@ def test_a_peer_killed_mid_round_is_named_lost_by_every_survivor(port):
         "native killed peer named lost after, max (s)", max(detections.values())
     )
     assert max(detections.values()) <= DETECTION_BOUND, detections
-
-
-# --- a retry after a timeout ----------------------------------------------------
-
-RETRY_TIMEOUT = 0.4
-TIMEOUTS_BEFORE_LATE = 2
-
-
-def retry_until_late_rank_arrives(rank, world_size, port):
-    """Rank 1 (short timeout) times out TIMEOUTS_BEFORE_LATE times in round 0
-    and keeps calling; only then does rank 2 enter. Everyone reports when it
-    entered and left round 0, then runs one more round."""
-    barrier = make(rank, world_size, port, timeout=RETRY_TIMEOUT if rank == 1 else 30.0)
-    store = barrier.store
-    result = {"timeouts": [], "sequence_during_retries": []}
-    if rank == 2:
-        store.wait(["test/rank1_timed_out"], COORDINATION)
-    entered = time.monotonic()
-    if rank == 1:
-        for _attempt in range(100):
-            try:
-                barrier.execute_barrier()
-                break
-            except Exception as e:  # noqa: BLE001 - judged by the test
-                result["timeouts"].append(describe(e))
-                result["sequence_during_retries"].append(barrier.sequence)
-                if len(result["timeouts"]) == TIMEOUTS_BEFORE_LATE:
-                    store.set("test/rank1_timed_out", "1")
-        else:
-            raise AssertionError("rank 1 never got through round 0")
-    else:
-        barrier.execute_barrier()
-    left = time.monotonic()
-    result.update(stamps=[(entered, left)], sequence=barrier.sequence)
-    if rank == 0:
-        # The server counted each rank once, however often rank 1 called.
-        result["count"] = store.get(count_key(0))
-    barrier.execute_barrier()
-    result["sequence_final"] = barrier.sequence
-    barrier.close()
-    return result
-
-
-@pytest.fixture(scope="module")
-def retried():
-    return run_ranks(retry_until_late_rank_arrives, 3, free_port(), timeout=60)
-
-
-def test_a_timed_out_rank_names_the_late_rank_and_stays_in_the_round(retried):
-    timeouts = retried[1]["timeouts"]
-    assert len(timeouts) >= TIMEOUTS_BEFORE_LATE
-    for error in timeouts:
-        assert error["type"] == "BarrierTimeoutError", error
-        assert error["missing_ranks"] == [2], error
-        assert error["sequence"] == 0 and error["barrier_key"] == count_key(0)
-    assert set(retried[1]["sequence_during_retries"]) == {0}
-
-
-def test_the_retried_round_completes_on_every_rank_once_the_late_rank_arrives(
-    retried,
-):
-    assert [r["sequence"] for r in retried] == [1, 1, 1]
-    assert [r["sequence_final"] for r in retried] == [2, 2, 2]
-    assert retried[0]["count"] == b"3"
-
-
-def test_no_rank_leaves_the_retried_round_before_the_late_rank_enters(retried):
-    assert_no_early_release([r["stamps"] for r in retried])
 
 
 # --- Ctrl-C -----------------------------------------------------------------------

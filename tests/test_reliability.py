@@ -52,10 +52,11 @@ PREFIX = "ckpt"
 COORDINATION = timedelta(seconds=20)
 
 
-def make(rank, world_size, port, *, timeout=10.0, init=10.0):
+def make(rank, world_size, port, *, timeout=10.0, init=10.0, protocol="torch"):
     return our_barrier(
-        rank, world_size, port, prefix=PREFIX, init=init, timeout=timeout
-    )
+        rank, world_size, port, prefix=PREFIX, init=init, timeout=timeout,
+        options={"protocol": protocol},
+    )  # fmt: skip
 
 
 def _die_once_counted(store, count):
@@ -216,12 +217,23 @@ SHORT_TIMEOUT = 0.4
 TIMEOUTS_BEFORE_LATE = 2
 
 
-def resume_after_timeouts(rank, world_size, port, short_timeout, timeouts_before_late):
+# Each protocol's key that releases round 0, and the one that counts its
+# arrivals (native: the server-side barrier's own count).
+RELEASE_KEY = {"torch": f"{PREFIX}0/last_member", "native": f"{PREFIX}0/barrier"}
+COUNT_KEY = {"torch": f"{PREFIX}0/num_members", "native": f"{PREFIX}0/barrier"}
+
+
+def resume_after_timeouts(
+    rank, world_size, port, short_timeout, timeouts_before_late, protocol
+):
     """Rank 1 times out `timeouts_before_late` times and retries; only then
     does rank 2 enter. Everyone reports (entered, left) and what it saw."""
-    barrier = make(rank, world_size, port, timeout=short_timeout if rank == 1 else 15.0)
+    barrier = make(
+        rank, world_size, port, timeout=short_timeout if rank == 1 else 15.0,
+        protocol=protocol,
+    )  # fmt: skip
     store = barrier.store
-    result = {"timeouts": [], "sequence_after_timeouts": None}
+    result = {"timeouts": [], "sequences_after_timeouts": []}
     if rank == 2:
         store.wait(["test/rank1_timed_out"], COORDINATION)
     entered = time.monotonic()
@@ -232,7 +244,7 @@ def resume_after_timeouts(rank, world_size, port, short_timeout, timeouts_before
                 break
             except Exception as e:  # noqa: BLE001
                 result["timeouts"].append(describe(e))
-                result["sequence_after_timeouts"] = barrier.sequence
+                result["sequences_after_timeouts"].append(barrier.sequence)
                 if len(result["timeouts"]) == timeouts_before_late:
                     store.set("test/rank1_timed_out", "1")
         else:
@@ -243,7 +255,7 @@ def resume_after_timeouts(rank, world_size, port, short_timeout, timeouts_before
     result.update(entered=entered, left=left, sequence=barrier.sequence)
     if rank == 0:
         # Round 0's keys live until round 1 has released.
-        result["num_members"] = store.add(f"{PREFIX}0/num_members", 0)
+        result["counted"] = int(store.get(COUNT_KEY[protocol]))
         store.set("test/counted", "1")
     store.wait(["test/counted"], COORDINATION)
     # The barrier keeps working after the retries.
@@ -253,28 +265,33 @@ def resume_after_timeouts(rank, world_size, port, short_timeout, timeouts_before
     return result
 
 
-@pytest.fixture(scope="module")
-def resumed():
+@pytest.fixture(scope="module", params=["torch", "native"])
+def resumed(request):
+    protocol = request.param
     results = run_ranks(
         resume_after_timeouts,
         3,
         free_port(),
         SHORT_TIMEOUT,
         TIMEOUTS_BEFORE_LATE,
+        protocol,
     )
-    return [results[r] for r in range(3)]
+    return protocol, [results[r] for r in range(3)]
 
 
 def test_retrying_rank_times_out_naming_the_late_rank(resumed):
+    protocol, resumed = resumed
     timeouts = resumed[1]["timeouts"]
     assert len(timeouts) >= TIMEOUTS_BEFORE_LATE
     for error in timeouts:
-        assert error["is_barrier_timeout"]
+        assert error["type"] == "BarrierTimeoutError", error
         assert error["sequence"] == 0
+        assert error["barrier_key"] == RELEASE_KEY[protocol], error
         assert error["missing_ranks"] == [2]
 
 
 def test_no_rank_leaves_before_the_last_rank_enters_despite_retries(resumed):
+    _, resumed = resumed
     last_entry = max(r["entered"] for r in resumed)
     assert last_entry == resumed[2]["entered"]
     for rank, result in enumerate(resumed):
@@ -282,13 +299,15 @@ def test_no_rank_leaves_before_the_last_rank_enters_despite_retries(resumed):
 
 
 def test_sequence_advances_only_when_the_round_completes(resumed):
-    assert resumed[1]["sequence_after_timeouts"] == 0
+    _, resumed = resumed
+    assert set(resumed[1]["sequences_after_timeouts"]) == {0}
     assert [r["sequence"] for r in resumed] == [1, 1, 1]
     assert [r["sequence_final"] for r in resumed] == [2, 2, 2]
 
 
 def test_retries_never_count_a_rank_twice(resumed):
-    assert resumed[0]["num_members"] == 3
+    _, resumed = resumed
+    assert resumed[0]["counted"] == 3
 
 
 # --- 3. Ctrl-C ---------------------------------------------------------------
