@@ -90,6 +90,24 @@ Protocol protocolArg(const std::string& protocol) {
       "protocol must be 'torch' or 'native', got '" + protocol + "'");
 }
 
+TreeOptions treeArgs(
+    const std::string& topology, py::handle host, py::handle fanIn) {
+  TreeOptions tree;
+  if (topology == "flat") {
+    tree.topology = Topology::kFlat;
+  } else if (topology == "tree") {
+    tree.topology = Topology::kTree;
+  } else if (topology != "auto") {
+    throw py::value_error(
+        "topology must be 'auto', 'flat' or 'tree', got '" + topology + "'");
+  }
+  if (!host.is_none()) {
+    tree.host = strArg(host, "host");
+  }
+  tree.fanIn = intArg(fanIn, "tree_fan_in");
+  return tree;
+}
+
 bool pythonFinalizing() {
 #if PY_VERSION_HEX >= 0x030D0000
   return Py_IsFinalizing() != 0;
@@ -172,7 +190,10 @@ PYBIND11_MODULE(_C, m) {
                       py::handle master_address,
                       py::handle timeout_secs,
                       const std::string& protocol,
-                      py::handle peer_timeout_secs) {
+                      py::handle peer_timeout_secs,
+                      const std::string& topology,
+                      py::handle host,
+                      py::handle tree_fan_in) {
             TCPStoreBarrierOptions options{
                 intArg(global_rank, "global_rank"),
                 intArg(global_world_size, "global_world_size"),
@@ -186,7 +207,8 @@ PYBIND11_MODULE(_C, m) {
                 strArg(master_address, "master_address"),
                 secondsArg(timeout_secs, "timeout_secs"),
                 protocolArg(protocol),
-                peerTimeoutArg(peer_timeout_secs)};
+                peerTimeoutArg(peer_timeout_secs),
+                treeArgs(topology, host, tree_fan_in)};
             py::gil_scoped_release nogil;
             return withSignalChecks(
                 std::make_unique<TCPStoreBarrier>(std::move(options)));
@@ -201,7 +223,10 @@ PYBIND11_MODULE(_C, m) {
           py::arg("timeout_secs"),
           py::kw_only(),
           py::arg("protocol") = "torch",
-          py::arg("peer_timeout_secs") = 5.0)
+          py::arg("peer_timeout_secs") = 5.0,
+          py::arg("topology") = "auto",
+          py::arg("host") = py::none(),
+          py::arg("tree_fan_in") = kDefaultTreeFanIn)
       // TCPStoreBarrier.from_store in Python: joins a store the program has.
       .def(
           py::init([](c10::intrusive_ptr<c10d::Store> store,
@@ -210,13 +235,17 @@ PYBIND11_MODULE(_C, m) {
                       py::handle barrier_prefix,
                       py::handle timeout_secs,
                       const std::string& protocol,
-                      py::handle peer_timeout_secs) {
+                      py::handle peer_timeout_secs,
+                      const std::string& topology,
+                      py::handle host,
+                      py::handle tree_fan_in) {
             auto rank = intArg(global_rank, "global_rank");
             auto worldSize = intArg(global_world_size, "global_world_size");
             auto prefix = strArg(barrier_prefix, "barrier_prefix");
             auto timeout = secondsArg(timeout_secs, "timeout_secs");
             auto peerTimeout = peerTimeoutArg(peer_timeout_secs);
             auto kind = protocolArg(protocol);
+            auto tree = treeArgs(topology, host, tree_fan_in);
             py::gil_scoped_release nogil;
             return withSignalChecks(
                 std::make_unique<TCPStoreBarrier>(
@@ -226,7 +255,8 @@ PYBIND11_MODULE(_C, m) {
                     std::move(prefix),
                     timeout,
                     kind,
-                    peerTimeout));
+                    peerTimeout,
+                    std::move(tree)));
           }),
           py::arg("store"),
           py::arg("global_rank"),
@@ -235,7 +265,10 @@ PYBIND11_MODULE(_C, m) {
           py::arg("timeout_secs"),
           py::kw_only(),
           py::arg("protocol") = "torch",
-          py::arg("peer_timeout_secs") = 5.0)
+          py::arg("peer_timeout_secs") = 5.0,
+          py::arg("topology") = "auto",
+          py::arg("host") = py::none(),
+          py::arg("tree_fan_in") = kDefaultTreeFanIn)
       .def(
           "execute_barrier",
           &TCPStoreBarrier::executeBarrier,
@@ -317,6 +350,16 @@ PYBIND11_MODULE(_C, m) {
           [](const TCPStoreBarrier& self) {
             return self.protocol() == Protocol::kNative ? "native" : "torch";
           })
+      .def_property_readonly(
+          "topology",
+          [](const TCPStoreBarrier& self) {
+            return self.topology() == Topology::kTree ? "tree" : "flat";
+          },
+          "'flat' or 'tree', as chosen at construction.")
+      .def_property_readonly(
+          "tree_levels",
+          &TCPStoreBarrier::treeLevels,
+          "How many stores of the tree this rank meets at (1 when flat).")
       .def_property_readonly(
           "peer_timeout_secs",
           [](const TCPStoreBarrier& self) -> std::optional<double> {

@@ -38,6 +38,7 @@
 #include "liveness.h"
 #include "protocols.h"
 #include "store_connection.h"
+#include "tree.h"
 #include "worker.h"
 
 namespace tcpstore_barrier::detail {
@@ -83,6 +84,12 @@ struct BarrierState {
   // The one interrupt point: every blocking wait of the caller thread runs
   // it between slices (through runInterruptCheck()).
   std::function<void()> interruptCheck;
+
+  // Where this barrier's rounds sit in a tree (a level of one), or flat.
+  RoundShape shape;
+  // A tree's rounds run through the levels it holds; nothing below but the
+  // fields above it and `address`/`store` (rank 0's store) is used then.
+  std::unique_ptr<BarrierTree> tree;
 
   std::unique_ptr<const RoundProtocol> protocol;
   // The caller's connection, and the worker's.
@@ -132,6 +139,33 @@ struct BarrierState {
 
 // housekeeping.cpp
 void deleteFinishedRounds(BarrierState& state);
+
+// construction.cpp: a store of a tree, and a level's barrier on it.
+// Hosts a c10d::TCPStore listening on `address` only (port 0: any free).
+c10::intrusive_ptr<c10d::Store> hostStore(
+    const std::string& address,
+    uint16_t port,
+    int64_t workers,
+    std::chrono::milliseconds timeout,
+    bool useLibUV);
+struct LevelSpec {
+  int64_t rank = 0;
+  int64_t worldSize = 1;
+  std::string prefix;
+  std::chrono::milliseconds timeout{0};
+  std::optional<std::chrono::milliseconds> peerTimeout;
+  Protocol protocol = Protocol::kNative;
+  RoundShape shape;
+  StoreAddress address;
+  // Set on the rank that hosts the level's store.
+  c10::intrusive_ptr<c10d::Store> server;
+  bool usesLibUV = true;
+  // The host waits until every member has joined (not at the root, whose
+  // joiners were counted already).
+  bool awaitMembers = true;
+};
+std::unique_ptr<TCPStoreBarrier> openLevel(
+    LevelSpec spec, Clock::time_point deadline);
 
 // close.cpp
 void closeBarrier(BarrierState& state);

@@ -39,14 +39,18 @@ void awaitClosers(
   std::vector<int64_t> pending;
   {
     std::vector<std::string> aliveKeys;
-    for (int64_t r = 1; r < state.worldSize; ++r) {
-      aliveKeys.push_back(state.liveness->aliveKey(r));
+    std::vector<int64_t> others;
+    for (const int64_t r : state.shape.memberRanks(state.worldSize)) {
+      if (r != state.rank) {
+        aliveKeys.push_back(state.liveness->aliveKey(r));
+        others.push_back(r);
+      }
     }
     // torch's ranks have no counter: they never close, and are not awaited.
     const auto members = store.checkEach(aliveKeys, deadline);
     for (std::size_t i = 0; i < members.size(); ++i) {
       if (members[i]) {
-        pending.push_back(static_cast<int64_t>(i) + 1);
+        pending.push_back(others[i]);
       }
     }
   }
@@ -174,12 +178,24 @@ void leaveStore(
 } // namespace
 
 void closeBarrier(BarrierState& state) {
+  if (state.tree && state.phase != Phase::kClosed) {
+    state.phase = Phase::kClosed;
+    state.tree->close();
+    state.tree.reset();
+    state.store.reset();
+    return;
+  }
   if (state.phase != Phase::kClosed) {
     leaveStore(state, Clock::now() + state.timeout);
   }
 }
 
 void destroyBarrier(BarrierState& state) noexcept {
+  if (state.tree) {
+    state.tree.reset();
+    state.store.reset();
+    return;
+  }
   if (state.phase == Phase::kClosed) {
     releaseStore(state);
     return;

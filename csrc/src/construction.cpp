@@ -48,6 +48,24 @@ void checkPeerTimeout(std::optional<std::chrono::milliseconds> peerTimeout) {
   }
 }
 
+// Whether to build a tree; throws for bad tree options, naming them.
+bool wantsTree(const TreeOptions& tree, int64_t worldSize, bool tcpStore) {
+  if (tree.fanIn < 2) {
+    throw std::invalid_argument(
+        fmt::format("tree_fan_in must be at least 2, got {}", tree.fanIn));
+  }
+  if (tree.host && tree.host->empty()) {
+    throw std::invalid_argument("host must not be empty");
+  }
+  if (tree.topology == Topology::kTree && !tcpStore) {
+    throw std::invalid_argument(
+        "topology 'tree' needs a TCPStore (or a PrefixStore over one)");
+  }
+  return tcpStore && (tree.topology == Topology::kTree ||
+                      (tree.topology == Topology::kAuto &&
+                       worldSize >= kTreeFromWorldSize));
+}
+
 // What every constructor does once the store is reachable: the protocol,
 // the connections, this rank's first heartbeat, the worker.
 void startRounds(
@@ -55,7 +73,11 @@ void startRounds(
     std::optional<StoreAddress> address,
     Clock::time_point deadline) {
   state.protocol = makeRoundProtocol(
-      state.protocolKind, state.rank, state.worldSize, state.prefix);
+      state.protocolKind,
+      state.rank,
+      state.worldSize,
+      state.prefix,
+      state.shape);
   if (address) {
     state.connection =
         openWireConnection(*address, deadline, state.stallLimit(), [&state] {
@@ -172,6 +194,8 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
   checkNonNegative(options.initTimeout, "timeout_barrier_init_secs");
   checkNonNegative(options.timeout, "timeout_secs");
   checkPeerTimeout(options.peerTimeout);
+  const bool tree =
+      wantsTree(options.tree, options.globalWorldSize, /*tcpStore=*/true);
   state.rank = options.globalRank;
   state.worldSize = options.globalWorldSize;
   state.prefix = std::move(options.barrierPrefix);
@@ -188,22 +212,20 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
       fmt::format("the store at {}:{}", options.masterAddress, port);
   try {
     if (state.hostsStore) {
-      c10d::TCPStoreOptions serverOptions;
-      serverOptions.port = port;
-      serverOptions.isServer = true;
-      serverOptions.numWorkers = static_cast<std::size_t>(state.worldSize);
-      // Waited for below, to the millisecond.
-      serverOptions.waitWorkers = false;
-      serverOptions.timeout = options.initTimeout;
-      serverOptions.useLibUV = options.useLibUV;
-      // TCPStore's own server listens on every interface; binding the
-      // socket here keeps it on the interface of master_address.
-      serverOptions.masterListenFd =
-          openListenSocket(options.masterAddress, port).release();
-      auto server = c10::make_intrusive<c10d::TCPStore>(
-          options.masterAddress, serverOptions);
-      state.usesLibUV = server->isLibUvBackend();
-      state.store = std::move(server);
+      state.store = detail::hostStore(
+          options.masterAddress,
+          port,
+          state.worldSize,
+          options.initTimeout,
+          options.useLibUV);
+      state.usesLibUV =
+          static_cast<c10d::TCPStore&>(*state.store).isLibUvBackend();
+    }
+    if (tree) {
+      state.address = StoreAddress{options.masterAddress, port, "/"};
+      state.tree = std::make_unique<detail::BarrierTree>(
+          state, options.tree, /*registerAsWorker=*/true, deadline);
+      return;
     }
     startRounds(
         state, StoreAddress{options.masterAddress, port, "/"}, deadline);
@@ -253,7 +275,8 @@ TCPStoreBarrier::TCPStoreBarrier(
     std::string barrier_prefix,
     std::chrono::milliseconds timeout,
     Protocol protocol,
-    std::optional<std::chrono::milliseconds> peerTimeout)
+    std::optional<std::chrono::milliseconds> peerTimeout,
+    TreeOptions treeOptions)
     : state_(std::make_unique<BarrierState>()) {
   BarrierState& state = *state_;
   if (!store) {
@@ -267,6 +290,8 @@ TCPStoreBarrier::TCPStoreBarrier(
     throw std::invalid_argument(
         "protocol 'native' needs a TCPStore (or a PrefixStore over one)");
   }
+  const bool tree =
+      wantsTree(treeOptions, global_world_size, address.has_value());
   if (auto* tcp = dynamic_cast<c10d::TCPStore*>(store.get())) {
     state.usesLibUV = tcp->isLibUvBackend();
   }
@@ -279,6 +304,15 @@ TCPStoreBarrier::TCPStoreBarrier(
   state.protocolKind = protocol;
   state.store = std::move(store);
   try {
+    if (tree) {
+      state.address = std::move(address);
+      state.tree = std::make_unique<detail::BarrierTree>(
+          state,
+          treeOptions,
+          /*registerAsWorker=*/false,
+          Clock::now() + timeout);
+      return;
+    }
     startRounds(state, std::move(address), Clock::now() + timeout);
   } catch (const StoreUnavailable& e) {
     throw c10::DistNetworkError(
@@ -291,12 +325,73 @@ TCPStoreBarrier::TCPStoreBarrier(
   }
 }
 
+TCPStoreBarrier::TCPStoreBarrier(std::unique_ptr<BarrierState> state)
+    : state_(std::move(state)) {}
+
 TCPStoreBarrier::~TCPStoreBarrier() {
   detail::destroyBarrier(*state_);
 }
 
+namespace detail {
+
+c10::intrusive_ptr<c10d::Store> hostStore(
+    const std::string& address,
+    uint16_t port,
+    int64_t workers,
+    std::chrono::milliseconds timeout,
+    bool useLibUV) {
+  // TCPStore's own server listens on every interface; binding the socket
+  // here keeps it on the one interface peers use to reach this host.
+  auto listener = openListenSocket(address, port);
+  c10d::TCPStoreOptions serverOptions;
+  serverOptions.port = port == 0 ? localPort(listener.get()) : port;
+  serverOptions.isServer = true;
+  serverOptions.numWorkers = static_cast<std::size_t>(workers);
+  // Waited for by the caller, to the millisecond.
+  serverOptions.waitWorkers = false;
+  serverOptions.timeout = timeout;
+  serverOptions.useLibUV = useLibUV;
+  serverOptions.masterListenFd = listener.release();
+  return c10::make_intrusive<c10d::TCPStore>(address, serverOptions);
+}
+
+std::unique_ptr<TCPStoreBarrier> openLevel(
+    LevelSpec spec, Clock::time_point deadline) {
+  auto owned = std::make_unique<BarrierState>();
+  BarrierState& state = *owned;
+  state.rank = spec.rank;
+  state.worldSize = spec.worldSize;
+  state.prefix = std::move(spec.prefix);
+  state.timeout = spec.timeout;
+  state.initTimeout = spec.timeout;
+  state.peerTimeout = spec.peerTimeout;
+  state.protocolKind = spec.protocol;
+  state.shape = std::move(spec.shape);
+  state.ownsStore = true;
+  state.hostsStore = static_cast<bool>(spec.server);
+  state.usesLibUV = spec.usesLibUV;
+  state.store = std::move(spec.server);
+  auto barrier = BarrierAccess::make(std::move(owned));
+  startRounds(state, spec.address, deadline);
+  if (spec.awaitMembers) {
+    registerWorker(*state.connection, deadline);
+    if (state.hostsStore) {
+      awaitWorkers(*state.connection, state.worldSize, deadline);
+    }
+  }
+  return barrier;
+}
+
+std::unique_ptr<TCPStoreBarrier> BarrierAccess::make(
+    std::unique_ptr<BarrierState> state) {
+  return std::unique_ptr<TCPStoreBarrier>(
+      new TCPStoreBarrier(std::move(state)));
+}
+
+} // namespace detail
+
 int64_t TCPStoreBarrier::sequence() const noexcept {
-  return state_->sequence;
+  return state_->tree ? state_->tree->sequence() : state_->sequence;
 }
 bool TCPStoreBarrier::usesLibUV() const noexcept {
   return state_->usesLibUV;
@@ -320,6 +415,12 @@ std::optional<std::chrono::milliseconds> TCPStoreBarrier::peerTimeout()
 Protocol TCPStoreBarrier::protocol() const noexcept {
   return state_->protocolKind;
 }
+Topology TCPStoreBarrier::topology() const noexcept {
+  return state_->tree ? Topology::kTree : Topology::kFlat;
+}
+int64_t TCPStoreBarrier::treeLevels() const noexcept {
+  return state_->tree ? state_->tree->levels() : 1;
+}
 bool TCPStoreBarrier::closed() const noexcept {
   return state_->phase == detail::Phase::kClosed;
 }
@@ -340,6 +441,9 @@ c10::intrusive_ptr<c10d::Store> TCPStoreBarrier::store() {
 }
 
 void TCPStoreBarrier::setInterruptCheck(std::function<void()> check) {
+  if (state_->tree) {
+    state_->tree->setInterruptCheck(check);
+  }
   state_->interruptCheck = std::move(check);
 }
 

@@ -24,7 +24,14 @@ constexpr std::string_view kAliveInfix = "/alive/";
 constexpr std::string_view kClosedInfix = "/closed/";
 constexpr std::string_view kLostSuffix = "/lost";
 constexpr std::string_view kLostField = "lost=";
-constexpr std::string_view kMissingField = ";missing=";
+constexpr std::string_view kMissingField = "missing=";
+constexpr std::string_view kDecidedField = "decided";
+// A tree's stores beat at least this often (see LivenessTiming).
+constexpr std::chrono::milliseconds kQuickInterval{250};
+
+std::string lostKeyOf(const std::string& prefix) {
+  return prefix + std::string(kLostSuffix);
+}
 
 } // namespace
 
@@ -68,12 +75,66 @@ Clock::duration SilenceTracker::stillFor(
   return now - entry->second.since;
 }
 
+std::string verdictText(
+    const std::vector<int64_t>& lost,
+    const std::vector<int64_t>& missing,
+    bool decided) {
+  std::string text(kLostField);
+  text.append(joinRanks(lost)).append(";").append(kMissingField);
+  text.append(joinRanks(missing));
+  if (decided) {
+    text.append(";").append(kDecidedField);
+  }
+  return text;
+}
+
+Alarm alarmOfVerdict(std::string_view verdict) {
+  Alarm alarm{Alarm::Kind::kPeersLost, {}, {}, {}};
+  while (!verdict.empty()) {
+    const auto end = verdict.find(';');
+    const auto field = verdict.substr(0, end);
+    if (field.substr(0, kLostField.size()) == kLostField) {
+      alarm.lostRanks = splitRanks(field.substr(kLostField.size()));
+    } else if (field.substr(0, kMissingField.size()) == kMissingField) {
+      alarm.missingRanks = splitRanks(field.substr(kMissingField.size()));
+    } else if (field == kDecidedField) {
+      alarm.decided = true;
+    }
+    verdict = end == std::string_view::npos ? "" : verdict.substr(end + 1);
+  }
+  return alarm;
+}
+
+std::string declareVerdict(
+    StoreConnection& connection,
+    const std::string& prefix,
+    const std::vector<int64_t>& members,
+    const std::string& verdict,
+    Clock::time_point deadline) {
+  // The first declaration stands, so that every rank names the same ranks.
+  auto standing =
+      connection.compareSet(lostKeyOf(prefix), "", verdict, deadline);
+  std::vector<std::string> keys;
+  for (const int64_t rank : members) {
+    std::string key = prefix;
+    key.append(kAliveInfix);
+    appendDecimal(key, rank);
+    keys.push_back(std::move(key));
+  }
+  connection.addEach(keys, kAlarmOffset, deadline);
+  return standing;
+}
+
 LivenessTiming::LivenessTiming(
-    std::optional<std::chrono::milliseconds> peerTimeout, int64_t worldSize) {
+    std::optional<std::chrono::milliseconds> peerTimeout,
+    int64_t worldSize,
+    bool quick) {
   if (peerTimeout) {
     const auto fair =
         std::chrono::milliseconds(worldSize * 1000 / kHeartbeatsPerSecond);
-    interval = std::max(*peerTimeout / 5, fair);
+    const auto beat =
+        quick ? std::min(*peerTimeout / 5, kQuickInterval) : *peerTimeout / 5;
+    interval = std::max(beat, fair);
     silenceLimit = std::max(
         *peerTimeout,
         std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -92,7 +153,10 @@ Liveness::Liveness(
       worldSize_(worldSize),
       prefix_(prefix),
       enabled_(peerTimeout.has_value()),
-      timing_(peerTimeout, worldSize),
+      timing_(
+          peerTimeout,
+          static_cast<int64_t>(protocol.shape().memberRanks(worldSize).size()),
+          !protocol.shape().flat()),
       protocol_(protocol),
       connection_(connection),
       ownAliveKey_(aliveKey(rank)),
@@ -104,10 +168,6 @@ std::string Liveness::aliveKey(int64_t rank) const {
   key.append(kAliveInfix);
   appendDecimal(key, rank);
   return key;
-}
-
-std::string Liveness::lostKey() const {
-  return prefix_ + std::string(kLostSuffix);
 }
 
 void Liveness::announce(
@@ -173,22 +233,13 @@ void Liveness::tick() {
 }
 
 void Liveness::readDeclaredLoss(Clock::time_point deadline) {
-  const std::vector<std::string> key{lostKey()};
+  const std::vector<std::string> key{lostKeyOf(prefix_)};
   if (!connection_.check(key, deadline)) {
     return;
   }
-  const std::string declared = connection_.multiGet(key, deadline).front();
-  const auto missingAt = declared.find(kMissingField);
-  raise(
-      Alarm{
-          Alarm::Kind::kPeersLost,
-          splitRanks(
-              std::string_view(declared).substr(
-                  kLostField.size(), missingAt - kLostField.size())),
-          splitRanks(
-              std::string_view(declared).substr(
-                  std::min(declared.size(), missingAt + kMissingField.size()))),
-          {}});
+  auto alarm = alarmOfVerdict(connection_.multiGet(key, deadline).front());
+  alarm.decided = alarm.decided || protocol_.shape().decides;
+  raise(std::move(alarm));
   // The host, itself about to raise this verdict and perhaps to exit,
   // keeps the store up until every survivor has it (close.cpp).
   connection_.set(closedKey(prefix_, rank_), "1");
@@ -270,22 +321,17 @@ void Liveness::declareLoss(
     const std::vector<int64_t>& lost,
     const std::vector<int64_t>& missing,
     Clock::time_point deadline) {
-  std::string declaration(kLostField);
-  declaration.append(joinRanks(lost))
-      .append(kMissingField)
-      .append(joinRanks(missing));
-  // The first declaration stands, so that every rank names the same ranks.
-  connection_.compareSet(lostKey(), "", declaration, deadline);
-  std::vector<int64_t> everyone;
-  for (int64_t rank = 0; rank < worldSize_; ++rank) {
-    everyone.push_back(rank);
-  }
-  learnMembers(everyone, deadline);
-  std::vector<std::string> keys;
-  for (const int64_t rank : members_) {
-    keys.push_back(aliveKey(rank));
-  }
-  connection_.addEach(keys, kAlarmOffset, deadline);
+  // In global ranks: in a tree, a rank at this store stands for its
+  // subtree, and the verdict travels to stores that number ranks otherwise.
+  const auto& shape = protocol_.shape();
+  learnMembers(shape.memberRanks(worldSize_), deadline);
+  declareVerdict(
+      connection_,
+      prefix_,
+      std::vector<int64_t>(members_.begin(), members_.end()),
+      verdictText(
+          shape.globalRanks(lost), shape.globalRanks(missing), shape.decides),
+      deadline);
 }
 
 } // namespace tcpstore_barrier

@@ -34,6 +34,9 @@ struct Alarm {
   std::vector<int64_t> missingRanks;
   // What the store's failure said.
   std::string detail;
+  // Declared at a tree's root, or carried from it: the tree's verdict, not
+  // one store's view of it.
+  bool decided = false;
 };
 
 // Decides silence from a counter's successive readings: a rank is silent
@@ -68,9 +71,14 @@ class SilenceTracker {
 
 // The heartbeat's period and the silence allowed, for a peer timeout (nullopt:
 // liveness off, both zero) and a world size.
+// A store of a tree (`quick`) has at most a fan-in of members, so its ranks
+// can beat more often: a verdict crosses each level of the tree within one
+// beat.
 struct LivenessTiming {
   LivenessTiming(
-      std::optional<std::chrono::milliseconds> peerTimeout, int64_t worldSize);
+      std::optional<std::chrono::milliseconds> peerTimeout,
+      int64_t worldSize,
+      bool quick = false);
   std::chrono::milliseconds interval{0};
   std::chrono::milliseconds silenceLimit{0};
 };
@@ -136,7 +144,6 @@ class Liveness {
       Clock::time_point deadline);
   void readDeclaredLoss(Clock::time_point deadline);
   void raise(Alarm alarm);
-  std::string lostKey() const;
 
   int64_t rank_;
   int64_t worldSize_;
@@ -158,6 +165,23 @@ class Liveness {
   SilenceTracker silence_;
   int64_t seenSequence_ = -1;
 };
+
+// A verdict as a store keeps it under `{prefix}/lost`, in global ranks.
+std::string verdictText(
+    const std::vector<int64_t>& lost,
+    const std::vector<int64_t>& missing,
+    bool decided);
+// Writes `verdict` as the store's `{prefix}/lost` unless one is already
+// there, and tells `members` (their next heartbeat's reply will carry it);
+// returns the verdict the store then holds.
+std::string declareVerdict(
+    StoreConnection& connection,
+    const std::string& prefix,
+    const std::vector<int64_t>& members,
+    const std::string& verdict,
+    Clock::time_point deadline);
+// The alarm a store's `{prefix}/lost` value raises.
+Alarm alarmOfVerdict(std::string_view verdict);
 
 // `{prefix}/closed/{r}`: rank r needs nothing more of the store. It says
 // so when it closes, when its barrier is destroyed, and when it has learnt

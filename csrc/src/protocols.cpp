@@ -32,7 +32,7 @@ class TorchKeysProtocol final : public RoundProtocol {
     writeRankKey(connection, round);
     assignRoundKey(round.countKey, round, kNumMembersSuffix);
     assignRoundKey(round.releaseKey, round, kLastMemberSuffix);
-    connection.sendAdd(round.countKey, 1, deadline);
+    connection.sendAdd(round.countKey, shape_.weight, deadline);
   }
 
   bool arrivalAnswered(
@@ -180,17 +180,50 @@ std::string rankKeyOf(int64_t rank) {
 
 } // namespace
 
+std::vector<int64_t> RoundShape::memberRanks(int64_t worldSize) const {
+  if (!members.empty()) {
+    return members;
+  }
+  std::vector<int64_t> all;
+  for (int64_t r = 0; r < worldSize; ++r) {
+    all.push_back(r);
+  }
+  return all;
+}
+
+std::vector<int64_t> RoundShape::globalRanks(
+    const std::vector<int64_t>& ranks) const {
+  std::vector<int64_t> global;
+  for (const int64_t rank : ranks) {
+    const auto named = names.find(rank);
+    if (named == names.end()) {
+      global.push_back(rank);
+    } else {
+      global.insert(global.end(), named->second.begin(), named->second.end());
+    }
+  }
+  std::sort(global.begin(), global.end());
+  global.erase(std::unique(global.begin(), global.end()), global.end());
+  return global;
+}
+
 RoundProtocol::RoundProtocol(
-    int64_t rank, int64_t worldSize, std::string prefix)
+    int64_t rank, int64_t worldSize, std::string prefix, RoundShape shape)
     : rank_(rank),
       worldSize_(worldSize),
       prefix_(std::move(prefix)),
-      rankKey_(rankKeyOf(rank)) {}
+      rankKey_(rankKeyOf(rank)),
+      shape_(std::move(shape)),
+      members_(shape_.memberRanks(worldSize)) {}
 
 bool RoundProtocol::watches(const Arrival& arrival) const {
-  // The first two arrivers wait the longest; ranks 0 and 1 stand in when
-  // the order is unknown (native) or those arrivers are torch's ranks.
-  return (arrival.order >= 1 && arrival.order <= 2) || rank_ < 2;
+  // The first two arrivers wait the longest; the first two members stand
+  // in when the order is unknown (native, or weighted arrivals at a tree's
+  // root) or those arrivers are torch's ranks.
+  const bool standIn = rank_ == members_.front() ||
+                       (members_.size() > 1 && rank_ == members_[1]);
+  return standIn ||
+         (shape_.weight == 1 && arrival.order >= 1 && arrival.order <= 2);
 }
 
 std::string RoundProtocol::roundKey(
@@ -232,7 +265,8 @@ std::vector<int64_t> RoundProtocol::ranksBehindCount(
   auto missing = ranksBehind(connection, cache, sequence, deadline);
   const auto giveUp =
       std::min(deadline, Clock::now() + std::chrono::milliseconds(300));
-  while (worldSize_ - static_cast<int64_t>(missing.size()) < arrived() &&
+  const auto memberCount = static_cast<int64_t>(members_.size());
+  while (memberCount - static_cast<int64_t>(missing.size()) < arrived() &&
          Clock::now() < giveUp) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
     missing = ranksBehind(connection, cache, sequence, deadline);
@@ -246,7 +280,7 @@ std::vector<int64_t> RoundProtocol::ranksBehind(
     int64_t sequence,
     Clock::time_point deadline) const {
   if (cache.keys.empty()) {
-    for (int64_t r = 0; r < worldSize_; ++r) {
+    for (const int64_t r : members_) {
       cache.keys.push_back(rankKeyOf(r));
     }
     cache.seen.assign(cache.keys.size(), false);
@@ -255,10 +289,10 @@ std::vector<int64_t> RoundProtocol::ranksBehind(
   // missing; reading a missing key is an error on the legacy server.
   std::vector<std::string> unseen;
   std::vector<std::size_t> unseenRanks;
-  for (std::size_t r = 0; r < cache.keys.size(); ++r) {
-    if (!cache.seen[r]) {
-      unseen.push_back(cache.keys[r]);
-      unseenRanks.push_back(r);
+  for (std::size_t i = 0; i < cache.keys.size(); ++i) {
+    if (!cache.seen[i]) {
+      unseen.push_back(cache.keys[i]);
+      unseenRanks.push_back(i);
     }
   }
   if (!unseen.empty()) {
@@ -270,12 +304,12 @@ std::vector<int64_t> RoundProtocol::ranksBehind(
   std::vector<std::string> keys;
   std::vector<int64_t> keyRanks;
   std::vector<int64_t> missing;
-  for (std::size_t r = 0; r < cache.keys.size(); ++r) {
-    if (cache.seen[r]) {
-      keys.push_back(cache.keys[r]);
-      keyRanks.push_back(static_cast<int64_t>(r));
+  for (std::size_t i = 0; i < cache.keys.size(); ++i) {
+    if (cache.seen[i]) {
+      keys.push_back(cache.keys[i]);
+      keyRanks.push_back(members_[i]);
     } else {
-      missing.push_back(static_cast<int64_t>(r));
+      missing.push_back(members_[i]);
     }
   }
   const auto values = keys.empty() ? std::vector<std::string>{}
@@ -294,11 +328,14 @@ std::unique_ptr<RoundProtocol> makeRoundProtocol(
     Protocol protocol,
     int64_t rank,
     int64_t worldSize,
-    const std::string& prefix) {
+    const std::string& prefix,
+    RoundShape shape) {
   if (protocol == Protocol::kNative) {
-    return std::make_unique<ServerBarrierProtocol>(rank, worldSize, prefix);
+    return std::make_unique<ServerBarrierProtocol>(
+        rank, worldSize, prefix, std::move(shape));
   }
-  return std::make_unique<TorchKeysProtocol>(rank, worldSize, prefix);
+  return std::make_unique<TorchKeysProtocol>(
+      rank, worldSize, prefix, std::move(shape));
 }
 
 } // namespace tcpstore_barrier

@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +21,30 @@ struct Arrival {
   bool released = false;
   // This rank's place in the arrival order (1 = first), when known.
   int64_t order = 0;
+};
+
+// Where a round sits in a tree of stores (tree.cpp); the defaults are a
+// flat barrier's: every rank 0..worldSize-1 takes part and counts one.
+struct RoundShape {
+  // What this rank's arrival adds to the count: at the root of a tree, a
+  // top-level leader counts its whole subtree in one add.
+  int64_t weight = 1;
+  // The ranks that arrive at this store themselves (a tree's root: its
+  // top-level leaders and torch's ranks); empty for all of 0..worldSize-1.
+  std::vector<int64_t> members;
+  // The global ranks each rank at this store stands for (its subtree), for
+  // verdicts and missing ranks; a rank not in it stands for itself.
+  std::map<int64_t, std::vector<int64_t>> names;
+  // A tree's root: a loss declared on it is the tree's verdict.
+  bool decides = false;
+
+  bool flat() const noexcept {
+    return members.empty() && names.empty();
+  }
+  // The ranks that arrive at this store, given its world size.
+  std::vector<int64_t> memberRanks(int64_t worldSize) const;
+  // `ranks` (of this store) as the sorted global ranks they stand for.
+  std::vector<int64_t> globalRanks(const std::vector<int64_t>& ranks) const;
 };
 
 // The keys of the round the caller is in, kept between rounds so that
@@ -43,7 +69,8 @@ struct RankKeyCache {
 // changes; the buffers it fills belong to whoever passes them in.
 class RoundProtocol {
  public:
-  RoundProtocol(int64_t rank, int64_t worldSize, std::string prefix);
+  RoundProtocol(
+      int64_t rank, int64_t worldSize, std::string prefix, RoundShape shape);
   virtual ~RoundProtocol() = default;
 
   // Sends this rank's arrival at round `sequence`, filling `round`.
@@ -77,6 +104,10 @@ class RoundProtocol {
       RankKeyCache& cache,
       int64_t sequence,
       Clock::time_point deadline) const = 0;
+
+  const RoundShape& shape() const noexcept {
+    return shape_;
+  }
 
   // The key whose setting releases round `sequence`, for messages.
   virtual std::string releaseKey(int64_t sequence) const = 0;
@@ -114,13 +145,16 @@ class RoundProtocol {
   const int64_t worldSize_;
   const std::string prefix_;
   const std::string rankKey_;
+  const RoundShape shape_;
+  const std::vector<int64_t> members_;
 };
 
 std::unique_ptr<RoundProtocol> makeRoundProtocol(
     Protocol protocol,
     int64_t rank,
     int64_t worldSize,
-    const std::string& prefix);
+    const std::string& prefix,
+    RoundShape shape = {});
 
 // Decimal text of `value`, and its parse (nullopt unless all digits).
 void appendDecimal(std::string& out, int64_t value);

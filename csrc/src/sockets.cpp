@@ -1,5 +1,6 @@
 #include "sockets.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -208,6 +209,37 @@ void tuneStoreSocket(int fd, std::chrono::milliseconds silenceLimit) {
       static_cast<unsigned int>(silenceLimit.count());
   ::setsockopt(
       fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &userTimeoutMs, sizeof(userTimeoutMs));
+}
+
+std::string localAddress(int fd) {
+  sockaddr_storage address{};
+  socklen_t length = sizeof(address);
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    throwNetworkError(
+        fmt::format("getsockname failed: {}", std::strerror(errno)));
+  }
+  char text[INET6_ADDRSTRLEN] = {};
+  const void* raw =
+      address.ss_family == AF_INET6
+          ? static_cast<const void*>(
+                &reinterpret_cast<const sockaddr_in6*>(&address)->sin6_addr)
+          : static_cast<const void*>(
+                &reinterpret_cast<const sockaddr_in*>(&address)->sin_addr);
+  ::inet_ntop(address.ss_family, raw, text, sizeof(text));
+  return text;
+}
+
+uint16_t localPort(int fd) {
+  sockaddr_storage address{};
+  socklen_t length = sizeof(address);
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    throwNetworkError(
+        fmt::format("getsockname failed: {}", std::strerror(errno)));
+  }
+  return ntohs(
+      address.ss_family == AF_INET6
+          ? reinterpret_cast<const sockaddr_in6*>(&address)->sin6_port
+          : reinterpret_cast<const sockaddr_in*>(&address)->sin_port);
 }
 
 } // namespace tcpstore_barrier

@@ -42,6 +42,11 @@ UniqueFd connectSocket(
     uint16_t port,
     std::chrono::steady_clock::time_point deadline);
 
+// The address (numeric) and port a socket is bound to locally: for a
+// connection, the address this host uses to reach its peer.
+std::string localAddress(int fd);
+uint16_t localPort(int fd);
+
 // Options of a store connection: no Nagle delay, and kernel-level failure
 // detection scaled to `silenceLimit`.
 void tuneStoreSocket(int fd, std::chrono::milliseconds silenceLimit);

@@ -106,6 +106,11 @@ class StoreConnection {
 
   // "the store at host:port", for messages.
   virtual const std::string& describe() const = 0;
+
+  // The address this host uses to reach the store; empty if unknown.
+  virtual std::string localAddress() const {
+    return {};
+  }
 };
 
 // Where a wire connection goes.

@@ -290,7 +290,11 @@ bool BarrierState::storeLost() const {
 
 std::chrono::milliseconds BarrierState::stallLimit() const {
   if (peerTimeout) {
-    return LivenessTiming(peerTimeout, worldSize).silenceLimit;
+    return LivenessTiming(
+               peerTimeout,
+               static_cast<int64_t>(shape.memberRanks(worldSize).size()),
+               !shape.flat())
+        .silenceLimit;
   }
   return std::max(timeout, std::chrono::milliseconds(1000));
 }
@@ -329,6 +333,10 @@ void throwStoreUnreachable(BarrierState& state, const std::string& what) {
 void BarrierAccess::sendArrival(TCPStoreBarrier& barrier) {
   BarrierState& state = *barrier.state_;
   checkUsable(state);
+  if (state.tree) {
+    state.tree->sendArrival();
+    return;
+  }
   if (state.phase == Phase::kBetweenRounds) {
     startArrival(state, Clock::now() + state.timeout);
   }
@@ -337,6 +345,9 @@ void BarrierAccess::sendArrival(TCPStoreBarrier& barrier) {
 bool BarrierAccess::arrivalAnswered(
     TCPStoreBarrier& barrier, std::chrono::milliseconds patience) {
   BarrierState& state = *barrier.state_;
+  if (state.tree) {
+    return state.tree->arrivalAnswered(patience);
+  }
   if (state.phase != Phase::kArrivalSent) {
     return true;
   }
@@ -348,44 +359,86 @@ bool BarrierAccess::arrivalAnswered(
   }
 }
 
-} // namespace detail
-
-void TCPStoreBarrier::executeBarrier() {
-  checkUsable(*state_);
-  const auto deadline = Clock::now() + state_->timeout;
-  if (!state_->arrived()) {
-    enterRound(*state_, deadline);
+void BarrierAccess::executeUntil(
+    TCPStoreBarrier& barrier, Clock::time_point deadline) {
+  BarrierState& state = *barrier.state_;
+  checkUsable(state);
+  if (!state.arrived()) {
+    enterRound(state, deadline);
   }
-  completeRound(*state_, deadline);
+  completeRound(state, deadline);
 }
 
-void TCPStoreBarrier::arrive() {
-  checkUsable(*state_);
-  if (!state_->arrived()) {
-    enterRound(*state_, Clock::now() + state_->timeout);
+void BarrierAccess::arriveUntil(
+    TCPStoreBarrier& barrier, Clock::time_point deadline) {
+  BarrierState& state = *barrier.state_;
+  checkUsable(state);
+  if (!state.arrived()) {
+    enterRound(state, deadline);
   }
 }
 
-void TCPStoreBarrier::wait() {
-  checkUsable(*state_);
-  if (state_->phase == Phase::kBetweenRounds) {
+void BarrierAccess::waitUntil(
+    TCPStoreBarrier& barrier, Clock::time_point deadline) {
+  BarrierState& state = *barrier.state_;
+  checkUsable(state);
+  if (state.phase == Phase::kBetweenRounds) {
     throw std::logic_error(
         fmt::format(
             "TCPStoreBarrier rank {}: wait() called before arrive() for "
             "sequence {}",
-            state_->rank,
-            state_->sequence));
+            state.rank,
+            state.sequence));
   }
-  const auto deadline = Clock::now() + state_->timeout;
-  if (!state_->arrived()) {
+  if (!state.arrived()) {
     // arrive() was cut short before the store's answer: finish it.
-    enterRound(*state_, deadline);
+    enterRound(state, deadline);
   }
-  completeRound(*state_, deadline);
+  completeRound(state, deadline);
+}
+
+std::optional<Alarm> BarrierAccess::alarm(const TCPStoreBarrier& barrier) {
+  const BarrierState& state = *barrier.state_;
+  return state.liveness ? state.liveness->alarm() : std::nullopt;
+}
+
+} // namespace detail
+
+void TCPStoreBarrier::executeBarrier() {
+  const auto deadline = Clock::now() + state_->timeout;
+  if (state_->tree) {
+    checkUsable(*state_);
+    state_->tree->execute(deadline);
+    return;
+  }
+  detail::BarrierAccess::executeUntil(*this, deadline);
+}
+
+void TCPStoreBarrier::arrive() {
+  const auto deadline = Clock::now() + state_->timeout;
+  if (state_->tree) {
+    checkUsable(*state_);
+    state_->tree->arrive(deadline);
+    return;
+  }
+  detail::BarrierAccess::arriveUntil(*this, deadline);
+}
+
+void TCPStoreBarrier::wait() {
+  const auto deadline = Clock::now() + state_->timeout;
+  if (state_->tree) {
+    checkUsable(*state_);
+    state_->tree->wait(deadline);
+    return;
+  }
+  detail::BarrierAccess::waitUntil(*this, deadline);
 }
 
 bool TCPStoreBarrier::released() {
   BarrierState& state = *state_;
+  if (state.tree) {
+    return state.phase != Phase::kClosed && state.tree->released();
+  }
   if (state.phase != Phase::kWaiting) {
     return state.phase == Phase::kReleased;
   }

@@ -246,6 +246,10 @@ class WireConnection final : public StoreConnection {
     return description_;
   }
 
+  std::string localAddress() const override {
+    return tcpstore_barrier::localAddress(fd_.get());
+  }
+
   // c10d's handshake: the magic number, then a ping that proves the server
   // answers.
   void validate(Clock::time_point deadline) {

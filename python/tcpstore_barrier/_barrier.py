@@ -46,6 +46,14 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
             host, may stay silent before a waiting rank raises
             :class:`~tcpstore_barrier.PeerLostError` (default 5 s, as torch
             elastic's heartbeat); ``None`` turns liveness off.
+        topology: ``"flat"``: every rank counts itself in at rank 0's store;
+            ``"tree"``: ranks meet at a store on their host, hosts' leaders in
+            groups of at most ``tree_fan_in`` at a store one of them hosts, up
+            to rank 0's store, so that no store's load grows with the world;
+            ``"auto"`` (default): flat below 256 ranks, a tree from there on.
+        host: which ranks share a host store in a tree; by default the
+            host's name and the address it reaches rank 0's store from.
+        tree_fan_in: the most members a tree's group store has (default 16).
     """
 
     #: The name under which torch's ``create_barrier_from_config`` finds it.
@@ -64,12 +72,15 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
         *,
         protocol: str = "torch",
         peer_timeout_secs: float | None = 5.0,
+        topology: str = "auto",
+        host: str | None = None,
+        tree_fan_in: int = 16,
     ) -> None:
         logger.info(
             "Initializing TCPStoreBarrier master_address=%s tcpstore_port=%s "
             "rank=%s world_size=%s barrier_prefix=%s timeout_barrier_init_secs=%s "
             "use_checkpoint_barrier_tcpstore_libuv=%s timeout_secs=%s protocol=%s "
-            "peer_timeout_secs=%s",
+            "peer_timeout_secs=%s topology=%s host=%s",
             master_address,
             tcpstore_port,
             global_rank,
@@ -80,6 +91,8 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
             timeout_secs,
             protocol,
             peer_timeout_secs,
+            topology,
+            host,
         )
         super().__init__(
             global_rank,
@@ -92,6 +105,9 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
             _seconds(timeout_secs),
             protocol=protocol,
             peer_timeout_secs=_seconds(peer_timeout_secs),
+            topology=topology,
+            host=host,
+            tree_fan_in=tree_fan_in,
         )
 
     @classmethod
@@ -105,12 +121,16 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
         *,
         protocol: str = "torch",
         peer_timeout_secs: float | None = 5.0,
+        topology: str = "auto",
+        host: str | None = None,
+        tree_fan_in: int = 16,
     ) -> TCPStoreBarrier:
         """Joins barriers over a store the program already has.
 
         Any ``torch.distributed.Store`` will do (the default process group's,
         a ``PrefixStore``, a ``TCPStore``): no second port is opened and the
-        store is left open by :meth:`close`.
+        store is left open by :meth:`close`. A tree (``topology``) needs a
+        ``TCPStore`` whose every rank is of this library.
         """
         logger.info(
             "Initializing TCPStoreBarrier from %s rank=%s world_size=%s "
@@ -133,6 +153,9 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
             _seconds(timeout_secs),
             protocol=protocol,
             peer_timeout_secs=_seconds(peer_timeout_secs),
+            topology=topology,
+            host=host,
+            tree_fan_in=tree_fan_in,
         )
         return barrier
 

@@ -24,6 +24,34 @@ enum class Protocol {
   kNative,
 };
 
+// How the ranks of a barrier reach each other.
+enum class Topology {
+  // Flat below kTreeFromWorldSize ranks, a tree from there on.
+  kAuto,
+  // Every rank counts itself in at rank 0's store.
+  kFlat,
+  // Ranks meet at a store on their host, hosts' leaders in groups of at most
+  // fanIn at a store one of them hosts, and so on up to rank 0's store: no
+  // store serves more than fanIn ranks (or a host's ranks) per round.
+  kTree,
+};
+
+// The world size from which Topology::kAuto builds a tree: below it the one
+// store answers a round faster than the tree's extra levels (README,
+// "Scale").
+constexpr int64_t kTreeFromWorldSize = 256;
+// A tree store's members: a store's cost per round grows with it, each
+// level adds a round trip (README, "Scale").
+constexpr int64_t kDefaultTreeFanIn = 16;
+
+struct TreeOptions {
+  Topology topology = Topology::kAuto;
+  // Which ranks share a host (and so a host store); by default the host's
+  // name and the address it uses to reach rank 0's store.
+  std::optional<std::string> host;
+  int64_t fanIn = kDefaultTreeFanIn;
+};
+
 // The default of TCPStoreBarrierOptions::peerTimeout: torch elastic's
 // rendezvous declares a silent node dead after 5 s too.
 constexpr std::chrono::milliseconds kDefaultPeerTimeout{5000};
@@ -43,6 +71,7 @@ struct TCPStoreBarrierOptions {
   // How long a peer of this library, or the store host, may stay silent
   // before a waiting rank gives up on it; nullopt turns liveness off.
   std::optional<std::chrono::milliseconds> peerTimeout = kDefaultPeerTimeout;
+  TreeOptions tree = {};
 };
 
 // Raised when a barrier round does not complete in time. It names the ranks
@@ -159,7 +188,8 @@ class TCPStoreBarrier {
       std::chrono::milliseconds timeout,
       Protocol protocol = Protocol::kTorch,
       std::optional<std::chrono::milliseconds> peerTimeout =
-          kDefaultPeerTimeout);
+          kDefaultPeerTimeout,
+      TreeOptions tree = {});
 
   ~TCPStoreBarrier();
 
@@ -194,6 +224,10 @@ class TCPStoreBarrier {
   std::chrono::milliseconds timeout() const noexcept;
   std::optional<std::chrono::milliseconds> peerTimeout() const noexcept;
   Protocol protocol() const noexcept;
+  // kFlat or kTree, as chosen at construction.
+  Topology topology() const noexcept;
+  // How many stores of the tree this rank meets at (1 when flat).
+  int64_t treeLevels() const noexcept;
 
   // A c10d view of the barrier's store: the store rank 0 hosts, the store
   // given to from_store, or on other ranks a client opened on first call.
@@ -220,6 +254,7 @@ class TCPStoreBarrier {
 
  private:
   friend struct detail::BarrierAccess;
+  explicit TCPStoreBarrier(std::unique_ptr<detail::BarrierState> state);
   std::unique_ptr<detail::BarrierState> state_;
 };
 

@@ -1,0 +1,637 @@
+#include "tree.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <thread>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "barrier_state.h"
+#include "binding_support.h"
+#include "liveness.h"
+#include "sockets.h"
+#include "arguments.h"
+
+namespace tcpstore_barrier::detail {
+namespace {
+
+constexpr std::string_view kTreeInfix = "/tree/";
+// How long a timed-out round may spend naming the missing ranks across the
+// tree, its own store's attempt included: every call returns within its
+// deadline plus a second.
+constexpr std::chrono::milliseconds kDiagnosisBudget{900};
+constexpr std::chrono::milliseconds kMinDiagnosis{100};
+// A verdict's trip to the root, and to each store this rank meets at.
+constexpr std::chrono::milliseconds kVerdictBudget{1000};
+// How often rank 0 looks for joiners it counts itself (from_store).
+constexpr std::chrono::milliseconds kJoinPoll{10};
+
+// Thrown from a level's interrupt check when another level of this rank
+// has a verdict: the round waiting at one store must not outlive a loss
+// learnt at another. Not a std::exception, so that nothing on the way
+// mistakes it for a store's failure.
+struct OtherLevelAlarm {
+  std::size_t level;
+};
+
+std::string treeKey(
+    const std::string& prefix, std::string_view what, int64_t id) {
+  std::string key = prefix;
+  key.append(kTreeInfix).append(what).push_back('/');
+  appendDecimal(key, id);
+  return key;
+}
+
+std::string defaultHost(const StoreConnection& root) {
+  char name[256] = {};
+  ::gethostname(name, sizeof(name) - 1);
+  return std::string(name) + "/" + root.localAddress();
+}
+
+// Waits until `key` is set, then reads it.
+std::string awaitValue(
+    StoreConnection& connection,
+    const std::string& key,
+    Clock::time_point deadline) {
+  connection.startWait(key, deadline);
+  if (!connection.awaitRelease(deadline, -1)) {
+    throw c10::DistStoreError(
+        {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+        fmt::format(
+            "key '{}' was not set in time (is rank 0 a rank of this library? "
+            "torch's ranks cannot host a tree: use topology='flat')",
+            key));
+  }
+  return connection.multiGet({key}, deadline).front();
+}
+
+StoreAddress parseAddress(const std::string& text) {
+  const auto colon = text.rfind(':');
+  const auto port = parseDecimal(std::string_view(text).substr(colon + 1));
+  if (colon == std::string::npos || !port) {
+    throw std::runtime_error("malformed store address in a tree: " + text);
+  }
+  return StoreAddress{
+      text.substr(0, colon), static_cast<uint16_t>(*port), std::string("/")};
+}
+
+std::vector<int64_t> allRanks(const TreeStore& store) {
+  std::vector<int64_t> ranks;
+  for (const auto& subtree : store.subtrees) {
+    ranks.insert(ranks.end(), subtree.begin(), subtree.end());
+  }
+  std::sort(ranks.begin(), ranks.end());
+  return ranks;
+}
+
+// The ranks that arrive at the root themselves: its members, and torch's
+// ranks, which are in no subtree.
+std::vector<int64_t> rootArrivers(const TreeStore& root, int64_t worldSize) {
+  std::vector<bool> inTree(static_cast<std::size_t>(worldSize), false);
+  for (const int64_t rank : allRanks(root)) {
+    inTree[static_cast<std::size_t>(rank)] = true;
+  }
+  std::vector<int64_t> arrivers = root.members;
+  for (int64_t rank = 0; rank < worldSize; ++rank) {
+    if (!inTree[static_cast<std::size_t>(rank)]) {
+      arrivers.push_back(rank);
+    }
+  }
+  return arrivers;
+}
+
+// Rank 0 gathers every joiner's host and publishes the plan: each store's
+// record, and each rank's list of stores.
+void publishPlan(
+    StoreConnection& root,
+    const BarrierState& outer,
+    int64_t fanIn,
+    bool countedAsWorkers,
+    Clock::time_point deadline) {
+  if (countedAsWorkers) {
+    // Every rank of ours set its `join` key before counting itself in, in
+    // one send: once all are counted, all keys are there.
+    awaitWorkers(root, outer.worldSize, deadline);
+  } else {
+    const std::string joined = outer.prefix + std::string(kTreeInfix) + "joined";
+    while (root.add(joined, 0, deadline) < outer.worldSize) {
+      if (Clock::now() >= deadline) {
+        throw c10::DistStoreError(
+            {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+            "not every rank joined the tree in time");
+      }
+      std::this_thread::sleep_for(kJoinPoll);
+    }
+  }
+  std::vector<std::string> keys;
+  for (int64_t rank = 0; rank < outer.worldSize; ++rank) {
+    keys.push_back(treeKey(outer.prefix, "join", rank));
+  }
+  const auto joined = root.checkEach(keys, deadline);
+  std::vector<std::string> present;
+  std::vector<int64_t> presentRanks;
+  for (std::size_t rank = 0; rank < joined.size(); ++rank) {
+    if (joined[rank]) {
+      present.push_back(keys[rank]);
+      presentRanks.push_back(static_cast<int64_t>(rank));
+    }
+  }
+  const auto hosts = root.multiGet(present, deadline);
+  std::vector<std::pair<int64_t, std::string>> rankHosts;
+  for (std::size_t i = 0; i < hosts.size(); ++i) {
+    rankHosts.emplace_back(presentRanks[i], hosts[i]);
+  }
+  const TreePlan plan = planTree(rankHosts, fanIn);
+  for (const auto& store : plan.stores) {
+    root.set(treeKey(outer.prefix, "store", store.id), encodeStore(store));
+  }
+  for (const auto& [rank, stores] : plan.storesOf) {
+    root.set(treeKey(outer.prefix, "rank", rank), joinRanks(stores));
+  }
+  root.flush(deadline);
+}
+
+} // namespace
+
+BarrierTree::BarrierTree(
+    BarrierState& outer,
+    const TreeOptions& options,
+    bool registerAsWorker,
+    Clock::time_point deadline)
+    : outer_(outer) {
+  const std::string& prefix = outer.prefix;
+  auto root = openWireConnection(*outer.address, deadline, outer.stallLimit());
+  // Every store this rank hosts listens on the address it reaches the root
+  // from, and on no other.
+  const std::string bindAddress = root->localAddress();
+  root->set(
+      treeKey(prefix, "join", outer.rank),
+      options.host.value_or(defaultHost(*root)));
+  if (registerAsWorker) {
+    registerWorker(*root, deadline);
+  } else {
+    root->add(prefix + std::string(kTreeInfix) + "joined", 1, deadline);
+  }
+  if (outer.rank == 0) {
+    publishPlan(*root, outer, options.fanIn, registerAsWorker, deadline);
+  }
+  const auto ids =
+      splitRanks(awaitValue(*root, treeKey(prefix, "rank", outer.rank), deadline));
+  std::vector<std::string> recordKeys{treeKey(prefix, "store", 0)};
+  for (const int64_t id : ids) {
+    recordKeys.push_back(treeKey(prefix, "store", id));
+  }
+  const auto records = root->multiGet(recordKeys, deadline);
+  rootStore_ = decodeStore(0, records.front());
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    Level level;
+    level.store = decodeStore(ids[i], records[i + 1]);
+    level.root = ids[i] == 0;
+    const auto& members = level.store.members;
+    level.localRank = std::find(members.begin(), members.end(), outer.rank) -
+        members.begin();
+    LevelSpec spec;
+    spec.prefix = prefix;
+    spec.timeout = outer.timeout;
+    spec.peerTimeout = outer.peerTimeout;
+    spec.usesLibUV = outer.usesLibUV;
+    for (std::size_t m = 0; m < members.size(); ++m) {
+      const int64_t name = level.root && outer.protocolKind == Protocol::kTorch
+          ? members[m]
+          : static_cast<int64_t>(m);
+      spec.shape.names[name] = level.store.subtrees[m];
+    }
+    if (level.root) {
+      spec.shape.decides = true;
+      spec.address = *outer.address;
+      spec.server = outer.hostsStore ? outer.store : nullptr;
+      spec.awaitMembers = false;
+      spec.protocol = outer.protocolKind;
+      if (outer.protocolKind == Protocol::kTorch) {
+        // torch's keys at the root: global ranks, and the count reaches the
+        // world size with each top leader adding its subtree.
+        spec.rank = outer.rank;
+        spec.worldSize = outer.worldSize;
+        spec.shape.weight = static_cast<int64_t>(
+            level.store.subtrees[static_cast<std::size_t>(level.localRank)]
+                .size());
+        spec.shape.members = rootArrivers(level.store, outer.worldSize);
+      } else {
+        spec.rank = level.localRank;
+        spec.worldSize = static_cast<int64_t>(members.size());
+      }
+    } else {
+      spec.rank = level.localRank;
+      spec.worldSize = static_cast<int64_t>(members.size());
+      if (level.localRank == 0) {
+        spec.server = hostStore(
+            bindAddress,
+            0,
+            spec.worldSize,
+            outer.initTimeout,
+            outer.usesLibUV);
+        spec.address = StoreAddress{
+            bindAddress,
+            static_cast<uint16_t>(
+                static_cast<c10d::TCPStore&>(*spec.server).getPort()),
+            "/"};
+        root->set(
+            treeKey(prefix, "addr", level.store.id),
+            fmt::format("{}:{}", bindAddress, spec.address.port));
+        root->flush(deadline);
+      } else {
+        spec.address = parseAddress(
+            awaitValue(*root, treeKey(prefix, "addr", level.store.id), deadline));
+      }
+    }
+    level.address = spec.address;
+    level.barrier = openLevel(std::move(spec), deadline);
+    levels_.push_back(std::move(level));
+  }
+  for (std::size_t i = 0; i < levels_.size(); ++i) {
+    steps_.push_back(i);
+  }
+  // Back down: the root's one round releases; every store below has a
+  // second, whose last arriver is the leader coming back.
+  const std::size_t down =
+      levels_.back().root ? levels_.size() - 1 : levels_.size();
+  for (std::size_t i = down; i-- > 0;) {
+    steps_.push_back(i);
+  }
+  installChecks();
+}
+
+BarrierTree::~BarrierTree() {
+  // Bottom up, as close() does: a store this rank hosts goes last.
+  for (auto& level : levels_) {
+    level.barrier.reset();
+  }
+}
+
+void BarrierTree::checkUsable() const {
+  if (lost_) {
+    std::rethrow_exception(lost_);
+  }
+}
+
+void BarrierTree::installChecks() {
+  for (std::size_t i = 0; i < levels_.size(); ++i) {
+    BarrierAccess::state(*levels_[i].barrier).interruptCheck = [this, i] {
+      if (userCheck_) {
+        userCheck_();
+      }
+      checkOtherLevels(i);
+    };
+  }
+}
+
+void BarrierTree::setInterruptCheck(std::function<void()> check) {
+  userCheck_ = std::move(check);
+}
+
+void BarrierTree::checkOtherLevels(std::size_t waiting) const {
+  for (std::size_t i = 0; i < levels_.size(); ++i) {
+    if (i != waiting && BarrierAccess::alarm(*levels_[i].barrier)) {
+      throw OtherLevelAlarm{i};
+    }
+  }
+}
+
+template <typename Step>
+void BarrierTree::runStep(Step&& step, Clock::time_point deadline) {
+  const std::size_t level = steps_[step_];
+  try {
+    step(*levels_[level].barrier);
+  } catch (const OtherLevelAlarm& alarm) {
+    lose(alarm.level);
+  } catch (const PeerLostError&) {
+    lose(level);
+  } catch (const StoreUnreachableError&) {
+    lose(level);
+  } catch (const BarrierTimeoutError& e) {
+    throwTimeout(level, e, deadline);
+  }
+}
+
+void BarrierTree::runSteps(Clock::time_point deadline) {
+  while (step_ < steps_.size()) {
+    runStep(
+        [deadline](TCPStoreBarrier& barrier) {
+          BarrierAccess::executeUntil(barrier, deadline);
+        },
+        deadline);
+    ++step_;
+  }
+  step_ = 0;
+  ++sequence_;
+}
+
+void BarrierTree::execute(Clock::time_point deadline) {
+  checkUsable();
+  runSteps(deadline);
+}
+
+void BarrierTree::arrive(Clock::time_point deadline) {
+  checkUsable();
+  if (step_ == 0) {
+    runStep(
+        [deadline](TCPStoreBarrier& barrier) {
+          BarrierAccess::arriveUntil(barrier, deadline);
+        },
+        deadline);
+  }
+}
+
+void BarrierTree::wait(Clock::time_point deadline) {
+  checkUsable();
+  if (step_ == 0) {
+    if (BarrierAccess::state(*currentLevel().barrier).phase ==
+        Phase::kBetweenRounds) {
+      throw std::logic_error(
+          fmt::format(
+              "TCPStoreBarrier rank {}: wait() called before arrive() for "
+              "sequence {}",
+              outer_.rank,
+              sequence_));
+    }
+    runStep(
+        [deadline](TCPStoreBarrier& barrier) {
+          BarrierAccess::waitUntil(barrier, deadline);
+        },
+        deadline);
+    ++step_;
+  }
+  runSteps(deadline);
+}
+
+bool BarrierTree::released() {
+  // A tree's round is released only once its last step is: nothing short
+  // of running the steps can tell.
+  return false;
+}
+
+void BarrierTree::sendArrival() {
+  checkUsable();
+  if (step_ == 0) {
+    runStep(
+        [](TCPStoreBarrier& barrier) { BarrierAccess::sendArrival(barrier); },
+        Clock::now() + outer_.timeout);
+  }
+}
+
+bool BarrierTree::arrivalAnswered(std::chrono::milliseconds patience) {
+  if (step_ != 0) {
+    return true;
+  }
+  bool answered = true;
+  runStep(
+      [&answered, patience](TCPStoreBarrier& barrier) {
+        answered = BarrierAccess::arrivalAnswered(barrier, patience);
+      },
+      Clock::now() + outer_.timeout);
+  return answered;
+}
+
+std::string BarrierTree::releaseKey() const {
+  std::string key = outer_.prefix;
+  appendDecimal(key, sequence_);
+  key.append(
+      outer_.protocolKind == Protocol::kTorch ? "/last_member" : "/barrier");
+  return key;
+}
+
+std::vector<int64_t> BarrierTree::levelMembers(const Level& level) const {
+  if (level.root && outer_.protocolKind == Protocol::kTorch) {
+    return level.store.members;
+  }
+  std::vector<int64_t> local;
+  for (std::size_t m = 0; m < level.store.members.size(); ++m) {
+    local.push_back(static_cast<int64_t>(m));
+  }
+  return local;
+}
+
+std::optional<std::string> BarrierTree::decideAtRoot(
+    const std::string& proposal) {
+  // The root's `lost` is the tree's verdict: the first proposal there
+  // stands, and every rank raises what the root holds. Its members are
+  // told at once, so that the verdict starts down every branch.
+  try {
+    auto root = openWireConnection(
+        *outer_.address, Clock::now() + kVerdictBudget, outer_.stallLimit());
+    std::vector<int64_t> rootMembers = rootStore_.members;
+    if (outer_.protocolKind != Protocol::kTorch) {
+      for (std::size_t m = 0; m < rootMembers.size(); ++m) {
+        rootMembers[m] = static_cast<int64_t>(m);
+      }
+    }
+    return declareVerdict(
+        *root,
+        outer_.prefix,
+        rootMembers,
+        proposal,
+        Clock::now() + kVerdictBudget);
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+void BarrierTree::carryVerdict(
+    const std::string& verdict, std::optional<std::size_t> skip) {
+  for (std::size_t i = 0; i < levels_.size(); ++i) {
+    if (skip && *skip == i) {
+      continue;
+    }
+    try {
+      auto store = openWireConnection(
+          *levels_[i].address,
+          Clock::now() + kVerdictBudget,
+          outer_.stallLimit());
+      declareVerdict(
+          *store,
+          outer_.prefix,
+          levelMembers(levels_[i]),
+          verdict,
+          Clock::now() + kVerdictBudget);
+    } catch (const std::exception&) {
+      // That store is gone too; its members learn from it being gone.
+    }
+  }
+}
+
+void BarrierTree::lose(std::size_t index) {
+  const Level& level = levels_[index];
+  const auto alarm = BarrierAccess::alarm(*level.barrier);
+  std::string proposal;
+  std::optional<std::size_t> gone;
+  if (alarm && alarm->kind == Alarm::Kind::kPeersLost) {
+    proposal = verdictText(alarm->lostRanks, alarm->missingRanks, true);
+  } else if (level.root) {
+    // Nobody is left to decide: rank 0's store is the root.
+    std::rethrow_exception(BarrierAccess::state(*level.barrier).lost);
+  } else {
+    // The rank hosting this store is gone or frozen, and with it the path
+    // of everything below it to the root: its whole subtree is lost to the
+    // barrier.
+    const auto cut = allRanks(level.store);
+    proposal = verdictText(cut, cut, true);
+    gone = index;
+  }
+  std::optional<std::string> verdict = proposal;
+  if (!(alarm && alarm->decided)) {
+    verdict = decideAtRoot(proposal);
+  }
+  if (!verdict) {
+    if (gone) {
+      std::rethrow_exception(BarrierAccess::state(*level.barrier).lost);
+    }
+    verdict = proposal;
+  }
+  carryVerdict(*verdict, gone);
+  const Alarm decided = alarmOfVerdict(*verdict);
+  const auto key = releaseKey();
+  const auto limit = outer_.peerTimeout.value_or(std::chrono::milliseconds(0));
+  PeerLostError error(
+      fmt::format(
+          "TCPStoreBarrier rank {} (world size {}, tree of stores) at barrier "
+          "key '{}' (sequence {}): ranks [{}] stopped showing that they are "
+          "alive for {} (peer_timeout_secs), or lost their way to the root "
+          "through such a rank; missing ranks: [{}]",
+          outer_.rank,
+          outer_.worldSize,
+          key,
+          sequence_,
+          encodeRanks(decided.lostRanks),
+          describeSeconds(limit),
+          encodeRanks(decided.missingRanks)),
+      key,
+      sequence_,
+      limit,
+      decided.missingRanks,
+      decided.lostRanks);
+  lost_ = std::make_exception_ptr(error);
+  throw error;
+}
+
+std::vector<int64_t> BarrierTree::missingBelow(
+    const TreeStore& store,
+    const StoreAddress& address,
+    bool root,
+    Clock::time_point deadline) {
+  auto connection = openWireConnection(address, deadline, outer_.stallLimit());
+  RoundShape shape;
+  int64_t worldSize = static_cast<int64_t>(store.members.size());
+  int64_t round = 2 * sequence_;
+  const bool torchKeys = root && outer_.protocolKind == Protocol::kTorch;
+  if (torchKeys) {
+    worldSize = outer_.worldSize;
+    shape.members = rootArrivers(store, outer_.worldSize);
+  }
+  if (root) {
+    round = sequence_;
+  }
+  const auto protocol = makeRoundProtocol(
+      torchKeys ? Protocol::kTorch : Protocol::kNative,
+      -1,
+      worldSize,
+      outer_.prefix,
+      shape);
+  RankKeyCache cache;
+  if (!root) {
+    // A native rank writes its `rank{r}` key only once its round is slow:
+    // a member already waiting in the release round (2s+1) shows that the
+    // arrival round (2s) completed here, with everyone below.
+    const auto behindRelease =
+        protocol->missingRanks(*connection, cache, round + 1, deadline);
+    if (behindRelease.size() < store.members.size()) {
+      return {};
+    }
+  }
+  const auto missing =
+      protocol->missingRanks(*connection, cache, round, deadline);
+  std::vector<int64_t> ranks;
+  std::vector<std::string> childKeys;
+  std::vector<int64_t> children;
+  for (const int64_t rank : missing) {
+    const auto m = torchKeys
+        ? std::find(store.members.begin(), store.members.end(), rank) -
+            store.members.begin()
+        : rank;
+    if (m >= static_cast<int64_t>(store.members.size())) {
+      ranks.push_back(rank);
+      continue;
+    }
+    const int64_t child = store.children[static_cast<std::size_t>(m)];
+    if (child < 0) {
+      ranks.push_back(store.members[static_cast<std::size_t>(m)]);
+    } else {
+      children.push_back(child);
+    }
+  }
+  if (!children.empty()) {
+    auto rootConnection =
+        openWireConnection(*outer_.address, deadline, outer_.stallLimit());
+    for (const int64_t child : children) {
+      const auto values = rootConnection->multiGet(
+          {treeKey(outer_.prefix, "store", child),
+           treeKey(outer_.prefix, "addr", child)},
+          deadline);
+      const auto below = missingBelow(
+          decodeStore(child, values[0]), parseAddress(values[1]), false, deadline);
+      ranks.insert(ranks.end(), below.begin(), below.end());
+    }
+  }
+  std::sort(ranks.begin(), ranks.end());
+  return ranks;
+}
+
+void BarrierTree::throwTimeout(
+    std::size_t index,
+    const BarrierTimeoutError& e,
+    Clock::time_point callDeadline) {
+  // Walk down from the root through the stores where ranks are missing:
+  // the ranks named are those that have not entered this round, wherever
+  // they are. If a store does not answer in time, name what this rank's
+  // own store knew.
+  const auto deadline = std::max(
+      Clock::now() + kMinDiagnosis, callDeadline + kDiagnosisBudget);
+  std::vector<int64_t> missing;
+  try {
+    missing = missingBelow(rootStore_, *outer_.address, true, deadline);
+  } catch (const std::exception&) {
+    missing = BarrierAccess::state(*levels_[index].barrier)
+                  .shape.globalRanks(e.missingRanks());
+  }
+  outer_.timedOut = true;
+  const auto key = releaseKey();
+  throw BarrierTimeoutError(
+      fmt::format(
+          "TCPStoreBarrier timed out after {} on rank {} (world size {}, "
+          "tree of stores) at barrier key '{}' (sequence {}); missing "
+          "ranks: [{}]",
+          describeSeconds(outer_.timeout),
+          outer_.rank,
+          outer_.worldSize,
+          key,
+          sequence_,
+          encodeRanks(missing)),
+      key,
+      sequence_,
+      outer_.timeout,
+      missing);
+}
+
+void BarrierTree::close() {
+  for (auto& level : levels_) {
+    BarrierAccess::state(*level.barrier).interruptCheck = userCheck_;
+  }
+  for (auto& level : levels_) {
+    level.barrier->close();
+  }
+}
+
+} // namespace tcpstore_barrier::detail

@@ -1,0 +1,122 @@
+// A barrier over a tree of stores, composed of the flat round as MPICH's
+// node-aware barrier composes its own (barrier_intra_smp.c): each rank takes
+// part in the rounds of the stores it meets at, bottom up, and the release
+// comes back down through the same stores:
+//
+//   host store:   everyone on the host arrives      (round 2s)
+//   group stores: the leaders arrive, level by level (round 2s)
+//   root:         the top leaders count their subtrees in (round s)
+//   group stores: the release, level by level down   (round 2s+1)
+//   host store:   the release to the host's ranks    (round 2s+1)
+//
+// Each step is a TCPStoreBarrier of its own on its store, with its own
+// liveness, so no store serves more than its members. What the tree adds:
+// the plan (tree_plan.h), one deadline for all the steps, and verdicts that
+// cross stores: a loss seen at any store is decided once at the root and
+// carried to every store.
+#pragma once
+
+#include <chrono>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <tcpstore_barrier/tcpstore_barrier.h>
+
+#include "store_connection.h"
+#include "tree_plan.h"
+
+namespace tcpstore_barrier::detail {
+
+struct BarrierState;
+
+class BarrierTree {
+ public:
+  // Joins the tree over the store `outer` describes (rank 0's, reachable at
+  // `outer.address`): registers this rank's host, reads its place and opens
+  // the stores it meets at. `registerAsWorker`: count this rank in c10d's
+  // `init/` (a store this library created); otherwise rank 0 counts joiners
+  // itself (a store given to from_store).
+  BarrierTree(
+      BarrierState& outer,
+      const TreeOptions& options,
+      bool registerAsWorker,
+      Clock::time_point deadline);
+  ~BarrierTree();
+
+  BarrierTree(const BarrierTree&) = delete;
+  BarrierTree& operator=(const BarrierTree&) = delete;
+
+  void execute(Clock::time_point deadline);
+  void arrive(Clock::time_point deadline);
+  void wait(Clock::time_point deadline);
+  bool released();
+  // The first step's halves, for Python's arrive().
+  void sendArrival();
+  bool arrivalAnswered(std::chrono::milliseconds patience);
+
+  int64_t sequence() const noexcept {
+    return sequence_;
+  }
+  int64_t levels() const noexcept {
+    return static_cast<int64_t>(levels_.size());
+  }
+  void setInterruptCheck(std::function<void()> check);
+  // Bottom up: a leader's store closes once its members have left it.
+  void close();
+
+ private:
+  struct Level {
+    TreeStore store;
+    int64_t localRank = 0;
+    bool root = false;
+    std::optional<StoreAddress> address;
+    std::unique_ptr<TCPStoreBarrier> barrier;
+  };
+
+  // Runs `step` on the current step's barrier, turning what a level
+  // raises into the tree's error.
+  template <typename Step>
+  void runStep(Step&& step, Clock::time_point deadline);
+  void runSteps(Clock::time_point deadline);
+  Level& currentLevel() {
+    return levels_[steps_[step_]];
+  }
+  void installChecks();
+  // Throws for the first level other than `waiting` that has a verdict.
+  void checkOtherLevels(std::size_t waiting) const;
+  // A loss learnt at `level`: decided at the root, carried to every store
+  // of this rank, raised.
+  [[noreturn]] void lose(std::size_t level);
+  [[noreturn]] void throwTimeout(
+      std::size_t level,
+      const BarrierTimeoutError& e,
+      Clock::time_point deadline);
+  std::optional<std::string> decideAtRoot(const std::string& proposal);
+  void carryVerdict(const std::string& verdict, std::optional<std::size_t> skip);
+  // The ranks below `store` (and their own) that have not entered this
+  // round, walking down through the stores where some are missing.
+  std::vector<int64_t> missingBelow(
+      const TreeStore& store,
+      const StoreAddress& address,
+      bool root,
+      Clock::time_point deadline);
+  // The alive counters at a level's store (the root's: its members').
+  std::vector<int64_t> levelMembers(const Level& level) const;
+  std::string releaseKey() const;
+  void checkUsable() const;
+
+  BarrierState& outer_;
+  TreeStore rootStore_;
+  std::vector<Level> levels_;
+  // Indices into levels_, in the order of a round's steps.
+  std::vector<std::size_t> steps_;
+  std::size_t step_ = 0;
+  int64_t sequence_ = 0;
+  std::function<void()> userCheck_;
+  std::exception_ptr lost_;
+};
+
+} // namespace tcpstore_barrier::detail
