@@ -26,6 +26,7 @@ constexpr std::string_view kLostSuffix = "/lost";
 constexpr std::string_view kLostField = "lost=";
 constexpr std::string_view kMissingField = "missing=";
 constexpr std::string_view kDecidedField = "decided";
+constexpr std::string_view kRootLostField = "root-lost";
 // A tree's stores beat at least this often (see LivenessTiming).
 constexpr std::chrono::milliseconds kQuickInterval{250};
 
@@ -88,6 +89,10 @@ std::string verdictText(
   return text;
 }
 
+std::string rootLostVerdict() {
+  return verdictText({}, {}, true) + ";" + std::string(kRootLostField);
+}
+
 Alarm alarmOfVerdict(std::string_view verdict) {
   Alarm alarm{Alarm::Kind::kPeersLost, {}, {}, {}};
   while (!verdict.empty()) {
@@ -99,6 +104,9 @@ Alarm alarmOfVerdict(std::string_view verdict) {
       alarm.missingRanks = splitRanks(field.substr(kMissingField.size()));
     } else if (field == kDecidedField) {
       alarm.decided = true;
+    } else if (field == kRootLostField) {
+      alarm.kind = Alarm::Kind::kStoreGone;
+      alarm.detail = "the tree's root store is lost";
     }
     verdict = end == std::string_view::npos ? "" : verdict.substr(end + 1);
   }

@@ -171,6 +171,9 @@ std::string verdictText(
     const std::vector<int64_t>& lost,
     const std::vector<int64_t>& missing,
     bool decided);
+// A tree's verdict that its root store is lost: whoever reads it raises
+// StoreUnreachableError.
+std::string rootLostVerdict();
 // Writes `verdict` as the store's `{prefix}/lost` unless one is already
 // there, and tells `members` (their next heartbeat's reply will carry it);
 // returns the verdict the store then holds.

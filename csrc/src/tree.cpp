@@ -10,11 +10,11 @@
 #include <fmt/ranges.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "arguments.h"
 #include "barrier_state.h"
 #include "binding_support.h"
 #include "liveness.h"
 #include "sockets.h"
-#include "arguments.h"
 
 namespace tcpstore_barrier::detail {
 namespace {
@@ -25,8 +25,11 @@ constexpr std::string_view kTreeInfix = "/tree/";
 // deadline plus a second.
 constexpr std::chrono::milliseconds kDiagnosisBudget{900};
 constexpr std::chrono::milliseconds kMinDiagnosis{100};
-// A verdict's trip to the root, and to each store this rank meets at.
+// A verdict's trip to the root, and to each store this rank meets at; a
+// store that does not even accept a connection within kCarryConnect (its
+// host is gone too) is passed over: the others still need the verdict.
 constexpr std::chrono::milliseconds kVerdictBudget{1000};
+constexpr std::chrono::milliseconds kCarryConnect{300};
 // How often rank 0 looks for joiners it counts itself (from_store).
 constexpr std::chrono::milliseconds kJoinPoll{10};
 
@@ -117,7 +120,8 @@ void publishPlan(
     // one send: once all are counted, all keys are there.
     awaitWorkers(root, outer.worldSize, deadline);
   } else {
-    const std::string joined = outer.prefix + std::string(kTreeInfix) + "joined";
+    const std::string joined =
+        outer.prefix + std::string(kTreeInfix) + "joined";
     while (root.add(joined, 0, deadline) < outer.worldSize) {
       if (Clock::now() >= deadline) {
         throw c10::DistStoreError(
@@ -179,8 +183,8 @@ BarrierTree::BarrierTree(
   if (outer.rank == 0) {
     publishPlan(*root, outer, options.fanIn, registerAsWorker, deadline);
   }
-  const auto ids =
-      splitRanks(awaitValue(*root, treeKey(prefix, "rank", outer.rank), deadline));
+  const auto ids = splitRanks(
+      awaitValue(*root, treeKey(prefix, "rank", outer.rank), deadline));
   std::vector<std::string> recordKeys{treeKey(prefix, "store", 0)};
   for (const int64_t id : ids) {
     recordKeys.push_back(treeKey(prefix, "store", id));
@@ -192,8 +196,8 @@ BarrierTree::BarrierTree(
     level.store = decodeStore(ids[i], records[i + 1]);
     level.root = ids[i] == 0;
     const auto& members = level.store.members;
-    level.localRank = std::find(members.begin(), members.end(), outer.rank) -
-        members.begin();
+    level.localRank =
+        std::find(members.begin(), members.end(), outer.rank) - members.begin();
     LevelSpec spec;
     spec.prefix = prefix;
     spec.timeout = outer.timeout;
@@ -201,8 +205,8 @@ BarrierTree::BarrierTree(
     spec.usesLibUV = outer.usesLibUV;
     for (std::size_t m = 0; m < members.size(); ++m) {
       const int64_t name = level.root && outer.protocolKind == Protocol::kTorch
-          ? members[m]
-          : static_cast<int64_t>(m);
+                               ? members[m]
+                               : static_cast<int64_t>(m);
       spec.shape.names[name] = level.store.subtrees[m];
     }
     if (level.root) {
@@ -229,11 +233,7 @@ BarrierTree::BarrierTree(
       spec.worldSize = static_cast<int64_t>(members.size());
       if (level.localRank == 0) {
         spec.server = hostStore(
-            bindAddress,
-            0,
-            spec.worldSize,
-            outer.initTimeout,
-            outer.usesLibUV);
+            bindAddress, 0, spec.worldSize, outer.initTimeout, outer.usesLibUV);
         spec.address = StoreAddress{
             bindAddress,
             static_cast<uint16_t>(
@@ -244,8 +244,8 @@ BarrierTree::BarrierTree(
             fmt::format("{}:{}", bindAddress, spec.address.port));
         root->flush(deadline);
       } else {
-        spec.address = parseAddress(
-            awaitValue(*root, treeKey(prefix, "addr", level.store.id), deadline));
+        spec.address = parseAddress(awaitValue(
+            *root, treeKey(prefix, "addr", level.store.id), deadline));
       }
     }
     level.address = spec.address;
@@ -378,7 +378,9 @@ void BarrierTree::sendArrival() {
   checkUsable();
   if (step_ == 0) {
     runStep(
-        [](TCPStoreBarrier& barrier) { BarrierAccess::sendArrival(barrier); },
+        [](TCPStoreBarrier& barrier) {
+          BarrierAccess::sendArrival(barrier);
+        },
         Clock::now() + outer_.timeout);
   }
 }
@@ -448,9 +450,7 @@ void BarrierTree::carryVerdict(
     }
     try {
       auto store = openWireConnection(
-          *levels_[i].address,
-          Clock::now() + kVerdictBudget,
-          outer_.stallLimit());
+          *levels_[i].address, Clock::now() + kCarryConnect, kVerdictBudget);
       declareVerdict(
           *store,
           outer_.prefix,
@@ -466,36 +466,67 @@ void BarrierTree::carryVerdict(
 void BarrierTree::lose(std::size_t index) {
   const Level& level = levels_[index];
   const auto alarm = BarrierAccess::alarm(*level.barrier);
-  std::string proposal;
+  std::string verdict;
   std::optional<std::size_t> gone;
-  if (alarm && alarm->kind == Alarm::Kind::kPeersLost) {
-    proposal = verdictText(alarm->lostRanks, alarm->missingRanks, true);
+  if (alarm && alarm->decided) {
+    // Decided at the root (or carried from it): pass it on as it is.
+    verdict = verdictText(alarm->lostRanks, alarm->missingRanks, true);
+    if (alarm->kind != Alarm::Kind::kPeersLost) {
+      verdict = rootLostVerdict();
+    }
+  } else if (alarm && alarm->kind == Alarm::Kind::kPeersLost) {
+    verdict =
+        decideAtRoot(verdictText(alarm->lostRanks, alarm->missingRanks, true))
+            .value_or(rootLostVerdict());
   } else if (level.root) {
-    // Nobody is left to decide: rank 0's store is the root.
-    std::rethrow_exception(BarrierAccess::state(*level.barrier).lost);
+    verdict = rootLostVerdict();
+    gone = index;
   } else {
-    // The rank hosting this store is gone or frozen, and with it the path
-    // of everything below it to the root: its whole subtree is lost to the
+    // The rank hosting this store is gone or frozen, and with it the way
+    // to the root of everything below it: its whole subtree is lost to the
     // barrier.
     const auto cut = allRanks(level.store);
-    proposal = verdictText(cut, cut, true);
+    verdict =
+        decideAtRoot(verdictText(cut, cut, true)).value_or(rootLostVerdict());
     gone = index;
   }
-  std::optional<std::string> verdict = proposal;
-  if (!(alarm && alarm->decided)) {
-    verdict = decideAtRoot(proposal);
+  const Alarm decided = alarmOfVerdict(verdict);
+  if (decided.kind != Alarm::Kind::kPeersLost) {
+    // Nobody can reach the root's store any more: the ranks below learn
+    // that from this rank.
+    gone = levels_.back().root ? std::optional(levels_.size() - 1) : gone;
   }
-  if (!verdict) {
-    if (gone) {
-      std::rethrow_exception(BarrierAccess::state(*level.barrier).lost);
+  carryVerdict(verdict, gone);
+  lost_ = treeError(decided);
+  // Every store this rank hosts stays up, if it is destroyed now, until its
+  // members have the verdict too (close.cpp).
+  for (auto& each : levels_) {
+    BarrierState& state = BarrierAccess::state(*each.barrier);
+    if (!state.lost) {
+      state.lost = lost_;
+      state.phase = Phase::kLost;
     }
-    verdict = proposal;
   }
-  carryVerdict(*verdict, gone);
-  const Alarm decided = alarmOfVerdict(*verdict);
+  std::rethrow_exception(lost_);
+}
+
+std::exception_ptr BarrierTree::treeError(const Alarm& verdict) const {
   const auto key = releaseKey();
+  if (verdict.kind != Alarm::Kind::kPeersLost) {
+    return std::make_exception_ptr(StoreUnreachableError(
+        fmt::format(
+            "TCPStoreBarrier rank {} of {} (tree of stores, barrier prefix "
+            "'{}', sequence {}): {}",
+            outer_.rank,
+            outer_.worldSize,
+            outer_.prefix,
+            sequence_,
+            verdict.detail),
+        sequence_,
+        outer_.ownsStore ? std::vector<int64_t>{0} : std::vector<int64_t>{}));
+  }
   const auto limit = outer_.peerTimeout.value_or(std::chrono::milliseconds(0));
-  PeerLostError error(
+  return std::make_exception_ptr(PeerLostError(
       fmt::format(
           "TCPStoreBarrier rank {} (world size {}, tree of stores) at barrier "
           "key '{}' (sequence {}): ranks [{}] stopped showing that they are "
@@ -505,16 +536,14 @@ void BarrierTree::lose(std::size_t index) {
           outer_.worldSize,
           key,
           sequence_,
-          encodeRanks(decided.lostRanks),
+          encodeRanks(verdict.lostRanks),
           describeSeconds(limit),
-          encodeRanks(decided.missingRanks)),
+          encodeRanks(verdict.missingRanks)),
       key,
       sequence_,
       limit,
-      decided.missingRanks,
-      decided.lostRanks);
-  lost_ = std::make_exception_ptr(error);
-  throw error;
+      verdict.missingRanks,
+      verdict.lostRanks));
 }
 
 std::vector<int64_t> BarrierTree::missingBelow(
@@ -557,10 +586,11 @@ std::vector<int64_t> BarrierTree::missingBelow(
   std::vector<std::string> childKeys;
   std::vector<int64_t> children;
   for (const int64_t rank : missing) {
-    const auto m = torchKeys
-        ? std::find(store.members.begin(), store.members.end(), rank) -
-            store.members.begin()
-        : rank;
+    const auto m =
+        torchKeys
+            ? std::find(store.members.begin(), store.members.end(), rank) -
+                  store.members.begin()
+            : rank;
     if (m >= static_cast<int64_t>(store.members.size())) {
       ranks.push_back(rank);
       continue;
@@ -581,7 +611,10 @@ std::vector<int64_t> BarrierTree::missingBelow(
            treeKey(outer_.prefix, "addr", child)},
           deadline);
       const auto below = missingBelow(
-          decodeStore(child, values[0]), parseAddress(values[1]), false, deadline);
+          decodeStore(child, values[0]),
+          parseAddress(values[1]),
+          false,
+          deadline);
       ranks.insert(ranks.end(), below.begin(), below.end());
     }
   }
@@ -597,8 +630,8 @@ void BarrierTree::throwTimeout(
   // the ranks named are those that have not entered this round, wherever
   // they are. If a store does not answer in time, name what this rank's
   // own store knew.
-  const auto deadline = std::max(
-      Clock::now() + kMinDiagnosis, callDeadline + kDiagnosisBudget);
+  const auto deadline =
+      std::max(Clock::now() + kMinDiagnosis, callDeadline + kDiagnosisBudget);
   std::vector<int64_t> missing;
   try {
     missing = missingBelow(rootStore_, *outer_.address, true, deadline);
@@ -606,7 +639,11 @@ void BarrierTree::throwTimeout(
     missing = BarrierAccess::state(*levels_[index].barrier)
                   .shape.globalRanks(e.missingRanks());
   }
-  outer_.timedOut = true;
+  // Every store this rank hosts stays up a little if it is destroyed now:
+  // the others are timing out too, and walk the tree to name the missing.
+  for (auto& level : levels_) {
+    BarrierAccess::state(*level.barrier).timedOut = true;
+  }
   const auto key = releaseKey();
   throw BarrierTimeoutError(
       fmt::format(

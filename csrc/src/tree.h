@@ -28,6 +28,10 @@
 #include "store_connection.h"
 #include "tree_plan.h"
 
+namespace tcpstore_barrier {
+struct Alarm;
+}
+
 namespace tcpstore_barrier::detail {
 
 struct BarrierState;
@@ -95,7 +99,8 @@ class BarrierTree {
       const BarrierTimeoutError& e,
       Clock::time_point deadline);
   std::optional<std::string> decideAtRoot(const std::string& proposal);
-  void carryVerdict(const std::string& verdict, std::optional<std::size_t> skip);
+  void carryVerdict(
+      const std::string& verdict, std::optional<std::size_t> skip);
   // The ranks below `store` (and their own) that have not entered this
   // round, walking down through the stores where some are missing.
   std::vector<int64_t> missingBelow(
@@ -106,6 +111,8 @@ class BarrierTree {
   // The alive counters at a level's store (the root's: its members').
   std::vector<int64_t> levelMembers(const Level& level) const;
   std::string releaseKey() const;
+  // The error a verdict raises from this tree.
+  std::exception_ptr treeError(const Alarm& verdict) const;
   void checkUsable() const;
 
   BarrierState& outer_;

@@ -27,7 +27,8 @@ Node gather(TreePlan& plan, std::vector<Node> nodes) {
   for (auto& node : nodes) {
     store.members.push_back(node.leader);
     store.children.push_back(node.child);
-    parent.ranks.insert(parent.ranks.end(), node.ranks.begin(), node.ranks.end());
+    parent.ranks.insert(
+        parent.ranks.end(), node.ranks.begin(), node.ranks.end());
     plan.storesOf[node.leader].push_back(store.id);
     store.subtrees.push_back(std::move(node.ranks));
   }
@@ -127,8 +128,8 @@ std::vector<int64_t> decodeRanks(std::string_view text) {
     const auto dash = range.find('-');
     const auto first = parseDecimal(range.substr(0, dash));
     const auto last = dash == std::string_view::npos
-        ? first
-        : parseDecimal(range.substr(dash + 1));
+                          ? first
+                          : parseDecimal(range.substr(dash + 1));
     if (!first || !last) {
       throw std::runtime_error("malformed rank list in a tree's plan");
     }
