@@ -87,6 +87,12 @@ struct BarrierState {
 
   // Where this barrier's rounds sit in a tree (a level of one), or flat.
   RoundShape shape;
+  // Deleting finished rounds goes round the ranks that arrive at this
+  // store: this rank's turn among how many (housekeeping.cpp).
+  struct {
+    int64_t mine = 0;
+    int64_t count = 1;
+  } turns;
   // A tree's rounds run through the levels it holds; nothing below but the
   // fields above it and `address`/`store` (rank 0's store) is used then.
   std::unique_ptr<BarrierTree> tree;

@@ -59,8 +59,9 @@ void deleteFinishedRounds(BarrierState& state) {
   // Round s has released, so every rank has returned from round s-1 and the
   // keys of rounds up to s-1 are no longer read.
   const int64_t sequence = state.sequence;
-  const bool myTurn = sequence > 0 && sequence % kBatch == 0 &&
-                      (sequence / kBatch) % state.worldSize == state.rank;
+  const bool myTurn =
+      sequence > 0 && sequence % kBatch == 0 &&
+      (sequence / kBatch) % state.turns.count == state.turns.mine;
   std::lock_guard<std::mutex> lock(state.deletes.mutex);
   DeleteQueue& queue = state.deletes;
   queue.lastRound = Clock::now();

@@ -169,6 +169,12 @@ class Hosts:
         outlived the stall."""
         _run("ip", "-n", self.switch, "link", "set", f"p{i}", "up")
 
+    def listening_addresses(self, i):
+        """The local addresses of host i's listening TCP sockets."""
+        out = _run("ip", "netns", "exec", self.names[i], "ss", "-tlnH").stdout
+        # Each line: State Recv-Q Send-Q Local-Address:Port Peer-Address:Port
+        return sorted({line.split()[3].rsplit(":", 1)[0] for line in out.splitlines()})
+
     def unacknowledged_bytes(self, i, address, port):
         """What host i has sent (or queued) to address:port and not had
         acknowledged: the Send-Q of its established TCP connections there.
@@ -207,23 +213,28 @@ class Hosts:
 
 
 class HostRanks:
-    """One rank process per host (``rank_main`` below), reporting JSON lines;
-    rank 0's host hosts the store."""
+    """`ranks_per_host` rank processes per host (``rank_main`` below), ranks
+    numbered host by host, reporting JSON lines; rank 0's host hosts the
+    store. `options`: more keyword arguments of the barrier."""
 
-    def __init__(self, hosts, port, rounds, timeout, peer_timeout="off"):
+    def __init__(
+        self, hosts, port, rounds, timeout, peer_timeout="off",
+        ranks_per_host=1, options=None,
+    ):  # fmt: skip
         self.events = queue_module.Queue()
         self.logs = []
         self.procs = []
-        world_size = len(hosts.names)
+        world_size = len(hosts.names) * ranks_per_host
         for rank in range(world_size):
             log = tempfile.TemporaryFile()
             self.logs.append(log)
             argv = [
                 sys.executable, "-m", "support.netns", "rank", rank, world_size,
                 hosts.addresses[0], port, rounds, timeout, peer_timeout,
+                json.dumps(options or {}),
             ]  # fmt: skip
             proc = hosts.popen(
-                rank,
+                rank // ranks_per_host,
                 [str(a) for a in argv],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -279,6 +290,11 @@ class HostRanks:
             self.procs[rank].stdin.write(line + "\n")
             self.procs[rank].stdin.flush()
 
+    def signal(self, ranks, signum):
+        """Sends `signum` to the processes of `ranks`, all at once."""
+        for rank in ranks:
+            os.kill(self.procs[rank].pid, signum)
+
     def stop(self):
         for proc in self.procs:
             if proc.poll() is None:
@@ -297,19 +313,25 @@ def _emit(**event):
     print(json.dumps(event), flush=True)
 
 
-def rank_main(rank, world_size, master_address, port, rounds, timeout, peer_timeout):
+def rank_main(
+    rank, world_size, master_address, port, rounds, timeout, peer_timeout, options
+):
     """Constructs, runs `rounds` timestamped barriers, reports them; then on
     "go" from stdin one more barrier, reporting how it ended."""
     barrier = our_barrier(
         rank, world_size, port, init=60, timeout=timeout,
-        master_address=master_address, options={"peer_timeout_secs": peer_timeout},
+        master_address=master_address,
+        options={"peer_timeout_secs": peer_timeout, **options},
     )  # fmt: skip
     stamps = []
     for _ in range(rounds):
         entered = time.monotonic()
         barrier.execute_barrier()
         stamps.append((entered, time.monotonic()))
-    _emit(event="rounds", rank=rank, stamps=stamps, sequence=barrier.sequence)
+    _emit(
+        event="rounds", rank=rank, stamps=stamps, sequence=barrier.sequence,
+        topology=barrier.topology, tree_levels=barrier.tree_levels,
+    )  # fmt: skip
 
     if sys.stdin.readline().strip() != "go":
         return
@@ -512,6 +534,7 @@ if __name__ == "__main__":
         worker_main()
     elif sys.argv[1] == "rank":
         rank, world_size, master_address, port, rounds, timeout, peer = sys.argv[2:9]
+        options = json.loads(sys.argv[9])
         rank_main(
             int(rank),
             int(world_size),
@@ -520,6 +543,7 @@ if __name__ == "__main__":
             int(rounds),
             float(timeout),
             None if peer == "off" else float(peer),
+            options,
         )
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]!r}")
