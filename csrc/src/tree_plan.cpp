@@ -16,6 +16,11 @@ struct Node {
   std::vector<int64_t> ranks;
 };
 
+// A host's ranks share stores of at most this many members (or the fan-in,
+// if larger): a machine running hundreds of ranks, or a test running a
+// whole world on one machine, must not make one store serve them all.
+constexpr std::size_t kMaxHostStore = 64;
+
 // Gives `nodes` a store (unless alone) and returns the node they become.
 Node gather(TreePlan& plan, std::vector<Node> nodes) {
   if (nodes.size() == 1) {
@@ -68,13 +73,18 @@ TreePlan planTree(
   std::sort(hosts.begin(), hosts.end(), [](const auto& a, const auto& b) {
     return a.front() < b.front();
   });
+  const auto hostStore =
+      std::max(kMaxHostStore, static_cast<std::size_t>(fanIn));
   std::vector<Node> level;
   for (const auto& ranks : hosts) {
-    std::vector<Node> alone;
-    for (const int64_t rank : ranks) {
-      alone.push_back(Node{rank, -1, {rank}});
+    for (std::size_t first = 0; first < ranks.size(); first += hostStore) {
+      std::vector<Node> alone;
+      for (std::size_t i = first; i < std::min(ranks.size(), first + hostStore);
+           ++i) {
+        alone.push_back(Node{ranks[i], -1, {ranks[i]}});
+      }
+      level.push_back(gather(plan, std::move(alone)));
     }
-    level.push_back(gather(plan, std::move(alone)));
   }
   while (static_cast<int64_t>(level.size()) > fanIn) {
     std::vector<Node> next;

@@ -2,9 +2,10 @@
 // every rank and published on the root store for each rank to read its part.
 //
 // Ranks on one host meet at a store hosted by the host's lowest rank (its
-// leader); leaders meet in groups of at most `fanIn` at a store hosted by
-// the group's first leader, and so on until at most `fanIn` remain: they
-// meet at the root, rank 0's store. A host or group of one has no store.
+// leader; a host of more than 64 ranks has a store per 64); leaders meet in
+// groups of at most `fanIn` at a store hosted by the group's first leader, and
+// so on until at most `fanIn` remain: they meet at the root, rank 0's store. A
+// host or group of one has no store.
 #pragma once
 
 #include <cstdint>

@@ -22,6 +22,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -255,7 +256,10 @@ std::size_t openFdCount() {
 // ---------------------------------------------------------------------------
 // A barrier: nobody leaves a round before everybody has entered it.
 // ---------------------------------------------------------------------------
-void checkNoEarlyRelease(int64_t worldSize, bool torchConstructor) {
+void checkNoEarlyRelease(
+    int64_t worldSize,
+    bool torchConstructor,
+    std::optional<tcpstore_barrier::TreeOptions> tree = std::nullopt) {
   constexpr int kRounds = 200;
   const uint16_t port = freePort();
   std::vector<std::atomic<int64_t>> entered(kRounds);
@@ -263,11 +267,17 @@ void checkNoEarlyRelease(int64_t worldSize, bool torchConstructor) {
     count.store(0);
   }
   runRanks(worldSize, [&](int64_t rank) {
+    auto rankOptions = options(rank, worldSize, port);
+    if (tree) {
+      rankOptions.tree = *tree;
+      // Hosts of two ranks.
+      rankOptions.tree.host = "host" + std::to_string(rank / 2);
+    }
     auto barrier =
         torchConstructor
             ? std::make_unique<TCPStoreBarrier>(
                   rank, worldSize, "ckpt", 30, true, port, kLoopback, 30)
-            : std::make_unique<TCPStoreBarrier>(options(rank, worldSize, port));
+            : std::make_unique<TCPStoreBarrier>(rankOptions);
     std::mt19937 rng(static_cast<unsigned>(rank));
     std::uniform_int_distribution<int> jitterUs(0, 500);
     for (int s = 0; s < kRounds; ++s) {
@@ -287,6 +297,33 @@ TEST_CASE(two_ranks_never_release_early) {
 
 TEST_CASE(four_ranks_never_release_early) {
   checkNoEarlyRelease(4, /*torchConstructor=*/false);
+}
+
+// Three levels: hosts of two, groups of two hosts' leaders, the root.
+TEST_CASE(a_tree_of_stores_never_releases_early) {
+  tcpstore_barrier::TreeOptions tree;
+  tree.topology = tcpstore_barrier::Topology::kTree;
+  tree.fanIn = 2;
+  checkNoEarlyRelease(8, /*torchConstructor=*/false, tree);
+}
+
+TEST_CASE(a_tree_of_stores_says_where_each_rank_meets) {
+  const uint16_t port = freePort();
+  std::vector<int64_t> levels(6);
+  runRanks(6, [&](int64_t rank) {
+    auto rankOptions = options(rank, 6, port);
+    rankOptions.tree.topology = tcpstore_barrier::Topology::kTree;
+    rankOptions.tree.fanIn = 2;
+    rankOptions.tree.host = "host" + std::to_string(rank / 2);
+    TCPStoreBarrier barrier(rankOptions);
+    REQUIRE(barrier.topology() == tcpstore_barrier::Topology::kTree);
+    levels[rank] = barrier.treeLevels();
+    barrier.executeBarrier();
+    barrier.close();
+  });
+  // Hosts {0,1} {2,3} {4,5}; leaders 0, 2, 4 in groups {0,2} and {4}; the
+  // root meets 0 and 4.
+  REQUIRE(levels == (std::vector<int64_t>{3, 1, 2, 1, 2, 1}));
 }
 
 // ---------------------------------------------------------------------------
