@@ -154,6 +154,16 @@ c10::intrusive_ptr<c10d::Store> hostStore(
     int64_t workers,
     std::chrono::milliseconds timeout,
     bool useLibUV);
+// A store for one level of a tree: a key prefix of its own on the one
+// server this process runs for its tree stores on `address`.
+struct TreeStoreHost {
+  c10::intrusive_ptr<c10d::Store> server;
+  StoreAddress address;
+};
+TreeStoreHost hostTreeStore(
+    const std::string& address,
+    bool useLibUV,
+    std::chrono::milliseconds timeout);
 struct LevelSpec {
   int64_t rank = 0;
   int64_t worldSize = 1;
@@ -167,7 +177,8 @@ struct LevelSpec {
   c10::intrusive_ptr<c10d::Store> server;
   bool usesLibUV = true;
   // The host waits until every member has joined (not at the root, whose
-  // joiners were counted already).
+  // joiners were counted already). Counted under the level's key prefix:
+  // c10d's `init/` count is the whole server's.
   bool awaitMembers = true;
 };
 std::unique_ptr<TCPStoreBarrier> openLevel(

@@ -5,6 +5,8 @@
 #include <tcpstore_barrier/tcpstore_barrier.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <utility>
 
 #include <c10/util/Logging.h>
@@ -21,6 +23,9 @@ namespace tcpstore_barrier {
 using detail::BarrierState;
 
 namespace {
+
+// A tree level's joiners, counted under the level's key prefix.
+constexpr const char* kLevelJoinedKey = "joined";
 
 c10::SourceLocation here(const char* function, int line) {
   return {function, __FILE__, static_cast<uint32_t>(line)};
@@ -355,6 +360,39 @@ c10::intrusive_ptr<c10d::Store> hostStore(
   return c10::make_intrusive<c10d::TCPStore>(address, serverOptions);
 }
 
+TreeStoreHost hostTreeStore(
+    const std::string& address,
+    bool useLibUV,
+    std::chrono::milliseconds timeout) {
+  // One server per process and address: c10d's TCPStore connects a client of
+  // its own to every server it starts, which resolves the server's name;
+  // where reverse lookups are slow (containers) that costs seconds a store,
+  // and a leader may host several levels (a test many hosts' worth).
+  static std::mutex mutex;
+  static std::
+      map<std::pair<std::string, bool>, c10::weak_intrusive_ptr<c10d::Store>>
+          servers;
+  static int64_t levels = 0;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(address, useLibUV);
+  auto found = servers.find(key);
+  c10::intrusive_ptr<c10d::Store> server;
+  if (found != servers.end()) {
+    server = found->second.lock();
+  }
+  if (!server) {
+    server = hostStore(address, 0, 1, timeout, useLibUV);
+    servers.insert_or_assign(key, c10::weak_intrusive_ptr<c10d::Store>(server));
+  }
+  const auto port = static_cast<c10d::TCPStore&>(*server).getPort();
+  return {
+      std::move(server),
+      StoreAddress{
+          address,
+          static_cast<uint16_t>(port),
+          fmt::format("/tree{}/", ++levels)}};
+}
+
 std::unique_ptr<TCPStoreBarrier> openLevel(
     LevelSpec spec, Clock::time_point deadline) {
   auto owned = std::make_unique<BarrierState>();
@@ -374,9 +412,9 @@ std::unique_ptr<TCPStoreBarrier> openLevel(
   auto barrier = BarrierAccess::make(std::move(owned));
   startRounds(state, spec.address, deadline);
   if (spec.awaitMembers) {
-    registerWorker(*state.connection, deadline);
+    state.connection->add(kLevelJoinedKey, 1, deadline);
     if (state.hostsStore) {
-      awaitWorkers(*state.connection, state.worldSize, deadline);
+      awaitCount(*state.connection, kLevelJoinedKey, state.worldSize, deadline);
     }
   }
   return barrier;

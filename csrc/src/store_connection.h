@@ -143,6 +143,14 @@ void registerWorker(StoreConnection& connection, Clock::time_point deadline);
 void awaitWorkers(
     StoreConnection& connection, int64_t worldSize, Clock::time_point deadline);
 
+// Waits until the counter `key` (added to by each joiner) reaches `count`;
+// throws c10::DistStoreError at `deadline`.
+void awaitCount(
+    StoreConnection& connection,
+    const std::string& key,
+    int64_t count,
+    Clock::time_point deadline);
+
 // The TCPStore (host, port and key prefix) under `store` and its
 // PrefixStores, if that is what it is.
 std::optional<StoreAddress> wireAddressOf(const c10d::Store& store);

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <stdexcept>
-#include <thread>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -30,8 +29,6 @@ constexpr std::chrono::milliseconds kMinDiagnosis{100};
 // host is gone too) is passed over: the others still need the verdict.
 constexpr std::chrono::milliseconds kVerdictBudget{1000};
 constexpr std::chrono::milliseconds kCarryConnect{300};
-// How often rank 0 looks for joiners it counts itself (from_store).
-constexpr std::chrono::milliseconds kJoinPoll{10};
 
 // Thrown from a level's interrupt check when another level of this rank
 // has a verdict: the round waiting at one store must not outlive a loss
@@ -72,14 +69,19 @@ std::string awaitValue(
   return connection.multiGet({key}, deadline).front();
 }
 
+// "host|port|key prefix", as the store's host published it.
 StoreAddress parseAddress(const std::string& text) {
-  const auto colon = text.rfind(':');
-  const auto port = parseDecimal(std::string_view(text).substr(colon + 1));
-  if (colon == std::string::npos || !port) {
+  const auto first = text.find('|');
+  const auto second = text.find('|', first + 1);
+  const auto port = parseDecimal(
+      std::string_view(text).substr(first + 1, second - first - 1));
+  if (second == std::string::npos || !port) {
     throw std::runtime_error("malformed store address in a tree: " + text);
   }
   return StoreAddress{
-      text.substr(0, colon), static_cast<uint16_t>(*port), std::string("/")};
+      text.substr(0, first),
+      static_cast<uint16_t>(*port),
+      text.substr(second + 1)};
 }
 
 std::vector<int64_t> allRanks(const TreeStore& store) {
@@ -120,16 +122,11 @@ void publishPlan(
     // one send: once all are counted, all keys are there.
     awaitWorkers(root, outer.worldSize, deadline);
   } else {
-    const std::string joined =
-        outer.prefix + std::string(kTreeInfix) + "joined";
-    while (root.add(joined, 0, deadline) < outer.worldSize) {
-      if (Clock::now() >= deadline) {
-        throw c10::DistStoreError(
-            {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
-            "not every rank joined the tree in time");
-      }
-      std::this_thread::sleep_for(kJoinPoll);
-    }
+    awaitCount(
+        root,
+        outer.prefix + std::string(kTreeInfix) + "joined",
+        outer.worldSize,
+        deadline);
   }
   std::vector<std::string> keys;
   for (int64_t rank = 0; rank < outer.worldSize; ++rank) {
@@ -232,16 +229,17 @@ BarrierTree::BarrierTree(
       spec.rank = level.localRank;
       spec.worldSize = static_cast<int64_t>(members.size());
       if (level.localRank == 0) {
-        spec.server = hostStore(
-            bindAddress, 0, spec.worldSize, outer.initTimeout, outer.usesLibUV);
-        spec.address = StoreAddress{
-            bindAddress,
-            static_cast<uint16_t>(
-                static_cast<c10d::TCPStore&>(*spec.server).getPort()),
-            "/"};
+        auto hosted =
+            hostTreeStore(bindAddress, outer.usesLibUV, outer.initTimeout);
+        spec.server = std::move(hosted.server);
+        spec.address = std::move(hosted.address);
         root->set(
             treeKey(prefix, "addr", level.store.id),
-            fmt::format("{}:{}", bindAddress, spec.address.port));
+            fmt::format(
+                "{}|{}|{}",
+                spec.address.host,
+                spec.address.port,
+                spec.address.keyPrefix));
         root->flush(deadline);
       } else {
         spec.address = parseAddress(awaitValue(

@@ -502,4 +502,29 @@ void awaitWorkers(
   }
 }
 
+void awaitCount(
+    StoreConnection& connection,
+    const std::string& key,
+    int64_t count,
+    Clock::time_point deadline) {
+  for (;;) {
+    const int64_t joined = connection.add(
+        key, 0, std::max(deadline, Clock::now() + kWorkerPollReply));
+    if (joined >= count) {
+      return;
+    }
+    if (Clock::now() >= deadline) {
+      throw c10::DistStoreError(
+          {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+          fmt::format(
+              "{} of {} ranks had joined {}",
+              joined,
+              count,
+              connection.describe()));
+    }
+    std::this_thread::sleep_for(
+        std::min<Clock::duration>(kWorkerPoll, deadline - Clock::now()));
+  }
+}
+
 } // namespace tcpstore_barrier
