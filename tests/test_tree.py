@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import pytest
 import torch.distributed as dist
-from support import LOOPBACK, free_port, report_figure
+from support import free_port, report_figure
 from support.barriers import (
     assert_no_early_release,
     await_key,
@@ -67,9 +67,7 @@ def planned_stores(hosts, fan_in):
 
     level = [gather(sorted(host)) for host in sorted(hosts, key=min)]
     while len(level) > fan_in:
-        level = [
-            gather(level[i : i + fan_in]) for i in range(0, len(level), fan_in)
-        ]
+        level = [gather(level[i : i + fan_in]) for i in range(0, len(level), fan_in)]
     for leader in level:
         stores[leader].append("root")
     return stores
@@ -121,7 +119,10 @@ def stamped_rounds(rank, world_size, barrier, rounds, seed, extra_delay=None):
 def assert_arrival_orders_vary(stamps, at_least):
     """The random sleeps did their job: many different ranks entered rounds
     last."""
-    last = {max(range(len(stamps)), key=lambda r: stamps[r][s][0]) for s in range(len(stamps[0]))}
+    last = {
+        max(range(len(stamps)), key=lambda r: stamps[r][s][0])
+        for s in range(len(stamps[0]))
+    }
     assert len(last) >= at_least, f"only ranks {sorted(last)} ever entered last"
 
 
@@ -206,7 +207,11 @@ def mixed_rounds(rank, world_size, port):
     if rank in TORCH_RANKS:
         barrier = torch_barrier(rank, world_size, port, prefix=PREFIX)
         delay = late_torch_delay if rank == LATE_TORCH_RANK else None
-        return {"stamps": stamped_rounds(rank, world_size, barrier, MIXED_ROUNDS, "mixed", delay)}
+        return {
+            "stamps": stamped_rounds(
+                rank, world_size, barrier, MIXED_ROUNDS, "mixed", delay
+            )
+        }
     barrier = make_tree(rank, world_size, port, hosts=MIXED_HOSTS)
     stamps = stamped_rounds(rank, world_size, barrier, MIXED_ROUNDS, "mixed")
     result = {
@@ -536,6 +541,59 @@ def test_close_after_a_loss_returns_promptly(fault, name):
     results, _ = fault(name)
     for rank in FAULTS[name].reporting:
         assert results[rank]["close_elapsed"] < CLOSE_AFTER_LOSS, rank
+
+
+# Rank 0's host dies while rank 2, a top leader, waits below the root, at
+# its host's store, for rank 3, which enters 2 s late. Rank 3 then has no
+# way to the root but through rank 2: it may also time out, after
+# ROOT_TIMEOUT (above the detection time), but must not hang.
+ROOT_HOSTS = ((0, 1), (2, 3))
+LATE_MEMBER, LATE_FOR = 3, 2.0
+ROOT_TIMEOUT = 5.0
+
+
+def root_host_killed(rank, world_size, port, ready):
+    barrier = make_tree(
+        rank, world_size, port, hosts=ROOT_HOSTS, timeout=ROOT_TIMEOUT,
+        peer_timeout=PEER_TIMEOUT,
+    )  # fmt: skip
+    barrier.execute_barrier()
+    with ready.get_lock():
+        ready.value += 1
+    if rank in ROOT_HOSTS[0]:
+        time.sleep(60)
+        raise AssertionError(f"rank {rank} outlived its SIGKILL")
+    if rank == LATE_MEMBER:
+        time.sleep(LATE_FOR)
+    outcome = timed_round(barrier)
+    barrier.close()
+    return outcome
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: the process of ranks 2-3 dies by SIGSEGV: BarrierTree::lose() "
+    "(tree.cpp) rethrows the root level's `lost`, which is null when the "
+    "root's alarm came through checkOtherLevels (OtherLevelAlarm) while "
+    "this rank waited at another level",
+)
+def test_the_root_host_killed_while_a_top_leader_waits_below_is_reported():
+    ready = CONTEXT.Value("i", 0)
+    with start_rank_groups(root_host_killed, ROOT_HOSTS, free_port(), ready) as ranks:
+        deadline = time.monotonic() + 60
+        while ready.value < 4:
+            assert time.monotonic() < deadline, "round 0 never completed"
+            time.sleep(0.01)
+        time.sleep(0.3)  # rank 2 is waiting at its host's store
+        struck_at = time.monotonic()
+        ranks.signal(0, signal.SIGKILL)
+        survivors = by_rank(ranks.results([1], timeout=30), 4)
+    # The root's host is gone: nobody is left to decide a verdict.
+    error = survivors[2]["error"]
+    assert error is not None and error["type"] == "StoreUnreachableError", error
+    assert error["lost_ranks"] == [0], error
+    assert survivors[2]["ended_at"] - struck_at <= PEER_TIMEOUT + DETECTION_SLACK
+    assert survivors[LATE_MEMBER]["error"]["is_dist_error"]
 
 
 # A rank that sleeps 3 peer timeouts between rounds, its process alive: in
