@@ -359,9 +359,19 @@ def test_the_call_after_a_timeout_resumes_the_round_until_the_late_ranks_arrive(
 # --- 5. faults ----------------------------------------------------------------
 
 PEER_TIMEOUT = 1.0
-# From the fault to every survivor's error: the peer timeout, then the
-# verdict's trip to the root and down every branch, on a busy machine.
-DETECTION_SLACK = 2.0
+# How a loss is found in a tree (tree.cpp, liveness.h): a watcher first
+# reads the silent rank's final counter within a heartbeat interval (a
+# fifth of the peer timeout at these sizes), declares it at the first
+# watch a peer timeout later (one more interval), the root decides, and
+# the verdict goes down each level of the tree within one more interval
+# (each level's ranks learn it from their next heartbeat's reply, then
+# carry it on). A store that dies with its host is seen at once. MARGIN is
+# for a machine with a load average in the hundreds (3.25 s was seen for a
+# frozen host at 400).
+INTERVAL = PEER_TIMEOUT / 5
+LEVELS = 4
+MARGIN = 1.5
+DETECTION_SLACK = INTERVAL + INTERVAL + LEVELS * INTERVAL + MARGIN
 # Far above detection: a loss must be found by liveness, not by the deadline.
 FAULT_TIMEOUT = 30.0
 # A store's host waits in close() for the ranks that meet there, except
@@ -475,7 +485,9 @@ def fault():
             ) as processes:
                 deadline = time.monotonic() + 60
                 while ready.value < WORLD:
-                    assert time.monotonic() < deadline, "round 0 never completed"
+                    assert time.monotonic() < deadline, (
+                        f"round 0 never completed: exit codes {processes.exit_codes()}"
+                    )
                     time.sleep(0.01)
                 struck_at = time.monotonic()
                 for process, signum in spec.strikes:
@@ -519,7 +531,9 @@ def test_every_survivor_names_the_same_lost_ranks(fault, name):
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
-def test_a_fault_is_reported_within_the_peer_timeout_and_two_seconds(fault, name):
+def test_a_fault_is_reported_within_the_peer_timeout_and_its_trip_down_the_tree(
+    fault, name
+):
     results, struck_at = fault(name)
     detection = [results[r]["ended_at"] - struck_at for r in FAULTS[name].reporting]
     report_figure(f"tree_fault_detected_s[{name}]", max(detection))
