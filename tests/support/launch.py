@@ -3,9 +3,11 @@ and reports what it returned or raised.
 
 Ranks are processes forked by a forkserver that has torch (through
 tcpstore_barrier) and pytest preloaded, so each starts in milliseconds; or,
-with ``threads=True``, threads of the test's process. A process's target is
-sent by name: a module-level function of an importable module (tests/ is on
-sys.path, so a test file's functions qualify). Arguments may include
+with ``threads=True``, threads of the test's process; or, with
+``start_rank_groups``, threads of a few such processes (a process per
+simulated host). A process's target is sent by name: a module-level
+function of an importable module (tests/ is on sys.path, so a test file's
+functions qualify). Arguments may include
 multiprocessing Events and Values of ``CONTEXT``.
 """
 
@@ -122,6 +124,57 @@ class Ranks:
                     os.kill(worker.pid, signal.SIGCONT)
                 worker.kill()
             worker.join()
+
+
+def _group_main(index, count, groups, target, *args):
+    """Process `index` of start_rank_groups: its ranks, as threads."""
+    world_size = sum(len(group) for group in groups)
+    results, failures = {}, {}
+
+    def run(rank):
+        try:
+            results[rank] = target(rank, world_size, *args)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            failures[rank] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in groups[index]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise AssertionError(
+            "\n".join(f"rank {r} failed:\n{v}" for r, v in sorted(failures.items()))
+        )
+    return results
+
+
+def start_rank_groups(target, groups, *args):
+    """Ranks as threads of a few processes: process i runs the ranks in
+    `groups[i]`, each calling ``target(rank, world_size, *args)``, so that a
+    signal to process i (``signal(i, ...)``) reaches all of its ranks at
+    once, as a fault reaches a host. Process i reports a dict, by rank, of
+    what its ranks returned; use in a ``with``."""
+    return Ranks(_group_main, len(groups), (groups, target, *args), threads=False)
+
+
+def run_rank_groups(target, groups, *args, timeout=60.0):
+    """Runs start_rank_groups to the end; returns what each rank returned,
+    as a list by rank. A rank that raises, or a process that stays silent
+    or exits abnormally, fails the test."""
+    with start_rank_groups(target, groups, *args) as processes:
+        reports = processes.results(range(len(groups)), timeout)
+        processes.assert_exited()
+    return by_rank(reports, sum(len(group) for group in groups))
+
+
+def by_rank(reports, world_size):
+    """What start_rank_groups' processes reported (a dict by rank, or None
+    for a process that did not report), as one list by rank."""
+    merged = {}
+    for report in reports:
+        merged.update(report or {})
+    return [merged.get(rank) for rank in range(world_size)]
 
 
 def start_ranks(target, world_size, *args, threads=False):
