@@ -64,7 +64,9 @@ def listening_ports(tids: set[int]) -> dict[int, int | None]:
     for tid in tids:
         epfd = _epoll_fd(tid)
         fdinfo = _read(f"/proc/self/fdinfo/{epfd}") if epfd is not None else ""
-        watched = [line.split()[1] for line in fdinfo.splitlines() if line.startswith("tfd:")]
+        watched = [
+            line.split()[1] for line in fdinfo.splitlines() if line.startswith("tfd:")
+        ]
         inodes = [_socket_inode(fd) for fd in watched]
         found[tid] = next((ports[i] for i in inodes if i in ports), None)
     return found
