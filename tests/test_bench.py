@@ -18,7 +18,12 @@ import pytest
 from tcpstore_barrier.__main__ import build_parser, main
 from tcpstore_barrier._bench.cli import BenchConfig, config_from_args
 from tcpstore_barrier._bench.importtime import parse_importtime
-from tcpstore_barrier._bench.results import schedule
+from tcpstore_barrier._bench.results import (
+    requests_per_round,
+    schedule,
+    tree_root_members,
+    tree_stores,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -85,6 +90,7 @@ def test_bench_options():
     ["--world-size", "0"], ["--iters", "-3"], ["--rounds", "0"], ["--timeout", "0"],
     ["--ranks", "fibers"], ["--backend", "epoll"], ["--protocol", "mpi"],
     ["--world-size"], ["--contenders", "mpi"], ["--peer-timeout", "-1"],
+    ["--fan-in", "1"], ["--ranks-per-host", "0"],
 ])  # fmt: skip
 def test_bad_options_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -101,6 +107,47 @@ def test_bad_options_exit_2(argv, capsys):
 def test_options_that_clash_exit_2_before_starting_ranks(argv, message, capsys):
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_tree_options():
+    config = parse_bench("--contenders", "ours", "tree", "native-tree",
+                         "--ranks-per-host", "4", "--fan-in", "3")  # fmt: skip
+    assert config.contenders == ("ours", "tree", "native-tree")
+    assert (config.ranks_per_host, config.fan_in) == (4, 3)
+    # By default 8 ranks a host and the constructor's fan-in.
+    assert (BenchConfig().ranks_per_host, BenchConfig().fan_in) == (8, None)
+
+
+def test_tree_plan_counts_follow_the_native_plan():
+    # 128 hosts of 8 in groups of 16: 8 group stores, 8 top leaders at the root.
+    assert tree_root_members(1024, 8, 16) == 8
+    assert sorted(set(tree_stores(1024, 8, 16))) == [8, 16]
+    assert len(tree_stores(1024, 8, 16)) == 128 + 8
+    # 100 hosts in groups of 16: 6 full groups and one of 4; a lone rank's
+    # host and a lone node have no store.
+    assert tree_stores(801, 8, 16) == [8] * 100 + [16] * 6 + [5]
+    assert tree_root_members(801, 8, 16) == 7
+    assert tree_root_members(8, 8, 16) == 1
+
+
+def test_requests_per_round_are_counted_from_each_protocol():
+    def count(contender, n=1024, protocol="torch"):
+        return requests_per_round(contender, n, protocol, 8, 16)
+
+    # torch's keys: set rank{r} and add per rank, a wait per rank but the
+    # last, whose set releases; torch's class also waits after its set.
+    assert count("ours") == count("reference") == {"root": 3072, "all": 3072}
+    assert count("torch") == {"root": 3073, "all": 3073}
+    assert (
+        count("native")
+        == count("ours", protocol="native")
+        == {"root": 1024, "all": 1024}
+    )
+    # A tree: its 8 top leaders at the root; below it, two native rounds at
+    # each host store (8 members) and group store (16 members).
+    below = 2 * (128 * 8 + 8 * 16)
+    assert count("tree") == {"root": 24, "all": 24 + below}
+    assert count("native-tree") == {"root": 8, "all": 8 + below}
 
 
 def test_liveness_options():
@@ -211,6 +258,32 @@ def test_bench_threads_over_processes(tmp_path):
         True,
         False,
     ]
+
+
+def test_bench_tree_contenders_tell_the_root_store_apart(tmp_path):
+    out = tmp_path / "out.json"
+    result = run_cli("bench", "--ranks", "threads", "--processes", "2", "--world-size", "4",
+                     "--iters", "3", "--rounds", "1", "--warmup", "1", "--ranks-per-host", "2",
+                     "--fan-in", "2", "--contenders", "ours", "tree", "native-tree",
+                     "--json", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "trees: 2 ranks a host, fan-in 2" in result.stdout
+    assert "root req" in result.stdout
+    (world,) = json.loads(out.read_text())["worlds"]
+    summary = world["summary"]
+    # Two hosts of two: a store each (ranks 0 and 2 host them), and the root.
+    levels = {c: summary[f"{c}_levels"] for c in ("ours", "tree", "native-tree")}
+    assert levels == {"ours": 1, "tree": 2, "native-tree": 2}
+    for name, stores in (("ours", 1), ("tree", 3), ("native-tree", 3)):
+        cost = summary[f"{name}_cost"]
+        assert cost["stores"] == stores, name
+        # Found by its port: the root's thread, not all of rank 0's stores.
+        assert cost["root_by_port"] is True, name
+        assert 0 < cost["server_us"], name
+        assert 0 < cost["stores_max_us"] <= cost["stores_sum_us"], name
+    assert summary["tree_requests"] == {"root": 6, "all": 6 + 8}
+    assert summary["native-tree_requests"] == {"root": 2, "all": 2 + 8}
+    assert summary["ours_requests"] == {"root": 12, "all": 12}
 
 
 def test_bench_split_phase(tmp_path):

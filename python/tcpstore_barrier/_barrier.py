@@ -50,10 +50,10 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
             ``"tree"``: ranks meet at a store on their host, hosts' leaders in
             groups of at most ``tree_fan_in`` at a store one of them hosts, up
             to rank 0's store, so that no store's load grows with the world;
-            ``"auto"`` (default): flat below 256 ranks, a tree from there on.
+            ``"auto"`` (default): flat below 8,192 ranks, a tree from there on.
         host: which ranks share a host store in a tree; by default the
             host's name and the address it reaches rank 0's store from.
-        tree_fan_in: the most members a tree's group store has (default 16).
+        tree_fan_in: the most members a tree's group store has (default 8).
     """
 
     #: The name under which torch's ``create_barrier_from_config`` finds it.
@@ -74,7 +74,7 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
         peer_timeout_secs: float | None = 5.0,
         topology: str = "auto",
         host: str | None = None,
-        tree_fan_in: int = 16,
+        tree_fan_in: int = 8,
     ) -> None:
         logger.info(
             "Initializing TCPStoreBarrier master_address=%s tcpstore_port=%s "
@@ -123,7 +123,7 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
         peer_timeout_secs: float | None = 5.0,
         topology: str = "auto",
         host: str | None = None,
-        tree_fan_in: int = 16,
+        tree_fan_in: int = 8,
     ) -> TCPStoreBarrier:
         """Joins barriers over a store the program already has.
 

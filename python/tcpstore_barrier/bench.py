@@ -4,11 +4,18 @@ loop and torch's class, interleaved in one run; the pieces are in ``_bench``."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 
 from ._bench import launch, results
-from ._bench.cli import BenchConfig, ConfigError, add_bench_arguments, config_from_args
+from ._bench.cli import (
+    TREE_CONTENDERS,
+    BenchConfig,
+    ConfigError,
+    add_bench_arguments,
+    config_from_args,
+)
 from ._bench.launch import BenchError
 from ._bench.rank import RankPlan, calibrate_work_loops, rank_groups, ranks_main
 
@@ -48,7 +55,17 @@ def run_world(
     world = results.World(world_size, blocks, figures, config.iters)
     if config.split_phase:
         return results.summarize_split(world), world
-    return results.summarize_world(world, config.contenders), world
+    summary = results.summarize_world(world, config.contenders, config, fan_in(config))
+    return summary, world
+
+
+def fan_in(config: BenchConfig) -> int:
+    """The tree contenders' tree_fan_in: --fan-in, or the constructor's default."""
+    if config.fan_in is not None:
+        return config.fan_in
+    from tcpstore_barrier import TCPStoreBarrier
+
+    return inspect.signature(TCPStoreBarrier).parameters["tree_fan_in"].default
 
 
 def run_bench(config: BenchConfig) -> list[results.Run]:
@@ -70,6 +87,8 @@ def print_bench(config: BenchConfig) -> None:
     run_versions = results.versions()
     summaries = [summary for summary, _ in runs]
     print(results.describe_run(config, run_versions), end="\n\n")
+    if any(c in config.contenders for c in TREE_CONTENDERS):
+        print(f"trees: {config.ranks_per_host} ranks a host, fan-in {fan_in(config)}\n")
     if config.split_phase:
         print(results.format_split_table(summaries))
     else:

@@ -9,15 +9,24 @@ from dataclasses import dataclass
 from typing import Literal
 
 #: What can run in one bench, each on its own store; DESCRIPTION says what.
-CONTENDERS = ("ours", "native", "ours-noliveness", "reference", "torch")
+CONTENDERS = (
+    "ours", "native", "ours-noliveness", "reference", "torch", "tree", "native-tree",
+)  # fmt: skip
+#: The contenders that build a tree of stores; the others are flat.
+TREE_CONTENDERS = ("tree", "native-tree")
 DEFAULT_CONTENDERS = ("ours", "reference", "torch", "native")
 
 DESCRIPTION = """\
 Latency of one barrier round, N ranks on 127.0.0.1, rank 0 hosting each
 contender's own TCPStore. Contenders (--contenders):
-  ours             this package's TCPStoreBarrier (--protocol, --peer-timeout)
-  native           ours with protocol="native"
-  ours-noliveness  ours with peer_timeout_secs=None
+  ours             this package's TCPStoreBarrier (--protocol, --peer-timeout),
+                   topology="flat"
+  native           ours with protocol="native", topology="flat"
+  ours-noliveness  ours with peer_timeout_secs=None, topology="flat"
+  tree             ours with topology="tree": rank r on host "h{r // K}"
+                   (--ranks-per-host K), groups of --fan-in hosts' leaders;
+                   torch's keys at the root (--protocol), native below it
+  native-tree      tree with protocol="native" at the root too
   reference        torch's three requests a round in a C++ loop, GIL released
   torch            torch's Python class (torch.distributed.checkpoint.
                    _experimental), which always uses the libuv TCPStore
@@ -27,7 +36,12 @@ p99 are over all ranks' samples. Contenders run in blocks of --iters barriers
 (after --warmup untimed ones) in an order that rotates every round, so that
 noise hits all alike: compare ratios within a run. Each round ends with
 "floor": store.add round trips from the last rank and from rank 0. "Where the
-time goes": CPU time of the store's server threads and of every rank process.
+time goes": CPU time of the root store's server thread (rank 0's store; in a
+tree told apart from the other stores of rank 0's process by the port its
+libuv loop listens on), of every store of the contender (each process's c10d
+server threads that appeared while it was built: max and sum over stores),
+of every rank process; and the root's requests per round, counted from the
+protocol, not measured.
 
 --split-phase instead times loop iterations of --work-us of Python work and a
 barrier: "split" arrive(), work, wait(); "serial" work, execute_barrier();
@@ -50,6 +64,10 @@ def _positive_int(text: str) -> int:
 
 def _non_negative_int(text: str) -> int:
     return _checked(int(text), int(text) >= 0, "must not be negative")
+
+
+def _at_least_two(text: str) -> int:
+    return _checked(int(text), int(text) >= 2, "must be at least 2")
 
 
 def _non_negative_float(text: str) -> float:
@@ -98,6 +116,10 @@ class BenchConfig:
     plot_path: str | None = None
     split_phase: bool = False
     work_us: float = 200.0
+    #: Tree contenders: rank r's host is f"h{r // ranks_per_host}".
+    ranks_per_host: int = 8
+    #: Tree contenders' tree_fan_in; None leaves the constructor's default.
+    fan_in: int | None = None
 
 
 # One option a statement, so that the options read as a table.
@@ -127,6 +149,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="a CPU-bound pure-Python thread in each rank process, as a data loader is")
     add("--peer-timeout", type=_seconds_or_off, metavar="SECS|off",
         help="peer_timeout_secs of ours, native; 'off' for None (default: the constructor's)")
+    add("--ranks-per-host", type=_positive_int, metavar="K", default=d.ranks_per_host,
+        help="tree contenders: rank r's host is 'h{r // K}', a simulated host "
+        f"(default: {d.ranks_per_host})")
+    add("--fan-in", type=_at_least_two, metavar="F",
+        help="tree contenders' tree_fan_in (default: the constructor's)")
     add("--plot", dest="plot_path", metavar="FILE.png",
         help="plot latency against world size (needs matplotlib)")
     add_shared_arguments(parser, "write the configuration, versions and every raw sample here")

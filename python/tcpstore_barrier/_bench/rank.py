@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from .cli import BenchConfig
+from .cli import TREE_CONTENDERS, BenchConfig
 from .launch import CLEAR_LINE, LOOPBACK, report
 from .results import Block
+from .stores import listening_ports, threads_cpu_ns
 
 if TYPE_CHECKING:
     from .memory import MemoryConfig
@@ -52,8 +53,11 @@ class BlockFigures:
     #: One per barrier, loop iteration (--split-phase) or store.add (floor).
     samples_ns: list[int] = field(default_factory=list)
     wall_ns: int = 0
-    #: Rank 0: CPU time of the contender's store server threads.
+    #: Rank 0: CPU time of the contender's root store's server thread.
     server_cpu_ns: int | None = None
+    #: One rank of each process: CPU time of each of the contender's store
+    #: server threads in its process (every store of a tree there).
+    stores_cpu_ns: list[int] | None = None
     #: One rank of each process: CPU time of its whole process.
     process_cpu_ns: int | None = None
     #: Split blocks: iterations whose round had released before wait(), and
@@ -71,6 +75,11 @@ class RankFigures:
     ours_uses_libuv: bool
     torch_uses_libuv: bool | None
     blocks: list[BlockFigures]
+    #: Rank 0: each contender's tree_levels (1 when flat), and whether its
+    #: root store's thread was found by its port (else: all of the
+    #: contender's server threads in rank 0's process stand for it).
+    levels: dict[str, int] = field(default_factory=dict)
+    root_by_port: dict[str, bool] = field(default_factory=dict)
 
 
 def build(
@@ -104,7 +113,14 @@ def build(
     else:
         from tcpstore_barrier import TCPStoreBarrier  # type: ignore[assignment]
 
-        kwargs["protocol"] = "native" if name == "native" else config.protocol
+        native = name in ("native", "native-tree")
+        kwargs["protocol"] = "native" if native else config.protocol
+        # Explicit: "auto" would turn the flat ones into trees at large sizes.
+        kwargs["topology"] = "tree" if name in TREE_CONTENDERS else "flat"
+        if name in TREE_CONTENDERS:
+            kwargs["host"] = f"h{rank // config.ranks_per_host}"  # type: ignore[union-attr]
+            if config.fan_in is not None:  # type: ignore[union-attr]
+                kwargs["tree_fan_in"] = config.fan_in  # type: ignore[union-attr]
         if name == "ours-noliveness" or config.peer_timeout == "off":
             kwargs["peer_timeout_secs"] = None
         elif config.peer_timeout is not None:  # else the constructor's default
@@ -156,19 +172,34 @@ class Rank:
     def __init__(self, rank: int, plan: RankPlan, whole_process: bool) -> None:
         self.rank, self.plan, self.whole_process = rank, plan, whole_process
         self.barriers: dict[str, Any] = {}
-        #: Rank 0 only: each contender's store server threads, told apart by
-        #: which threads appeared while it was built.
+        #: One rank of each process: each contender's store server threads
+        #: in this process, the c10d threads that appeared while it was built.
+        self.stores: dict[str, list[int]] = {}
+        #: Rank 0 only: each contender's root store's server thread.
         self.servers: dict[str, set[int]] = {}
+        self.root_by_port: dict[str, bool] = {}
         remaining = plan.deadline_unix - time.time()
         # A minute to connect, more for worlds so large that it takes longer.
         init_timeout = min(max(60.0, 0.1 * plan.world_size), remaining)
-        for name, port in zip(plan.contenders, plan.ports, strict=True):
-            known = server_threads() if rank == 0 else set()
+        ports = dict(zip(plan.contenders, plan.ports, strict=True))
+        seen = server_threads() if whole_process else set()
+        # ours first: a round of it after each contender is built lines the
+        # ranks up, so that every store the contender made exists, and none
+        # of the next one's does yet, when each process looks at its threads.
+        for name in sorted(plan.contenders, key=lambda c: c != "ours"):
             self.barriers[name] = build(
-                name, rank, plan.world_size, port, plan.config, init_timeout, remaining
-            )
+                name, rank, plan.world_size, ports[name], plan.config, init_timeout,
+                remaining,
+            )  # fmt: skip
+            self.barriers["ours"].execute_barrier()
+            if whole_process:
+                now = server_threads()
+                self.stores[name], seen = sorted(now - seen), now
             if rank == 0:
-                self.servers[name] = server_threads() - known
+                by_port = listening_ports(set(self.stores[name]))
+                root = {t for t, port in by_port.items() if port == ports[name]}
+                self.root_by_port[name] = bool(root)
+                self.servers[name] = root or set(self.stores[name])
         self.ours = ours = self.barriers["ours"]
         torch: Any = self.barriers.get("torch")  # built whenever its blocks run
         loops = plan.work_loops
@@ -199,12 +230,18 @@ class Rank:
         # CPU of the timed barriers only: lining up may overlap others' last block.
         server = self.servers.get(kind)
         server_before = thread_cpu_ns(server) if server is not None else 0
+        stores = self.stores.get(kind, [])
+        stores_before = threads_cpu_ns(stores)
         process_before = time.process_time_ns()
         figures = self._timed(step)
         if server is not None:
             figures.server_cpu_ns = thread_cpu_ns(server) - server_before
         if self.whole_process and kind in self.barriers:
             figures.process_cpu_ns = time.process_time_ns() - process_before
+            after = threads_cpu_ns(stores)
+            figures.stores_cpu_ns = [
+                a - b for a, b in zip(after, stores_before, strict=True)
+            ]
         if kind == "split":
             figures.released_at_wait = sum(self.released)
             figures.arrive_ns, figures.wait_ns = self.arrive_ns, self.wait_ns
@@ -263,6 +300,11 @@ def run_rank(
         torch = me.barriers.get("torch")
         torch_uses_libuv = torch and torch._tcp_store.libuvBackend
         figures = RankFigures(rank, me.ours.uses_libuv, torch_uses_libuv, blocks)
+        if rank == 0:
+            figures.levels = {
+                c: getattr(b, "tree_levels", 1) for c, b in me.barriers.items()
+            }
+            figures.root_by_port = me.root_by_port
         return figures, list(me.barriers.values())
 
     report(rank, events, done, plan.deadline_unix, body)

@@ -79,8 +79,9 @@ class World:
             "wall_per_iter_us": wall,
         }
 
-    def cpu_cost(self, kind: str) -> dict[str, float | None] | None:
-        """CPU us per barrier, means over blocks: the store's server threads,
+    def cpu_cost(self, kind: str) -> dict[str, float | int | None] | None:
+        """CPU us per barrier, means over blocks: the root store's server
+        thread, the most loaded and the sum of all the contender's stores,
         and all rank processes (servers included), summing a block's readings."""
         blocks, ranks = self.blocks(kind), self.size
         groups = [blocks[i : i + ranks] for i in range(0, len(blocks), ranks)]
@@ -90,10 +91,62 @@ class World:
             for b in groups
             if any(r.process_cpu_ns is not None for r in b)
         ]
+        stores = [[ns for r in b for ns in r.stores_cpu_ns or []] for b in groups]
+        stores = [s for s in stores if s]
         if not server and not total:
             return None
         mean = lambda ns: fmean(ns) / self.iters / 1000 if ns else None  # noqa: E731
-        return {"server_us": mean(server), "total_us": mean(total)}
+        return {
+            "server_us": mean(server),
+            "stores_max_us": mean([max(s) for s in stores]),
+            "stores_sum_us": mean([sum(s) for s in stores]),
+            "stores": len(stores[0]) if stores else None,
+            "total_us": mean(total),
+        }
+
+
+def tree_root_members(world_size: int, ranks_per_host: int, fan_in: int) -> int:
+    """How many top leaders meet at a tree's root: hosts' leaders gathered
+    in groups of at most ``fan_in`` until at most ``fan_in`` are left, as
+    ``planTree`` (csrc/src/tree_plan.cpp) does with contiguous hosts."""
+    nodes = -(-world_size // ranks_per_host)
+    while nodes > fan_in:
+        nodes = -(-nodes // fan_in)
+    return nodes
+
+
+def tree_stores(world_size: int, ranks_per_host: int, fan_in: int) -> list[int]:
+    """The member counts of a tree's stores below the root."""
+    hosts, members = divmod(world_size, ranks_per_host)
+    sizes = [ranks_per_host] * hosts + ([members] if members else [])
+    stores = [m for m in sizes if m > 1]
+    nodes = len(sizes)
+    while nodes > fan_in:
+        groups, last = divmod(nodes, fan_in)
+        stores += [fan_in] * groups + ([last] if last > 1 else [])
+        nodes = groups + (1 if last else 0)
+    return stores
+
+
+def requests_per_round(
+    contender: str, world_size: int, protocol: str, ranks_per_host: int, fan_in: int
+) -> dict[str, int]:
+    """Requests a round costs the root store, and all stores, counted from
+    the protocol (heartbeats aside): torch's keys are a rank key and an add
+    per arriver, a wait per arriver but the last, whose set releases (torch's
+    class also waits after its set); the native protocol one BARRIER per
+    arriver. A tree's arrivers at the root are its top leaders; each store
+    below has two native rounds (arrival, release)."""
+    native = contender in ("native", "native-tree") or (
+        contender in ("ours", "ours-noliveness", "tree") and protocol == "native"
+    )
+    arrivers = world_size
+    below = 0
+    if contender in ("tree", "native-tree"):
+        arrivers = tree_root_members(world_size, ranks_per_host, fan_in)
+        below = 2 * sum(tree_stores(world_size, ranks_per_host, fan_in))
+    root = arrivers if native else 3 * arrivers + (contender == "torch")
+    return {"root": root, "all": root + below}
 
 
 #: One world size as the bench reports it: its summary, and what it is made of.
@@ -104,17 +157,26 @@ def ratio_key(numerator: str, denominator: str) -> str:
     return f"{numerator}_over_{denominator}".replace("-", "_")
 
 
-def summarize_world(world: World, contenders: Sequence[str]) -> dict[str, Any]:
+def summarize_world(
+    world: World, contenders: Sequence[str], config: BenchConfig, fan_in: int
+) -> dict[str, Any]:
     """One world size as the tables and the JSON have it: each contender's
     latency, the round trips to ours' store from the last rank (a peer,
-    "floor") and from rank 0, each contender's CPU cost, ratios of medians."""
+    "floor") and from rank 0, each contender's CPU cost and requests per
+    round (counted), its tree's levels, ratios of medians."""
     summary: dict[str, Any] = {"world_size": world.size}
     summary |= {c: world.latency(c) for c in contenders}
     summary["floor"] = world.latency("floor", slice(-1, None))
     summary["host_floor"] = world.latency("floor", slice(0, 1))
+    rank0 = world.figures[0]
     for c in contenders:
         if cost := world.cpu_cost(c):
+            cost["root_by_port"] = rank0.root_by_port.get(c)
             summary[f"{c}_cost"] = cost
+        summary[f"{c}_requests"] = requests_per_round(
+            c, world.size, config.protocol, config.ranks_per_host, fan_in
+        )
+        summary[f"{c}_levels"] = rank0.levels.get(c, 1)
     medians = {c: summary[c]["median_us"] for c in (*contenders, "floor")}
     for a, b in RATIOS:
         both = {a, b} <= medians.keys()
@@ -167,7 +229,8 @@ def format_table(summaries: Sequence[dict], contenders: Sequence[str]) -> str:
     header = ["world", *(f"{n} {q}" for n in short for q in ("med", "p99"))]
     header += [f"{SHORT.get(a, a)}/{SHORT.get(b, b)}" for a, b in ratios]
     rows = [[*header, "floor med", "rank0 floor"]]
-    cost_rows = [["world", *(f"{n} {q}/it" for n in short for q in ("srv", "cpu"))]]
+    cost_rows = [["world", "contender", "levels", "root srv/it", "stores", "max srv/it",
+                  "sum srv/it", "cpu/it", "root req", "all req"]]  # fmt: skip
     for s in summaries:
         row = [str(s["world_size"])]
         for c in contenders:
@@ -175,15 +238,25 @@ def format_table(summaries: Sequence[dict], contenders: Sequence[str]) -> str:
         row += [f"{s[ratio_key(a, b)]:.2f}x" for a, b in ratios]
         row += [us(s["floor"]["median_us"]), us(s["host_floor"]["median_us"])]
         rows.append(row)
-        costs = [s.get(f"{c}_cost", {}) for c in contenders]
-        cells = [us(cost.get(k)) for cost in costs for k in ("server_us", "total_us")]
-        cost_rows.append([str(s["world_size"]), *cells])
+        for c in contenders:
+            cost, requests = s.get(f"{c}_cost", {}), s[f"{c}_requests"]
+            cells = [cost.get(k) for k in ("server_us", "stores", "stores_max_us",
+                                           "stores_sum_us", "total_us")]  # fmt: skip
+            cells[1] = None if cells[1] is None else str(cells[1])
+            cost_rows.append([
+                str(s["world_size"]), c, str(s[f"{c}_levels"]),
+                *(cell if isinstance(cell, str) else us(cell) for cell in cells),
+                str(requests["root"]), str(requests["all"]),
+            ])  # fmt: skip
     if not any(k.endswith("_cost") for s in summaries for k in s):
         return align(rows)
     return (
-        f"{align(rows)}\n\nwhere the time goes, per barrier (CPU us): srv/it the "
-        "store's server threads;\ncpu/it every rank process, servers included\n\n"
-        + align(cost_rows)
+        f"{align(rows)}\n\nwhere the time goes, per barrier (CPU us): root srv/it the "
+        "root store's server thread\n(rank 0's store); stores: how many stores the "
+        "contender has (its c10d server threads),\nmax and sum srv/it over them; "
+        "cpu/it every rank process, servers included;\nroot req, all req: requests "
+        "per round to the root, to all stores: counted from the\nprotocol, not "
+        "measured (heartbeats aside)\n\n" + align(cost_rows, label_left=True)
     )
 
 
