@@ -79,7 +79,8 @@ py::list ranksOf(const std::vector<int64_t>& ranks) {
   return py::cast(ranks);
 }
 
-Protocol protocolArg(const std::string& protocol) {
+Protocol protocolArg(py::handle value) {
+  const std::string protocol = strArg(value, "protocol");
   if (protocol == "torch") {
     return Protocol::kTorch;
   }
@@ -91,7 +92,8 @@ Protocol protocolArg(const std::string& protocol) {
 }
 
 TreeOptions treeArgs(
-    const std::string& topology, py::handle host, py::handle fanIn) {
+    py::handle topologyValue, py::handle host, py::handle fanIn) {
+  const std::string topology = strArg(topologyValue, "topology");
   TreeOptions tree;
   if (topology == "flat") {
     tree.topology = Topology::kFlat;
@@ -189,9 +191,9 @@ PYBIND11_MODULE(_C, m) {
                       py::handle tcpstore_port,
                       py::handle master_address,
                       py::handle timeout_secs,
-                      const std::string& protocol,
+                      py::handle protocol,
                       py::handle peer_timeout_secs,
-                      const std::string& topology,
+                      py::handle topology,
                       py::handle host,
                       py::handle tree_fan_in) {
             TCPStoreBarrierOptions options{
@@ -234,9 +236,9 @@ PYBIND11_MODULE(_C, m) {
                       py::handle global_world_size,
                       py::handle barrier_prefix,
                       py::handle timeout_secs,
-                      const std::string& protocol,
+                      py::handle protocol,
                       py::handle peer_timeout_secs,
-                      const std::string& topology,
+                      py::handle topology,
                       py::handle host,
                       py::handle tree_fan_in) {
             auto rank = intArg(global_rank, "global_rank");

@@ -429,13 +429,6 @@ def test_a_tree_over_a_store_that_is_not_a_tcp_store_is_refused(kind, tmp_path):
     assert contents() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: topology is bound as `const std::string&` (bindings/module.cpp), "
-    "so a non-str fails pybind11's overload match: a TypeError listing every "
-    "argument of both constructors, not one that says topology must be a str; "
-    "and bytes are converted silently (b'tree' builds a barrier)",
-)
 @pytest.mark.parametrize("value", [1, None, b"tree"], ids=repr)
 def test_wrong_type_of_topology_is_rejected_naming_only_topology(port, value):
     assert_rejected(TypeError, port, "topology", value)

@@ -179,9 +179,9 @@ void leaveStore(
 
 void closeBarrier(BarrierState& state) {
   if (state.tree && state.phase != Phase::kClosed) {
+    // The tree stays, closed, to say what it was (sequence, levels).
     state.phase = Phase::kClosed;
     state.tree->close();
-    state.tree.reset();
     state.store.reset();
     return;
   }

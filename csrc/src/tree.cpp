@@ -415,6 +415,31 @@ std::vector<int64_t> BarrierTree::levelMembers(const Level& level) const {
   return local;
 }
 
+std::string BarrierTree::subtreeOf(int64_t leader) const {
+  // Its place in the plan: the subtree it stands for at its topmost store.
+  try {
+    auto root = openWireConnection(
+        *outer_.address, Clock::now() + kVerdictBudget, outer_.stallLimit());
+    const auto deadline = Clock::now() + kVerdictBudget;
+    const auto stores = splitRanks(
+        root->multiGet({treeKey(outer_.prefix, "rank", leader)}, deadline)
+            .front());
+    const auto top = decodeStore(
+        stores.back(),
+        root->multiGet(
+                {treeKey(outer_.prefix, "store", stores.back())}, deadline)
+            .front());
+    for (std::size_t m = 0; m < top.members.size(); ++m) {
+      if (top.members[m] == leader) {
+        return verdictText(top.subtrees[m], top.subtrees[m], true);
+      }
+    }
+  } catch (const std::exception&) {
+    // The root will not answer either: the caller's proposal fails too.
+  }
+  return verdictText({leader}, {leader}, true);
+}
+
 std::optional<std::string> BarrierTree::decideAtRoot(
     const std::string& proposal) {
   // The root's `lost` is the tree's verdict: the first proposal there
@@ -482,10 +507,9 @@ void BarrierTree::lose(std::size_t index) {
   } else {
     // The rank hosting this store is gone or frozen, and with it the way
     // to the root of everything below it: its whole subtree is lost to the
-    // barrier.
-    const auto cut = allRanks(level.store);
-    verdict =
-        decideAtRoot(verdictText(cut, cut, true)).value_or(rootLostVerdict());
+    // barrier, and it may lead more than this store.
+    verdict = decideAtRoot(subtreeOf(level.store.members.front()))
+                  .value_or(rootLostVerdict());
     gone = index;
   }
   const Alarm decided = alarmOfVerdict(verdict);

@@ -99,6 +99,8 @@ class BarrierTree {
       const BarrierTimeoutError& e,
       Clock::time_point deadline);
   std::optional<std::string> decideAtRoot(const std::string& proposal);
+  // The verdict naming `leader`'s whole subtree, from the plan at the root.
+  std::string subtreeOf(int64_t leader) const;
   void carryVerdict(
       const std::string& verdict, std::optional<std::size_t> skip);
   // The ranks below `store` (and their own) that have not entered this
