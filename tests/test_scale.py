@@ -1,5 +1,6 @@
-"""No false alarm at scale: a slow round at 1024 ranks, the default peer
-timeout, and every rank of this library heartbeating through one store."""
+"""No false alarm at scale: a slow round at 1024 ranks and the default peer
+timeout; at this size "auto" builds a tree (every rank on this machine, so
+host stores of 64), each store watching its own members."""
 
 from __future__ import annotations
 

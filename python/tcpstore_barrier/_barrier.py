@@ -50,7 +50,7 @@ class TCPStoreBarrier(_C.TCPStoreBarrier):
             ``"tree"``: ranks meet at a store on their host, hosts' leaders in
             groups of at most ``tree_fan_in`` at a store one of them hosts, up
             to rank 0's store, so that no store's load grows with the world;
-            ``"auto"`` (default): flat below 8,192 ranks, a tree from there on.
+            ``"auto"`` (default): flat below 1,024 ranks, a tree from there on.
         host: which ranks share a host store in a tree; by default the
             host's name and the address it reaches rank 0's store from.
         tree_fan_in: the most members a tree's group store has (default 8).

@@ -36,10 +36,12 @@ enum class Topology {
   kTree,
 };
 
-// The world size from which Topology::kAuto builds a tree: up to 4,096 ranks
-// (all measured) the one store answered a round faster than the tree, whose
-// stores all shared the bench machine's 2 CPUs (README, "Scale").
-constexpr int64_t kTreeFromWorldSize = 8192;
+// The world size from which Topology::kAuto builds a tree: below it the one
+// store answered a round faster (measured with every store on the bench
+// machine's 2 CPUs; at 1,024 ranks the two were even), and from 600 ranks
+// the one store's liveness can no longer keep the peer timeout (README,
+// "Scale").
+constexpr int64_t kTreeFromWorldSize = 1024;
 // A tree store's members: a store's cost per round grows with it, each
 // level adds a round trip; 8 was fastest measured at 1,024 ranks and in the
 // model at 10,000 and 100,000 (README, "Scale").
