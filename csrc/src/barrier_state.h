@@ -155,12 +155,14 @@ c10::intrusive_ptr<c10d::Store> hostStore(
     std::chrono::milliseconds timeout,
     bool useLibUV);
 // A store for one level of a tree: a key prefix of its own on the one
-// server this process runs for its tree stores on `address`.
+// server this process runs for the stores of `tree` (its root's address
+// and prefix) on `address`.
 struct TreeStoreHost {
   c10::intrusive_ptr<c10d::Store> server;
   StoreAddress address;
 };
 TreeStoreHost hostTreeStore(
+    const std::string& tree,
     const std::string& address,
     bool useLibUV,
     std::chrono::milliseconds timeout);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 #include <c10/util/Logging.h>
@@ -361,20 +362,20 @@ c10::intrusive_ptr<c10d::Store> hostStore(
 }
 
 TreeStoreHost hostTreeStore(
+    const std::string& tree,
     const std::string& address,
     bool useLibUV,
     std::chrono::milliseconds timeout) {
-  // One server per process and address: c10d's TCPStore connects a client of
-  // its own to every server it starts, which resolves the server's name;
+  // One server per tree, process and address: c10d's TCPStore connects a client
+  // of its own to every server it starts, which resolves the server's name;
   // where reverse lookups are slow (containers) that costs seconds a store,
   // and a leader may host several levels (a test many hosts' worth).
   static std::mutex mutex;
-  static std::
-      map<std::pair<std::string, bool>, c10::weak_intrusive_ptr<c10d::Store>>
-          servers;
+  using ServerKey = std::tuple<std::string, std::string, bool>;
+  static std::map<ServerKey, c10::weak_intrusive_ptr<c10d::Store>> servers;
   static int64_t levels = 0;
   std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(address, useLibUV);
+  const auto key = std::make_tuple(tree, address, useLibUV);
   auto found = servers.find(key);
   c10::intrusive_ptr<c10d::Store> server;
   if (found != servers.end()) {

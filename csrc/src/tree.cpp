@@ -229,8 +229,16 @@ BarrierTree::BarrierTree(
       spec.rank = level.localRank;
       spec.worldSize = static_cast<int64_t>(members.size());
       if (level.localRank == 0) {
-        auto hosted =
-            hostTreeStore(bindAddress, outer.usesLibUV, outer.initTimeout);
+        auto hosted = hostTreeStore(
+            fmt::format(
+                "{}:{}{}{}",
+                outer.address->host,
+                outer.address->port,
+                outer.address->keyPrefix,
+                prefix),
+            bindAddress,
+            outer.usesLibUV,
+            outer.initTimeout);
         spec.server = std::move(hosted.server);
         spec.address = std::move(hosted.address);
         root->set(
