@@ -833,3 +833,50 @@ def test_a_trees_rounds_and_close_print_nothing():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == "", (proc.stdout, proc.stderr)
+
+
+# --- from_store ----------------------------------------------------------------
+
+
+def test_from_store_builds_a_tree_over_a_prefix_store_of_a_tcp_store(port):
+    """The program's own store as the root (a PrefixStore over a TCPStore, as
+    a process group's): the tree's keys go under its prefix, and the stores
+    below are the tree's own."""
+    import threading
+
+    from tcpstore_barrier import TCPStoreBarrier
+
+    world, hosts = 6, ((0, 1), (2, 3), (4, 5))
+    master = dist.TCPStore(
+        "127.0.0.1", port, world, True, timedelta(seconds=30), wait_for_workers=False
+    )
+    outcomes = {}
+
+    def rank_main(rank):
+        try:
+            store = master if rank == 0 else dist.TCPStore(
+                "127.0.0.1", port, world, False, timedelta(seconds=30)
+            )  # fmt: skip
+            barrier = TCPStoreBarrier.from_store(
+                dist.PrefixStore("job", store), rank, world, PREFIX, 30,
+                topology="tree", host=host_name(hosts, rank), tree_fan_in=FAN_IN,
+            )  # fmt: skip
+            for _ in range(20):
+                barrier.execute_barrier()
+            outcomes[rank] = (barrier.topology, barrier.tree_levels, barrier.sequence)
+            barrier.close()
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            outcomes[rank] = describe(e)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    planned = planned_stores(hosts, FAN_IN)
+    assert outcomes == {
+        rank: ("tree", len(planned[rank]), 20) for rank in range(world)
+    }, outcomes
+    # Under the PrefixStore's prefix, as everything the barrier keeps there.
+    assert master.check([f"job/{PREFIX}/tree/store/0"])
+    assert not master.check([f"{PREFIX}/tree/store/0"])
