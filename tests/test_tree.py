@@ -73,14 +73,45 @@ def planned_stores(hosts, fan_in):
     return stores
 
 
-def published_stores(store, rank):
-    """Rank `rank`'s stores as rank 0 published them on the root: each named
-    by its members, bottom up ("root" for the root)."""
-    named = []
-    for store_id in store.get(f"{PREFIX}/tree/rank/{rank}").decode().split(","):
-        record = store.get(f"{PREFIX}/tree/store/{store_id}").decode()
-        members = tuple(int(entry.split(":")[0]) for entry in record.split("|"))
-        named.append("root" if store_id == "0" else members)
+def walk_tree(root):
+    """Every store of the tree, reached as a timeout's walk reaches them from
+    the root: each store keeps its record at `{prefix}/tree/record`
+    ("host subtree;member:child:subtree|..."), and where the store led by its
+    member m listens at `{prefix}/tree/below/{m}` ("host|port|key prefix": a
+    process keeps the stores it hosts in one server, each under its own key
+    prefix). Returns (members, server, store) a store: its members, the
+    "host:port" of its server ("root" for the root) and a client of it."""
+    found, queue, servers = [], [("root", root)], {}
+    while queue:
+        server, store = queue.pop(0)
+        record = store.get(f"{PREFIX}/tree/record").decode().split(";", 1)[1]
+        entries = [entry.split(":") for entry in record.split("|")]
+        found.append((tuple(int(e[0]) for e in entries), server, store))
+        for m, (_, child, _) in enumerate(entries):
+            if int(child) < 0:
+                continue
+            address = store.get(f"{PREFIX}/tree/below/{m}").decode()
+            host, port, key_prefix = address.split("|")
+            server_name = f"{host}:{port}"
+            if server_name not in servers:
+                servers[server_name] = dist.TCPStore(
+                    host, int(port), is_master=False, wait_for_workers=False,
+                    timeout=timedelta(seconds=10),
+                )  # fmt: skip
+            below = dist.PrefixStore(key_prefix.strip("/"), servers[server_name])
+            queue.append((server_name, below))
+    return found
+
+
+def published_stores(root, world_size):
+    """Each rank's stores as the tree holds them: each named by its members,
+    bottom up ("root" for the root)."""
+    stores = walk_tree(root)
+    named = {}
+    for rank in range(world_size):
+        mine = [(members, server) for members, server, _ in stores if rank in members]
+        mine.reverse()  # found top down
+        named[rank] = ["root" if server == "root" else m for m, server in mine]
     return named
 
 
@@ -133,6 +164,8 @@ ROUNDS = 50
 
 def deep_tree_rounds(rank, world_size, port, protocol, libuv):
     barrier = make_tree(rank, world_size, port, protocol=protocol, libuv=libuv)
+    # While every store is up: the others wait for rank 0 in round 0.
+    published = published_stores(barrier.store, world_size) if rank == 0 else None
     result = {
         "stamps": stamped_rounds(rank, world_size, barrier, ROUNDS, seed=protocol),
         "sequence": barrier.sequence,
@@ -141,9 +174,7 @@ def deep_tree_rounds(rank, world_size, port, protocol, libuv):
         "uses_libuv": barrier.uses_libuv,
     }
     if rank == 0:
-        result["published"] = {
-            r: published_stores(barrier.store, r) for r in range(world_size)
-        }
+        result["published"] = published
     barrier.close()
     return result
 
@@ -712,23 +743,11 @@ SETTLE_WITHIN = 3.0
 
 def store_clients(root):
     """A client of every server of the tree, and how many of its stores each
-    holds: the root's, then each published at `{prefix}/tree/addr/{id}`
-    ("host|port|key prefix": a process keeps the stores it hosts in one
-    server, each under its own key prefix)."""
-    clients, levels = {"root": root}, {"root": 1}
-    store_id = 1
-    while root.check([f"{PREFIX}/tree/store/{store_id}"]):
-        address = root.get(f"{PREFIX}/tree/addr/{store_id}").decode()
-        host, port, _ = address.split("|")
-        server = f"{host}:{port}"
-        if server not in clients:
-            clients[server] = dist.TCPStore(
-                host, int(port), is_master=False, wait_for_workers=False,
-                timeout=timedelta(seconds=10),
-            )  # fmt: skip
-            levels[server] = 0
-        levels[server] += 1
-        store_id += 1
+    holds (walk_tree)."""
+    clients, levels = {}, {}
+    for _, server, store in walk_tree(root):
+        clients.setdefault(server, store)
+        levels[server] = levels.get(server, 0) + 1
     return clients, levels
 
 
@@ -850,7 +869,7 @@ def test_from_store_builds_a_tree_over_a_prefix_store_of_a_tcp_store(port):
     master = dist.TCPStore(
         "127.0.0.1", port, world, True, timedelta(seconds=30), wait_for_workers=False
     )
-    outcomes = {}
+    outcomes, recorded = {}, {}
 
     def rank_main(rank):
         try:
@@ -864,6 +883,10 @@ def test_from_store_builds_a_tree_over_a_prefix_store_of_a_tcp_store(port):
             for _ in range(20):
                 barrier.execute_barrier()
             outcomes[rank] = (barrier.topology, barrier.tree_levels, barrier.sequence)
+            if rank == 0:
+                record = f"{PREFIX}/tree/record"
+                recorded["job"] = master.check([f"job/{record}"])
+                recorded["bare"] = master.check([record])
             barrier.close()
         except Exception as e:  # noqa: BLE001 - reported to the test
             outcomes[rank] = describe(e)
@@ -877,6 +900,8 @@ def test_from_store_builds_a_tree_over_a_prefix_store_of_a_tcp_store(port):
     assert outcomes == {
         rank: ("tree", len(planned[rank]), 20) for rank in range(world)
     }, outcomes
-    # Under the PrefixStore's prefix, as everything the barrier keeps there.
-    assert master.check([f"job/{PREFIX}/tree/store/0"])
-    assert not master.check([f"{PREFIX}/tree/store/0"])
+    # Under the PrefixStore's prefix, as everything the barrier keeps there,
+    # and gone with the last rank's clean close().
+    assert not master.check([f"job/{PREFIX}/tree/joined"])
+    assert not master.check([f"job/{PREFIX}/tree/record"])
+    assert recorded == {"job": True, "bare": False}

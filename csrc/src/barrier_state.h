@@ -81,6 +81,12 @@ struct BarrierState {
   std::optional<StoreAddress> address;
   // The c10d store: rank 0's server, from_store's, or a client on demand.
   c10::intrusive_ptr<c10d::Store> store;
+  // A tree level's share of the server its process runs for the tree's
+  // stores (construction.cpp): the server stops when the last share goes.
+  std::shared_ptr<const void> treeServer;
+  // The store outlives the barrier (from_store, or a tree's root over
+  // one): a clean close() leaves nothing of the barrier in it (close.cpp).
+  bool storeOutlives = false;
   // The one interrupt point: every blocking wait of the caller thread runs
   // it between slices (through runInterruptCheck()).
   std::function<void()> interruptCheck;
@@ -159,6 +165,9 @@ c10::intrusive_ptr<c10d::Store> hostStore(
 // and prefix) on `address`.
 struct TreeStoreHost {
   c10::intrusive_ptr<c10d::Store> server;
+  // Keeps the server running; the process's registry of servers holds
+  // none, so the server stops with its tree.
+  std::shared_ptr<const void> share;
   StoreAddress address;
 };
 TreeStoreHost hostTreeStore(
@@ -177,6 +186,9 @@ struct LevelSpec {
   StoreAddress address;
   // Set on the rank that hosts the level's store.
   c10::intrusive_ptr<c10d::Store> server;
+  std::shared_ptr<const void> serverShare;
+  // The store is not the tree's own (a tree's root given to from_store).
+  bool storeOutlives = false;
   bool usesLibUV = true;
   // The host waits until every member has joined (not at the root, whose
   // joiners were counted already). Counted under the level's key prefix:
@@ -187,11 +199,18 @@ std::unique_ptr<TCPStoreBarrier> openLevel(
     LevelSpec spec, Clock::time_point deadline);
 
 // close.cpp
-void closeBarrier(BarrierState& state);
+// A host waits for its peers to close until `deadline` (a tree's levels
+// share one).
+void closeBarrier(BarrierState& state, Clock::time_point deadline);
 // The destructor's part: close() without waiting for peers, except that a
 // host whose round ended in an error keeps the store up a little while for
-// the survivors (see close.cpp).
-void destroyBarrier(BarrierState& state) noexcept;
+// the survivors (see close.cpp), until `lingerUntil` if given (a tree's
+// levels share one limit).
+void destroyBarrier(
+    BarrierState& state,
+    std::optional<Clock::time_point> lingerUntil = std::nullopt) noexcept;
+// How long a destroyed host lingers after an error.
+std::chrono::milliseconds lingerLimit(const BarrierState& state);
 
 // tcpstore_barrier.cpp: the error for a store that failed mid-call.
 [[noreturn]] void throwStoreUnreachable(

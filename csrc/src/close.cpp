@@ -55,10 +55,20 @@ void awaitClosers(
     }
   }
   if (auto alarm = state.liveness->alarm()) {
-    for (const int64_t lost : alarm->lostRanks) {
-      pending.erase(
-          std::remove(pending.begin(), pending.end(), lost), pending.end());
-    }
+    // A verdict names global ranks; a member of a tree's store stands for
+    // its whole subtree, and is lost when all of it is (itself included).
+    const auto& lost = alarm->lostRanks;
+    pending.erase(
+        std::remove_if(
+            pending.begin(),
+            pending.end(),
+            [&](int64_t member) {
+              const auto ranks = state.shape.globalRanks({member});
+              return std::all_of(ranks.begin(), ranks.end(), [&](int64_t r) {
+                return std::find(lost.begin(), lost.end(), r) != lost.end();
+              });
+            }),
+        pending.end());
   }
   SilenceTracker silence(state.liveness->silenceLimit());
   auto nextLook = Clock::now();
@@ -144,32 +154,70 @@ void releaseStore(BarrierState& state) {
   state.background.reset();
   state.connection.reset();
   state.store.reset();
+  state.treeServer.reset();
 }
 
-std::chrono::milliseconds lingerLimit(const BarrierState& state) {
-  return std::clamp(
-      state.liveness->interval() * kLingerIntervals, kMinLinger, kMaxLinger);
+// A store that outlives the barrier keeps nothing of it after a clean
+// close, so that a later barrier with the same prefix cannot take an old
+// round's release for its own: the last of the arriving ranks to close
+// deletes the rounds' keys, then the liveness keys by which a later
+// barrier would see the prefix still in use (construction.cpp). Ranks that
+// never close (torch's, lost ones) leave everything, and so those marks.
+// `rank{r}` keys are torch's, shared by every prefix: they stay.
+void clearIfLast(BarrierState& state, Clock::time_point deadline) {
+  const auto arrivers = state.shape.memberRanks(state.worldSize);
+  const std::string closing = state.prefix + "/closing";
+  if (state.connection->add(closing, 1, deadline) !=
+      static_cast<int64_t>(arrivers.size())) {
+    return;
+  }
+  state.protocol->deleteAllRounds(*state.connection, state.sequence, deadline);
+  std::vector<std::string> keys{
+      lostKeyOf(state.prefix),
+      treeRecordKey(state.prefix),
+      treeJoinedKey(state.prefix)};
+  for (std::size_t m = 0; m < arrivers.size(); ++m) {
+    keys.push_back(treeBelowKey(state.prefix, static_cast<int64_t>(m)));
+  }
+  for (const int64_t r : arrivers) {
+    keys.push_back(closedKey(state.prefix, r));
+    keys.push_back(state.liveness->aliveKey(r));
+  }
+  keys.push_back(closing);
+  state.connection->deleteEach(keys, deadline);
 }
 
 // What close() and destruction share: stop the worker, say goodbye as this
 // rank's role asks (the host waiting for the others until `hostWaitsUntil`,
 // if set), let go of the store. The handshake only among ranks of a store
-// this library created, and only while that store still answers.
+// this library created, and only while that store still answers; a store
+// that outlives the barrier is left clean by the last rank of a clean close.
 void leaveStore(
-    BarrierState& state, std::optional<Clock::time_point> hostWaitsUntil) {
+    BarrierState& state,
+    std::optional<Clock::time_point> hostWaitsUntil,
+    bool clean) {
   const bool storeLost = state.storeLost();
+  const bool idle = state.connection && state.connection->idle();
   state.phase = Phase::kClosed;
   stopWorker(state);
-  if (state.ownsStore && !storeLost) {
+  if (!storeLost) {
     try {
-      if (!state.hostsStore) {
+      if (state.ownsStore && !state.hostsStore) {
         sayClosed(state);
-      } else if (hostWaitsUntil) {
+      } else if (state.ownsStore && hostWaitsUntil) {
         hostAwaitsClosers(state, *hostWaitsUntil);
+      }
+      if (state.storeOutlives && clean && idle) {
+        clearIfLast(
+            state,
+            std::max(
+                hostWaitsUntil.value_or(Clock::now()),
+                Clock::now() + kGoodbyeDeadline));
       }
     } catch (const StoreUnavailable&) {
       // The store went first; there is nobody left to tell.
     } catch (const c10::DistNetworkError&) {
+    } catch (const c10::DistStoreError&) {
     }
   }
   releaseStore(state);
@@ -177,21 +225,32 @@ void leaveStore(
 
 } // namespace
 
-void closeBarrier(BarrierState& state) {
+std::chrono::milliseconds lingerLimit(const BarrierState& state) {
+  if (!state.liveness) {
+    return kMinLinger;
+  }
+  return std::clamp(
+      state.liveness->interval() * kLingerIntervals, kMinLinger, kMaxLinger);
+}
+
+void closeBarrier(BarrierState& state, Clock::time_point deadline) {
   if (state.tree && state.phase != Phase::kClosed) {
     // The tree stays, closed, to say what it was (sequence, levels).
     state.phase = Phase::kClosed;
-    state.tree->close();
+    state.tree->close(deadline);
     state.store.reset();
     return;
   }
   if (state.phase != Phase::kClosed) {
-    leaveStore(state, Clock::now() + state.timeout);
+    // Clean: between rounds, with no verdict.
+    leaveStore(state, deadline, state.phase == Phase::kBetweenRounds);
   }
 }
 
-void destroyBarrier(BarrierState& state) noexcept {
+void destroyBarrier(
+    BarrierState& state, std::optional<Clock::time_point> lingerUntil) noexcept {
   if (state.tree) {
+    state.tree->destroy();
     state.tree.reset();
     state.store.reset();
     return;
@@ -210,8 +269,10 @@ void destroyBarrier(BarrierState& state) noexcept {
   try {
     leaveStore(
         state,
-        endedInVerdict ? std::optional(Clock::now() + lingerLimit(state))
-                       : std::nullopt);
+        endedInVerdict ? std::optional(lingerUntil.value_or(
+                             Clock::now() + lingerLimit(state)))
+                       : std::nullopt,
+        /*clean=*/state.phase == Phase::kBetweenRounds);
   } catch (...) {
     // Whatever the store did, the barrier is gone.
     releaseStore(state);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <tuple>
 #include <utility>
@@ -72,6 +73,33 @@ bool wantsTree(const TreeOptions& tree, int64_t worldSize, bool tcpStore) {
                        worldSize >= kTreeFromWorldSize));
 }
 
+// On a store that outlives its barriers, a prefix is in use until the last
+// rank of a barrier has closed it cleanly, which deletes everything that
+// barrier left (close.cpp); before that, a second barrier could take an old
+// round's release for one of its own. This rank's own alive counter is
+// written by nobody else, and a round 0 cannot have released before this
+// rank arrived: either present means another barrier's keys.
+void refuseReusedPrefix(BarrierState& state, Clock::time_point deadline) {
+  const std::vector<std::string> marks{
+      state.liveness->aliveKey(state.rank),
+      state.protocol->releaseKey(0)};
+  const auto present = state.connection->checkEach(marks, deadline);
+  for (std::size_t i = 0; i < marks.size(); ++i) {
+    if (present[i]) {
+      throw c10::DistStoreError(
+          here(__func__, __LINE__),
+          fmt::format(
+              "TCPStoreBarrier rank {}: barrier_prefix '{}' is in use on "
+              "this store ('{}' exists): another barrier with this prefix is "
+              "open, or ended without every rank closing it cleanly; close() "
+              "every rank's barrier first, or use another barrier_prefix",
+              state.rank,
+              state.prefix,
+              marks[i]));
+    }
+  }
+}
+
 // What every constructor does once the store is reachable: the protocol,
 // the connections, this rank's first heartbeat, the worker.
 void startRounds(
@@ -84,6 +112,12 @@ void startRounds(
       state.worldSize,
       state.prefix,
       state.shape);
+  // Deleting finished rounds goes round the ranks that arrive at this store.
+  const auto arrivers = state.shape.memberRanks(state.worldSize);
+  state.turns.count = static_cast<int64_t>(arrivers.size());
+  state.turns.mine =
+      std::find(arrivers.begin(), arrivers.end(), state.rank) -
+      arrivers.begin();
   if (address) {
     state.connection =
         openWireConnection(*address, deadline, state.stallLimit(), [&state] {
@@ -103,6 +137,9 @@ void startRounds(
       state.peerTimeout,
       *state.protocol,
       *state.background);
+  if (state.storeOutlives) {
+    refuseReusedPrefix(state, deadline);
+  }
   state.liveness->announce(*state.connection, deadline);
   auto* liveness = state.liveness.get();
   auto* background = state.background.get();
@@ -309,6 +346,7 @@ TCPStoreBarrier::TCPStoreBarrier(
   state.peerTimeout = peerTimeout;
   state.protocolKind = protocol;
   state.store = std::move(store);
+  state.storeOutlives = true;
   try {
     if (tree) {
       state.address = std::move(address);
@@ -366,28 +404,38 @@ TreeStoreHost hostTreeStore(
     const std::string& address,
     bool useLibUV,
     std::chrono::milliseconds timeout) {
-  // One server per tree, process and address: c10d's TCPStore connects a client
-  // of its own to every server it starts, which resolves the server's name;
-  // where reverse lookups are slow (containers) that costs seconds a store,
-  // and a leader may host several levels (a test many hosts' worth).
+  // One server per tree, process and address: c10d's TCPStore connects a
+  // client of its own to every server it starts, which resolves the
+  // server's name; where reverse lookups are slow (containers) that costs
+  // seconds a store, and a leader may host several levels (a test many
+  // hosts' worth). The registry holds no reference to a server (c10d does
+  // not stop a TCPStore while even a weak one exists): the levels' shares
+  // keep it running, and it stops with the last of them.
+  struct SharedServer {
+    c10::intrusive_ptr<c10d::Store> store;
+  };
   static std::mutex mutex;
   using ServerKey = std::tuple<std::string, std::string, bool>;
-  static std::map<ServerKey, c10::weak_intrusive_ptr<c10d::Store>> servers;
+  static std::map<ServerKey, std::weak_ptr<SharedServer>> servers;
   static int64_t levels = 0;
   std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = servers.begin(); it != servers.end();) {
+    it = it->second.expired() ? servers.erase(it) : std::next(it);
+  }
   const auto key = std::make_tuple(tree, address, useLibUV);
-  auto found = servers.find(key);
-  c10::intrusive_ptr<c10d::Store> server;
-  if (found != servers.end()) {
+  std::shared_ptr<SharedServer> server;
+  if (auto found = servers.find(key); found != servers.end()) {
     server = found->second.lock();
   }
   if (!server) {
-    server = hostStore(address, 0, 1, timeout, useLibUV);
-    servers.insert_or_assign(key, c10::weak_intrusive_ptr<c10d::Store>(server));
+    server = std::make_shared<SharedServer>(
+        SharedServer{hostStore(address, 0, 1, timeout, useLibUV)});
+    servers.insert_or_assign(key, server);
   }
-  const auto port = static_cast<c10d::TCPStore&>(*server).getPort();
+  const auto port = static_cast<c10d::TCPStore&>(*server->store).getPort();
   return {
-      std::move(server),
+      server->store,
+      server,
       StoreAddress{
           address,
           static_cast<uint16_t>(port),
@@ -410,6 +458,8 @@ std::unique_ptr<TCPStoreBarrier> openLevel(
   state.hostsStore = static_cast<bool>(spec.server);
   state.usesLibUV = spec.usesLibUV;
   state.store = std::move(spec.server);
+  state.treeServer = std::move(spec.serverShare);
+  state.storeOutlives = spec.storeOutlives;
   auto barrier = BarrierAccess::make(std::move(owned));
   startRounds(state, spec.address, deadline);
   if (spec.awaitMembers) {
@@ -487,7 +537,7 @@ void TCPStoreBarrier::setInterruptCheck(std::function<void()> check) {
 }
 
 void TCPStoreBarrier::close() {
-  detail::closeBarrier(*state_);
+  detail::closeBarrier(*state_, Clock::now() + state_->timeout);
 }
 
 } // namespace tcpstore_barrier

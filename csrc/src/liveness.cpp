@@ -30,11 +30,11 @@ constexpr std::string_view kRootLostField = "root-lost";
 // A tree's stores beat at least this often (see LivenessTiming).
 constexpr std::chrono::milliseconds kQuickInterval{250};
 
+} // namespace
+
 std::string lostKeyOf(const std::string& prefix) {
   return prefix + std::string(kLostSuffix);
 }
-
-} // namespace
 
 std::string closedKey(const std::string& prefix, int64_t rank) {
   std::string key = prefix;

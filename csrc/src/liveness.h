@@ -186,6 +186,9 @@ std::string declareVerdict(
 // The alarm a store's `{prefix}/lost` value raises.
 Alarm alarmOfVerdict(std::string_view verdict);
 
+// `{prefix}/lost`: the verdict a store holds.
+std::string lostKeyOf(const std::string& prefix);
+
 // `{prefix}/closed/{r}`: rank r needs nothing more of the store. It says
 // so when it closes, when its barrier is destroyed, and when it has learnt
 // a verdict of lost peers (after which it never asks the store again).

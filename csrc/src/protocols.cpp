@@ -69,6 +69,12 @@ class TorchKeysProtocol final : public RoundProtocol {
     return roundKey(sequence, kLastMemberSuffix);
   }
 
+  std::vector<std::string> roundKeys(int64_t sequence) const override {
+    return {
+        roundKey(sequence, kNumMembersSuffix),
+        roundKey(sequence, kLastMemberSuffix)};
+  }
+
   void deleteRounds(
       StoreConnection& connection,
       int64_t newest,
@@ -137,6 +143,10 @@ class ServerBarrierProtocol final : public RoundProtocol {
 
   std::string releaseKey(int64_t sequence) const override {
     return roundKey(sequence, kServerBarrierSuffix);
+  }
+
+  std::vector<std::string> roundKeys(int64_t sequence) const override {
+    return {roundKey(sequence, kServerBarrierSuffix)};
   }
 
   void deleteRounds(
@@ -215,6 +225,32 @@ RoundProtocol::RoundProtocol(
       rankKey_(rankKeyOf(rank)),
       shape_(std::move(shape)),
       members_(shape_.memberRanks(worldSize)) {}
+
+void RoundProtocol::deleteAllRounds(
+    StoreConnection& connection,
+    int64_t newest,
+    Clock::time_point deadline) const {
+  // Batches of rounds, newest first, until one holds a round already gone
+  // (round `newest` may never have been entered).
+  constexpr int64_t kWalk = 64;
+  for (int64_t last = newest; last >= 0; last -= kWalk) {
+    std::vector<std::string> keys;
+    std::vector<std::size_t> firsts;
+    for (int64_t old = last; old > last - kWalk && old >= 0; --old) {
+      firsts.push_back(keys.size());
+      for (auto& key : roundKeys(old)) {
+        keys.push_back(std::move(key));
+      }
+    }
+    const auto existed = connection.deleteEach(keys, deadline);
+    for (std::size_t i = 0; i < firsts.size(); ++i) {
+      const bool isNewest = last == newest && i == 0;
+      if (!isNewest && !existed[firsts[i]]) {
+        return;
+      }
+    }
+  }
+}
 
 bool RoundProtocol::watches(const Arrival& arrival) const {
   // The first two arrivers wait the longest; the first two members stand

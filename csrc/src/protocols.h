@@ -119,8 +119,17 @@ class RoundProtocol {
       int64_t newest,
       int64_t count,
       Clock::time_point deadline) const = 0;
+  // Deletes the keys of round `newest` and every round before it back to
+  // the first found already deleted.
+  void deleteAllRounds(
+      StoreConnection& connection,
+      int64_t newest,
+      Clock::time_point deadline) const;
 
  protected:
+  // The keys a round leaves in the store.
+  virtual std::vector<std::string> roundKeys(int64_t sequence) const = 0;
+
   // Ranks whose `rank{r}` key is missing or below `sequence`.
   std::vector<int64_t> ranksBehind(
       StoreConnection& connection,

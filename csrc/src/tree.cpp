@@ -46,6 +46,16 @@ std::string treeKey(
   return key;
 }
 
+std::string treeKey(const std::string& prefix, std::string_view what) {
+  std::string key = prefix;
+  key.append(kTreeInfix).append(what);
+  return key;
+}
+
+std::string formatAddress(const StoreAddress& address) {
+  return fmt::format("{}|{}|{}", address.host, address.port, address.keyPrefix);
+}
+
 std::string defaultHost(const StoreConnection& root) {
   char name[256] = {};
   ::gethostname(name, sizeof(name) - 1);
@@ -124,7 +134,7 @@ void publishPlan(
   } else {
     awaitCount(
         root,
-        outer.prefix + std::string(kTreeInfix) + "joined",
+        treeJoinedKey(outer.prefix),
         outer.worldSize,
         deadline);
   }
@@ -147,6 +157,10 @@ void publishPlan(
     rankHosts.emplace_back(presentRanks[i], hosts[i]);
   }
   const TreePlan plan = planTree(rankHosts, fanIn);
+  root.deleteEach(keys, deadline);
+  // The plan's keys go once read (BarrierTree's constructor); the root's
+  // record stays, for timeouts and verdicts.
+  root.set(treeRecordKey(outer.prefix), encodeStore(plan.stores.front()));
   for (const auto& store : plan.stores) {
     root.set(treeKey(outer.prefix, "store", store.id), encodeStore(store));
   }
@@ -156,7 +170,42 @@ void publishPlan(
   root.flush(deadline);
 }
 
+// A tree over a store that outlives it (from_store) counts its joiners;
+// more than the world size means that a barrier with this prefix is still
+// open there, or ended without closing, and its plan would be read as this
+// one's (a clean close deletes the count: close.cpp).
+void refuseReusedTree(
+    const BarrierState& outer, int64_t joined, const std::string& key) {
+  if (joined > outer.worldSize) {
+    throw c10::DistStoreError(
+        {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+        fmt::format(
+            "TCPStoreBarrier rank {}: barrier_prefix '{}' is in use on this "
+            "store ('{}' counts {} joiners for a world of {}): another "
+            "barrier with this prefix is open, or ended without every rank "
+            "closing it cleanly; close() every rank's barrier first, or use "
+            "another barrier_prefix",
+            outer.rank,
+            outer.prefix,
+            key,
+            joined,
+            outer.worldSize));
+  }
+}
+
 } // namespace
+
+std::string treeRecordKey(const std::string& prefix) {
+  return treeKey(prefix, "record");
+}
+
+std::string treeBelowKey(const std::string& prefix, int64_t member) {
+  return treeKey(prefix, "below", member);
+}
+
+std::string treeJoinedKey(const std::string& prefix) {
+  return treeKey(prefix, "joined");
+}
 
 BarrierTree::BarrierTree(
     BarrierState& outer,
@@ -175,22 +224,27 @@ BarrierTree::BarrierTree(
   if (registerAsWorker) {
     registerWorker(*root, deadline);
   } else {
-    root->add(prefix + std::string(kTreeInfix) + "joined", 1, deadline);
+    const auto joinedKey = treeJoinedKey(prefix);
+    refuseReusedTree(outer, root->add(joinedKey, 1, deadline), joinedKey);
   }
   if (outer.rank == 0) {
     publishPlan(*root, outer, options.fanIn, registerAsWorker, deadline);
   }
-  const auto ids = splitRanks(
-      awaitValue(*root, treeKey(prefix, "rank", outer.rank), deadline));
-  std::vector<std::string> recordKeys{treeKey(prefix, "store", 0)};
+  // This rank's place: its stores' records, and where each listens. Each
+  // plan key is deleted by its last reader, so that rank 0's store keeps
+  // only the root's record.
+  const auto placeKey = treeKey(prefix, "rank", outer.rank);
+  const auto ids = splitRanks(awaitValue(*root, placeKey, deadline));
+  std::vector<std::string> recordKeys;
   for (const int64_t id : ids) {
     recordKeys.push_back(treeKey(prefix, "store", id));
   }
   const auto records = root->multiGet(recordKeys, deadline);
-  rootStore_ = decodeStore(0, records.front());
+  root->deleteEach({placeKey}, deadline);
+  std::vector<LevelSpec> specs;
   for (std::size_t i = 0; i < ids.size(); ++i) {
     Level level;
-    level.store = decodeStore(ids[i], records[i + 1]);
+    level.store = decodeStore(ids[i], records[i]);
     level.root = ids[i] == 0;
     const auto& members = level.store.members;
     level.localRank =
@@ -210,6 +264,7 @@ BarrierTree::BarrierTree(
       spec.shape.decides = true;
       spec.address = *outer.address;
       spec.server = outer.hostsStore ? outer.store : nullptr;
+      spec.storeOutlives = !outer.ownsStore;
       spec.awaitMembers = false;
       spec.protocol = outer.protocolKind;
       if (outer.protocolKind == Protocol::kTorch) {
@@ -240,23 +295,56 @@ BarrierTree::BarrierTree(
             outer.usesLibUV,
             outer.initTimeout);
         spec.server = std::move(hosted.server);
+        spec.serverShare = std::move(hosted.share);
         spec.address = std::move(hosted.address);
         root->set(
             treeKey(prefix, "addr", level.store.id),
-            fmt::format(
-                "{}|{}|{}",
-                spec.address.host,
-                spec.address.port,
-                spec.address.keyPrefix));
-        root->flush(deadline);
-      } else {
-        spec.address = parseAddress(awaitValue(
-            *root, treeKey(prefix, "addr", level.store.id), deadline));
+            formatAddress(spec.address));
       }
     }
-    level.address = spec.address;
-    level.barrier = openLevel(std::move(spec), deadline);
     levels_.push_back(std::move(level));
+    specs.push_back(std::move(spec));
+  }
+  root->flush(deadline);
+  for (std::size_t i = 0; i < levels_.size(); ++i) {
+    Level& level = levels_[i];
+    if (!level.root && level.localRank != 0) {
+      specs[i].address = parseAddress(awaitValue(
+          *root, treeKey(prefix, "addr", level.store.id), deadline));
+    }
+    level.address = specs[i].address;
+  }
+  for (const Level& level : levels_) {
+    // Once all members have read a store's record (and its address, which
+    // its host published before reading), the last one deletes them.
+    const auto readers = treeKey(prefix, "read", level.store.id);
+    if (root->add(readers, 1, deadline) ==
+        static_cast<int64_t>(level.store.members.size())) {
+      root->deleteEach(
+          {treeKey(prefix, "store", level.store.id),
+           treeKey(prefix, "addr", level.store.id),
+           readers},
+          deadline);
+    }
+  }
+  // Joining needs rank 0's store no longer: a top leader meets there
+  // through its root level's own connections.
+  root.reset();
+  for (std::size_t i = 0; i < levels_.size(); ++i) {
+    Level& level = levels_[i];
+    const bool hosts = static_cast<bool>(specs[i].server) && !level.root;
+    level.barrier = openLevel(std::move(specs[i]), deadline);
+    auto& connection = *BarrierAccess::state(*level.barrier).connection;
+    if (hosts) {
+      connection.set(treeRecordKey(prefix), encodeStore(level.store));
+    }
+    if (i > 0) {
+      // This rank hosts the store one level down.
+      connection.set(
+          treeBelowKey(prefix, level.localRank),
+          formatAddress(*levels_[i - 1].address));
+    }
+    connection.flush(deadline);
   }
   for (std::size_t i = 0; i < levels_.size(); ++i) {
     steps_.push_back(i);
@@ -272,9 +360,25 @@ BarrierTree::BarrierTree(
 }
 
 BarrierTree::~BarrierTree() {
-  // Bottom up, as close() does: a store this rank hosts goes last.
+  destroy();
+}
+
+void BarrierTree::destroy() noexcept {
+  // Bottom up, as close() does: a store this rank hosts goes last, each
+  // lingering (after a verdict or a timeout) within one limit for all.
+  std::chrono::milliseconds linger{0};
   for (auto& level : levels_) {
-    level.barrier.reset();
+    if (level.barrier) {
+      linger = std::max(
+          linger, lingerLimit(BarrierAccess::state(*level.barrier)));
+    }
+  }
+  const auto lingerUntil = Clock::now() + linger;
+  for (auto& level : levels_) {
+    if (level.barrier) {
+      destroyBarrier(BarrierAccess::state(*level.barrier), lingerUntil);
+      level.barrier.reset();
+    }
   }
 }
 
@@ -316,8 +420,8 @@ void BarrierTree::runStep(Step&& step, Clock::time_point deadline) {
     lose(alarm.level);
   } catch (const PeerLostError&) {
     lose(level);
-  } catch (const StoreUnreachableError&) {
-    lose(level);
+  } catch (const StoreUnreachableError& e) {
+    lose(level, e.what_without_backtrace());
   } catch (const BarrierTimeoutError& e) {
     throwTimeout(level, e, deadline);
   }
@@ -423,40 +527,21 @@ std::vector<int64_t> BarrierTree::levelMembers(const Level& level) const {
   return local;
 }
 
-std::string BarrierTree::subtreeOf(int64_t leader) const {
-  // Its place in the plan: the subtree it stands for at its topmost store.
-  try {
-    auto root = openWireConnection(
-        *outer_.address, Clock::now() + kVerdictBudget, outer_.stallLimit());
-    const auto deadline = Clock::now() + kVerdictBudget;
-    const auto stores = splitRanks(
-        root->multiGet({treeKey(outer_.prefix, "rank", leader)}, deadline)
-            .front());
-    const auto top = decodeStore(
-        stores.back(),
-        root->multiGet(
-                {treeKey(outer_.prefix, "store", stores.back())}, deadline)
-            .front());
-    for (std::size_t m = 0; m < top.members.size(); ++m) {
-      if (top.members[m] == leader) {
-        return verdictText(top.subtrees[m], top.subtrees[m], true);
-      }
-    }
-  } catch (const std::exception&) {
-    // The root will not answer either: the caller's proposal fails too.
-  }
-  return verdictText({leader}, {leader}, true);
-}
-
 std::optional<std::string> BarrierTree::decideAtRoot(
     const std::string& proposal) {
   // The root's `lost` is the tree's verdict: the first proposal there
   // stands, and every rank raises what the root holds. Its members are
   // told at once, so that the verdict starts down every branch.
   try {
-    auto root = openWireConnection(
-        *outer_.address, Clock::now() + kVerdictBudget, outer_.stallLimit());
-    std::vector<int64_t> rootMembers = rootStore_.members;
+    const auto deadline = Clock::now() + kVerdictBudget;
+    auto root =
+        openWireConnection(*outer_.address, deadline, outer_.stallLimit());
+    std::vector<int64_t> rootMembers = levels_.back().root
+        ? levels_.back().store.members
+        : decodeStore(
+              0,
+              root->multiGet({treeRecordKey(outer_.prefix)}, deadline).front())
+              .members;
     if (outer_.protocolKind != Protocol::kTorch) {
       for (std::size_t m = 0; m < rootMembers.size(); ++m) {
         rootMembers[m] = static_cast<int64_t>(m);
@@ -467,7 +552,7 @@ std::optional<std::string> BarrierTree::decideAtRoot(
         outer_.prefix,
         rootMembers,
         proposal,
-        Clock::now() + kVerdictBudget);
+        deadline);
   } catch (const std::exception&) {
     return std::nullopt;
   }
@@ -494,7 +579,7 @@ void BarrierTree::carryVerdict(
   }
 }
 
-void BarrierTree::lose(std::size_t index) {
+void BarrierTree::lose(std::size_t index, const std::string& detail) {
   const Level& level = levels_[index];
   const auto alarm = BarrierAccess::alarm(*level.barrier);
   std::string verdict;
@@ -512,11 +597,20 @@ void BarrierTree::lose(std::size_t index) {
   } else if (level.root) {
     verdict = rootLostVerdict();
     gone = index;
+  } else if (!outer_.peerTimeout) {
+    // Without liveness nobody declares ranks lost (as flat, where only the
+    // store's own host can be): this store's host is gone for this rank.
+    endWith(treeError(
+        Alarm{Alarm::Kind::kStoreGone, {}, {}, detail},
+        {level.store.members.front()}));
   } else {
     // The rank hosting this store is gone or frozen, and with it the way
     // to the root of everything below it: its whole subtree is lost to the
     // barrier, and it may lead more than this store.
-    verdict = decideAtRoot(subtreeOf(level.store.members.front()))
+    verdict = decideAtRoot(verdictText(
+                               level.store.hostSubtree,
+                               level.store.hostSubtree,
+                               true))
                   .value_or(rootLostVerdict());
     gone = index;
   }
@@ -527,7 +621,13 @@ void BarrierTree::lose(std::size_t index) {
     gone = levels_.back().root ? std::optional(levels_.size() - 1) : gone;
   }
   carryVerdict(verdict, gone);
-  lost_ = treeError(decided);
+  endWith(treeError(
+      decided,
+      outer_.ownsStore ? std::vector<int64_t>{0} : std::vector<int64_t>{}));
+}
+
+void BarrierTree::endWith(std::exception_ptr error) {
+  lost_ = std::move(error);
   // Every store this rank hosts stays up, if it is destroyed now, until its
   // members have the verdict too (close.cpp).
   for (auto& each : levels_) {
@@ -540,7 +640,8 @@ void BarrierTree::lose(std::size_t index) {
   std::rethrow_exception(lost_);
 }
 
-std::exception_ptr BarrierTree::treeError(const Alarm& verdict) const {
+std::exception_ptr BarrierTree::treeError(
+    const Alarm& verdict, std::vector<int64_t> storeHost) const {
   const auto key = releaseKey();
   if (verdict.kind != Alarm::Kind::kPeersLost) {
     return std::make_exception_ptr(StoreUnreachableError(
@@ -553,7 +654,7 @@ std::exception_ptr BarrierTree::treeError(const Alarm& verdict) const {
             sequence_,
             verdict.detail),
         sequence_,
-        outer_.ownsStore ? std::vector<int64_t>{0} : std::vector<int64_t>{}));
+        std::move(storeHost)));
   }
   const auto limit = outer_.peerTimeout.value_or(std::chrono::milliseconds(0));
   return std::make_exception_ptr(PeerLostError(
@@ -577,11 +678,11 @@ std::exception_ptr BarrierTree::treeError(const Alarm& verdict) const {
 }
 
 std::vector<int64_t> BarrierTree::missingBelow(
-    const TreeStore& store,
-    const StoreAddress& address,
-    bool root,
-    Clock::time_point deadline) {
+    const StoreAddress& address, bool root, Clock::time_point deadline) {
   auto connection = openWireConnection(address, deadline, outer_.stallLimit());
+  const TreeStore store = decodeStore(
+      root ? 0 : -1,
+      connection->multiGet({treeRecordKey(outer_.prefix)}, deadline).front());
   RoundShape shape;
   int64_t worldSize = static_cast<int64_t>(store.members.size());
   int64_t round = 2 * sequence_;
@@ -613,7 +714,6 @@ std::vector<int64_t> BarrierTree::missingBelow(
   const auto missing =
       protocol->missingRanks(*connection, cache, round, deadline);
   std::vector<int64_t> ranks;
-  std::vector<std::string> childKeys;
   std::vector<int64_t> children;
   for (const int64_t rank : missing) {
     const auto m =
@@ -623,30 +723,33 @@ std::vector<int64_t> BarrierTree::missingBelow(
             : rank;
     if (m >= static_cast<int64_t>(store.members.size())) {
       ranks.push_back(rank);
-      continue;
-    }
-    const int64_t child = store.children[static_cast<std::size_t>(m)];
-    if (child < 0) {
+    } else if (store.children[static_cast<std::size_t>(m)] < 0) {
       ranks.push_back(store.members[static_cast<std::size_t>(m)]);
     } else {
-      children.push_back(child);
+      children.push_back(m);
     }
   }
-  if (!children.empty()) {
-    auto rootConnection =
-        openWireConnection(*outer_.address, deadline, outer_.stallLimit());
-    for (const int64_t child : children) {
-      const auto values = rootConnection->multiGet(
-          {treeKey(outer_.prefix, "store", child),
-           treeKey(outer_.prefix, "addr", child)},
-          deadline);
-      const auto below = missingBelow(
-          decodeStore(child, values[0]),
-          parseAddress(values[1]),
-          false,
-          deadline);
-      ranks.insert(ranks.end(), below.begin(), below.end());
+  // Each member that hosts a store below said where it listens here; one
+  // that never joined this store (nor said so) is missing with everything
+  // below it.
+  std::vector<std::string> belowKeys;
+  for (const int64_t m : children) {
+    belowKeys.push_back(treeBelowKey(outer_.prefix, m));
+  }
+  const auto known = connection->checkEach(belowKeys, deadline);
+  for (std::size_t i = 0; i < children.size(); ++i) {
+    const auto& subtree =
+        store.subtrees[static_cast<std::size_t>(children[i])];
+    if (!known[i]) {
+      ranks.insert(ranks.end(), subtree.begin(), subtree.end());
+      continue;
     }
+    const auto below = missingBelow(
+        parseAddress(
+            connection->multiGet({belowKeys[i]}, deadline).front()),
+        false,
+        deadline);
+    ranks.insert(ranks.end(), below.begin(), below.end());
   }
   std::sort(ranks.begin(), ranks.end());
   return ranks;
@@ -659,15 +762,17 @@ void BarrierTree::throwTimeout(
   // Walk down from the root through the stores where ranks are missing:
   // the ranks named are those that have not entered this round, wherever
   // they are. If a store does not answer in time, name what this rank's
-  // own store knew.
+  // own store knew, or say that nobody could tell.
   const auto deadline =
       std::max(Clock::now() + kMinDiagnosis, callDeadline + kDiagnosisBudget);
-  std::vector<int64_t> missing;
+  std::optional<std::vector<int64_t>> missing;
   try {
-    missing = missingBelow(rootStore_, *outer_.address, true, deadline);
+    missing = missingBelow(*outer_.address, true, deadline);
   } catch (const std::exception&) {
-    missing = BarrierAccess::state(*levels_[index].barrier)
-                  .shape.globalRanks(e.missingRanks());
+    if (!e.missingRanks().empty()) {
+      missing = BarrierAccess::state(*levels_[index].barrier)
+                    .shape.globalRanks(e.missingRanks());
+    }
   }
   // Every store this rank hosts stays up a little if it is destroyed now:
   // the others are timing out too, and walk the tree to name the missing.
@@ -678,26 +783,29 @@ void BarrierTree::throwTimeout(
   throw BarrierTimeoutError(
       fmt::format(
           "TCPStoreBarrier timed out after {} on rank {} (world size {}, "
-          "tree of stores) at barrier key '{}' (sequence {}); missing "
-          "ranks: [{}]",
+          "tree of stores) at barrier key '{}' (sequence {}); {}",
           describeSeconds(outer_.timeout),
           outer_.rank,
           outer_.worldSize,
           key,
           sequence_,
-          encodeRanks(missing)),
+          missing ? fmt::format("missing ranks: [{}]", encodeRanks(*missing))
+                  : fmt::format(
+                        "missing ranks unknown: the tree's stores did not "
+                        "say within {}",
+                        describeSeconds(kDiagnosisBudget))),
       key,
       sequence_,
       outer_.timeout,
-      missing);
+      missing.value_or(std::vector<int64_t>{}));
 }
 
-void BarrierTree::close() {
+void BarrierTree::close(Clock::time_point deadline) {
   for (auto& level : levels_) {
     BarrierAccess::state(*level.barrier).interruptCheck = userCheck_;
   }
   for (auto& level : levels_) {
-    level.barrier->close();
+    closeBarrier(BarrierAccess::state(*level.barrier), deadline);
   }
 }
 

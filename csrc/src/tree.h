@@ -36,6 +36,14 @@ namespace tcpstore_barrier::detail {
 
 struct BarrierState;
 
+// Keys each store of a tree keeps about itself, under the barrier's
+// prefix: its record (as tree_plan.h encodes it), and where the store led
+// by its member `m` listens. Timeouts walk down the tree through them.
+std::string treeRecordKey(const std::string& prefix);
+std::string treeBelowKey(const std::string& prefix, int64_t member);
+// The count of ranks that joined a tree over a store given to from_store.
+std::string treeJoinedKey(const std::string& prefix);
+
 class BarrierTree {
  public:
   // Joins the tree over the store `outer` describes (rank 0's, reachable at
@@ -68,8 +76,11 @@ class BarrierTree {
     return static_cast<int64_t>(levels_.size());
   }
   void setInterruptCheck(std::function<void()> check);
-  // Bottom up: a leader's store closes once its members have left it.
-  void close();
+  // Bottom up: a leader's store closes once its members have left it, all
+  // levels within one deadline.
+  void close(Clock::time_point deadline);
+  // The destructor's part, every level's linger within one limit.
+  void destroy() noexcept;
 
  private:
   struct Level {
@@ -93,32 +104,32 @@ class BarrierTree {
   void checkOtherLevels(std::size_t waiting) const;
   // A loss learnt at `level`: decided at the root, carried to every store
   // of this rank, raised.
-  [[noreturn]] void lose(std::size_t level);
+  // `detail`: what the level's store failure said, if it failed.
+  [[noreturn]] void lose(std::size_t level, const std::string& detail = {});
   [[noreturn]] void throwTimeout(
       std::size_t level,
       const BarrierTimeoutError& e,
       Clock::time_point deadline);
   std::optional<std::string> decideAtRoot(const std::string& proposal);
-  // The verdict naming `leader`'s whole subtree, from the plan at the root.
-  std::string subtreeOf(int64_t leader) const;
   void carryVerdict(
       const std::string& verdict, std::optional<std::size_t> skip);
-  // The ranks below `store` (and their own) that have not entered this
-  // round, walking down through the stores where some are missing.
+  // The ranks below the store at `address` (and its members) that have not
+  // entered this round, walking down through the stores where some are
+  // missing.
   std::vector<int64_t> missingBelow(
-      const TreeStore& store,
-      const StoreAddress& address,
-      bool root,
-      Clock::time_point deadline);
+      const StoreAddress& address, bool root, Clock::time_point deadline);
   // The alive counters at a level's store (the root's: its members').
   std::vector<int64_t> levelMembers(const Level& level) const;
   std::string releaseKey() const;
-  // The error a verdict raises from this tree.
-  std::exception_ptr treeError(const Alarm& verdict) const;
+  // The error a verdict raises from this tree; a store's failure names
+  // `storeHost` lost (rank 0 for the root of a store this library made).
+  std::exception_ptr treeError(
+      const Alarm& verdict, std::vector<int64_t> storeHost) const;
+  // Marks every level lost with `error` and raises it.
+  [[noreturn]] void endWith(std::exception_ptr error);
   void checkUsable() const;
 
   BarrierState& outer_;
-  TreeStore rootStore_;
   std::vector<Level> levels_;
   // Indices into levels_, in the order of a round's steps.
   std::vector<std::size_t> steps_;

@@ -107,6 +107,17 @@ TreePlan planTree(
     plan.storesOf[node.leader].push_back(0);
     root.subtrees.push_back(std::move(node.ranks));
   }
+  for (auto& store : plan.stores) {
+    if (store.id == 0) {
+      continue;
+    }
+    const int64_t host = store.members.front();
+    const auto& top = plan.stores[static_cast<std::size_t>(
+        plan.storesOf.at(host).back())];
+    const auto at = std::find(top.members.begin(), top.members.end(), host);
+    store.hostSubtree = top.subtrees[static_cast<std::size_t>(
+        at - top.members.begin())];
+  }
   return plan;
 }
 
@@ -152,7 +163,8 @@ std::vector<int64_t> decodeRanks(std::string_view text) {
 }
 
 std::string encodeStore(const TreeStore& store) {
-  std::string text;
+  std::string text = encodeRanks(store.hostSubtree);
+  text.push_back(';');
   for (std::size_t i = 0; i < store.members.size(); ++i) {
     if (i > 0) {
       text.push_back('|');
@@ -169,6 +181,12 @@ std::string encodeStore(const TreeStore& store) {
 TreeStore decodeStore(int64_t id, std::string_view text) {
   TreeStore store;
   store.id = id;
+  const auto semicolon = text.find(';');
+  if (semicolon == std::string_view::npos) {
+    throw std::runtime_error("malformed store in a tree's plan");
+  }
+  store.hostSubtree = decodeRanks(text.substr(0, semicolon));
+  text = text.substr(semicolon + 1);
   while (!text.empty()) {
     const auto bar = text.find('|');
     const auto entry = text.substr(0, bar);

@@ -27,6 +27,9 @@ struct TreeStore {
   // The store each member hosts one level down, or -1 (a rank alone on its
   // host, or a host's other ranks).
   std::vector<int64_t> children;
+  // The ranks the store's host stands for at the topmost store it meets at
+  // (empty at the root): all lost to the barrier when that host is.
+  std::vector<int64_t> hostSubtree;
 
   // The global ranks below this store.
   int64_t size() const;
@@ -49,7 +52,8 @@ TreePlan planTree(
 std::string encodeRanks(const std::vector<int64_t>& ranks);
 std::vector<int64_t> decodeRanks(std::string_view text);
 
-// A store as the root keeps it, and back: "rank:child:ranges|...".
+// A store as the root keeps it, and back: "host-subtree-ranges;" then
+// "rank:child:ranges|..." a member.
 std::string encodeStore(const TreeStore& store);
 TreeStore decodeStore(int64_t id, std::string_view text);
 
