@@ -108,3 +108,114 @@ def test_tree_barriers_destroyed_without_close_leave_no_thread_socket_or_port():
         assert not extra, (
             f"after tree barrier {n + 1} was destroyed, the process holds {extra}"
         )
+
+
+# --- 2. close() keeps its deadline at any depth --------------------------------
+
+# 8 ranks on hosts of 2, fan-in 2: host stores {0,1} {2,3} {4,5} {6,7}, group
+# stores {0,2} {4,6}, the root {0,4}. Rank 0 hosts a store at every level,
+# and at each one member stays open, heartbeating, through rank 0's close():
+# rank 1 (host store), rank 2 (group store), rank 4 (root).
+DEEP_HOSTS = ((0, 1), (2, 3), (4, 5), (6, 7))
+STRAGGLERS = (1, 2, 4)
+CLOSE_TIMEOUT = 2.0
+# close() returns within timeout_secs plus about a second, whatever the depth.
+CLOSE_SLACK = 1.0
+
+
+def close_with_stragglers(rank, world_size, port, rank0_closed):
+    barrier = tree_barrier(rank, world_size, port, timeout=CLOSE_TIMEOUT)
+    for _ in range(2):
+        barrier.execute_barrier()
+    if rank in STRAGGLERS:
+        assert rank0_closed.wait(timeout=20), "rank 0's close() never returned"
+        barrier.close()
+        return None
+    start = time.monotonic()
+    barrier.close()
+    elapsed = time.monotonic() - start
+    if rank == 0:
+        rank0_closed.set()
+    return elapsed
+
+
+def test_close_returns_within_timeout_secs_with_a_live_straggler_at_every_level():
+    rank0_closed = CONTEXT.Event()
+    with start_rank_groups(
+        close_with_stragglers, DEEP_HOSTS, free_port(), rank0_closed
+    ) as processes:
+        results = by_rank(processes.results(range(len(DEEP_HOSTS)), 30), 8)
+    assert results[0] >= CLOSE_TIMEOUT - 0.1, "rank 0 did not wait for its members"
+    assert results[0] < CLOSE_TIMEOUT + CLOSE_SLACK, (
+        f"rank 0's close() took {results[0]:.2f} s with timeout_secs={CLOSE_TIMEOUT}"
+    )
+
+
+# --- 3. close() after a loss waits for the live members, not the lost ---------
+
+# Hosts of 2, fan-in 3: host stores {0,1} {2,3} {4,5} {6,7}; the leaders
+# 0, 2, 4 meet at a group store of rank 0, where they are members 0, 1, 2;
+# 6 goes up alone; the root is {0, 6}. Rank 2 (member 1 there) is killed,
+# and with it the store of host {2,3}: the verdict names its subtree, ranks
+# 2 and 3, the global number 2 being rank 4's index at the group store. Rank
+# 0's close() there must skip member 1 (rank 2, dead) and wait for member 2
+# (rank 4, alive), which closes LIVE_CLOSES_AFTER s after its PeerLostError.
+LOSS_GROUPS = ((0, 1), (2,), (3,), (4, 5), (6, 7))
+KILLED_GROUP, KILLED_RANK, LOST = 1, 2, [2, 3]
+LATE_CLOSER, LIVE_CLOSES_AFTER = 4, 1.5
+# Far above the test's length: only the close handshake decides when rank
+# 0's close() returns, not a lost member's silence nor the deadline.
+LOSS_PEER_TIMEOUT, LOSS_TIMEOUT = 8.0, 15.0
+
+
+def close_after_a_loss(rank, world_size, port, ready):
+    barrier = tree_barrier(
+        rank, world_size, port, timeout=LOSS_TIMEOUT,
+        peer_timeout=LOSS_PEER_TIMEOUT, tree_fan_in=3,
+    )  # fmt: skip
+    barrier.execute_barrier()
+    with ready.get_lock():
+        ready.value += 1
+    if rank == KILLED_RANK:
+        time.sleep(60)
+        raise AssertionError(f"rank {rank} outlived its SIGKILL")
+    try:
+        barrier.execute_barrier()
+        error = None
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        error = describe(e)
+    if rank == LATE_CLOSER:
+        time.sleep(LIVE_CLOSES_AFTER)
+    start = time.monotonic()
+    barrier.close()
+    return {"error": error, "close_start": start, "close_end": time.monotonic()}
+
+
+def test_close_after_a_loss_skips_the_lost_member_and_waits_for_the_live_one():
+    ready = CONTEXT.Value("i", 0)
+    with start_rank_groups(
+        close_after_a_loss, LOSS_GROUPS, free_port(), ready
+    ) as processes:
+        deadline = time.monotonic() + 30
+        while ready.value < 8:
+            assert time.monotonic() < deadline, "round 0 never completed"
+            time.sleep(0.01)
+        processes.signal(KILLED_GROUP, signal.SIGKILL)
+        survivors = [i for i in range(len(LOSS_GROUPS)) if i != KILLED_GROUP]
+        results = by_rank(processes.results(survivors, 40), 8)
+    for rank in (0, LATE_CLOSER):
+        error = results[rank]["error"]
+        assert error is not None and error["lost_ranks"] == LOST, (rank, error)
+    host, member = results[0], results[LATE_CLOSER]
+    # (b) The live member at index 2 is waited for...
+    assert host["close_end"] >= member["close_start"], (
+        "rank 0 closed the group store before rank 4, a live member, closed"
+    )
+    # (a) ...and the lost one at index 1 is not: rank 0 is done as soon as
+    # rank 4 has closed, long before a lost member's silence or the deadline.
+    waited_after = host["close_end"] - member["close_start"]
+    assert waited_after < 1.0, (
+        f"rank 0's close() ended {waited_after:.2f} s after rank 4 closed "
+        f"({host['close_end'] - host['close_start']:.2f} s in all): it waited "
+        "for lost rank 2"
+    )
