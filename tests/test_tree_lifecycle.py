@@ -219,3 +219,123 @@ def test_close_after_a_loss_skips_the_lost_member_and_waits_for_the_live_one():
         f"({host['close_end'] - host['close_start']:.2f} s in all): it waited "
         "for lost rank 2"
     )
+
+
+# --- 4. a prefix used again on a store that outlived a barrier ----------------
+
+REUSE_WORLD = 4
+REUSED = "p"
+LATE_RANK, LATE_BY = 3, 1.5
+REUSE_TIMEOUT = 10.0
+
+
+def shared_store(rank, world_size, port):
+    """Rank `rank`'s client of one TCPStore that outlives the barriers (rank
+    0 hosts it), as torchrun's store does."""
+    return dist.TCPStore(
+        "127.0.0.1", port, world_size, rank == 0, timedelta(seconds=20),
+        wait_for_workers=False,
+    )  # fmt: skip
+
+
+def barrier_on(store, rank, world_size, topology, timeout=REUSE_TIMEOUT):
+    """A barrier with the prefix REUSED over `store` (construction waits up
+    to `timeout` too)."""
+    options = tree_options(rank) if topology == "tree" else {"topology": "flat"}
+    return TCPStoreBarrier.from_store(
+        store, rank, world_size, REUSED, timeout, **options
+    )
+
+
+def late_rounds(rank, barrier, rounds=2):
+    """(entered, left) of each round; LATE_RANK enters round 0 LATE_BY s
+    after the others."""
+    stamps = []
+    for s in range(rounds):
+        if s == 0 and rank == LATE_RANK:
+            time.sleep(LATE_BY)
+        entered = time.monotonic()
+        barrier.execute_barrier()
+        stamps.append((entered, time.monotonic()))
+    return stamps
+
+
+def reuse_after_close(rank, world_size, port, topology, everyone):
+    store = shared_store(rank, world_size, port)
+    first = barrier_on(store, rank, world_size, topology)
+    for _ in range(3):
+        first.execute_barrier()
+    first.close()
+    everyone.wait(timeout=20)  # every rank has closed the first barrier
+    second = barrier_on(store, rank, world_size, topology)
+    stamps = late_rounds(rank, second)
+    second.close()
+    everyone.wait(timeout=20)  # rank 0's store outlives every client's use
+    return stamps
+
+
+@pytest.mark.parametrize("topology", ["flat", "tree"])
+def test_a_prefix_reused_after_close_on_the_same_store_waits_for_a_late_rank(
+    topology,
+):
+    everyone = threading.Barrier(REUSE_WORLD)
+    stamps = run_ranks(
+        reuse_after_close, REUSE_WORLD, free_port(), topology, everyone,
+        threads=True, timeout=40,
+    )  # fmt: skip
+    late_entry = stamps[LATE_RANK][0][0]
+    for rank, rank_stamps in enumerate(stamps):
+        left = rank_stamps[0][1]
+        assert left >= late_entry, (
+            f"rank {rank} left round 0 of the second barrier "
+            f"{late_entry - left:.2f} s before rank {LATE_RANK} entered it"
+        )
+    assert_no_early_release(stamps)
+
+
+def reuse_while_open(rank, world_size, port, topology, everyone):
+    """A second barrier with the prefix of one still open on the same store:
+    how its construction and round 0 ended."""
+    store = shared_store(rank, world_size, port)
+    first = barrier_on(store, rank, world_size, topology)
+    first.execute_barrier()
+    everyone.wait(timeout=20)
+    outcome = {}
+    try:
+        second = barrier_on(store, rank, world_size, topology, timeout=3.0)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        outcome["construction"] = describe(e)
+    else:
+        try:
+            outcome["stamps"] = late_rounds(rank, second, rounds=1)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            outcome["round"] = describe(e)
+        second.close()
+    everyone.wait(timeout=20)
+    first.close()
+    everyone.wait(timeout=20)
+    return outcome
+
+
+@pytest.mark.parametrize("topology", ["flat", "tree"])
+def test_a_prefix_reused_while_its_barrier_is_open_is_refused_or_waits(topology):
+    everyone = threading.Barrier(REUSE_WORLD)
+    outcomes = run_ranks(
+        reuse_while_open, REUSE_WORLD, free_port(), topology, everyone,
+        threads=True, timeout=40,
+    )  # fmt: skip
+    refused = [o["construction"] for o in outcomes if "construction" in o]
+    if refused:
+        assert any(f"'{REUSED}'" in e["message"] for e in refused), refused
+    late = outcomes[LATE_RANK].get("stamps")
+    for rank, outcome in enumerate(outcomes):
+        if "stamps" not in outcome:
+            continue
+        # Released: only after the late rank entered, and it must have.
+        assert late is not None, f"rank {rank} was released without rank 3"
+        assert outcome["stamps"][0][1] >= late[0][0], (
+            f"rank {rank} left round 0 of the second barrier before rank "
+            f"{LATE_RANK} entered it"
+        )
+    if not refused:
+        assert all("stamps" in o for o in outcomes), outcomes
