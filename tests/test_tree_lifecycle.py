@@ -339,3 +339,57 @@ def test_a_prefix_reused_while_its_barrier_is_open_is_refused_or_waits(topology)
         )
     if not refused:
         assert all("stamps" in o for o in outcomes), outcomes
+
+
+# --- 5. liveness off: a frozen level store is not a peer "lost for 0 s" -------
+
+# Hosts {0,1} {2,3}, fan-in 2: rank 2 hosts the store of host {2,3} and meets
+# rank 0 at the root. With liveness off, rank 2's process is frozen after
+# round 0; rank 3 waits at rank 2's store, ranks 0 and 1 at the root.
+FROZEN_GROUPS = ((0, 1), (2,), (3,))
+FROZEN_GROUP = 1
+FROZEN_TIMEOUT = 1.5
+
+
+def round_with_frozen_leader(rank, world_size, port, ready):
+    barrier = tree_barrier(
+        rank, world_size, port, timeout=FROZEN_TIMEOUT, peer_timeout=None
+    )
+    barrier.execute_barrier()
+    with ready.get_lock():
+        ready.value += 1
+    if rank == 2:
+        time.sleep(60)
+        raise AssertionError("rank 2 outlived its SIGSTOP")
+    try:
+        barrier.execute_barrier()
+        return None
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return describe(e)
+    finally:
+        barrier.close()
+
+
+def test_with_liveness_off_a_frozen_level_store_is_a_timeout_or_unreachable():
+    ready = CONTEXT.Value("i", 0)
+    with start_rank_groups(
+        round_with_frozen_leader, FROZEN_GROUPS, free_port(), ready
+    ) as processes:
+        deadline = time.monotonic() + 30
+        while ready.value < 4:
+            assert time.monotonic() < deadline, "round 0 never completed"
+            time.sleep(0.01)
+        processes.signal(FROZEN_GROUP, signal.SIGSTOP)
+        errors = by_rank(processes.results([0, 2], 30), 4)
+    for rank in (0, 1, 3):
+        error = errors[rank]
+        assert error is not None, f"rank {rank} completed round 1 without rank 2"
+        assert error["is_dist_error"], (rank, error["type"], error["message"])
+        # Nobody's silence was timed: nobody was lost "for 0 s".
+        assert "for 0 s" not in error["message"], (rank, error["message"])
+    # Rank 3, whose own store went silent, ends as flat ends with liveness
+    # off: its round timed out, or its store did not answer.
+    error = errors[3]
+    assert error["type"] in ("BarrierTimeoutError", "StoreUnreachableError"), (
+        error["type"], error["message"],
+    )  # fmt: skip
