@@ -83,7 +83,9 @@ def test_tree_barriers_closed_one_after_another_leave_no_thread_socket_or_port()
             rounds_then_close, RESOURCE_WORLD, [free_port()], threads=True, timeout=30
         )
         extra = settled_leftovers(baseline, SETTLE)
-        assert not extra, f"after tree barrier {n + 1} closed, the process holds {extra}"
+        assert not extra, (
+            f"after tree barrier {n + 1} closed, the process holds {extra}"
+        )
 
 
 def test_two_tree_barriers_at_once_closed_leave_no_thread_socket_or_port():
