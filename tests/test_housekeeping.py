@@ -15,6 +15,7 @@ barrier's own keys.
 from __future__ import annotations
 
 import collections
+import datetime
 import os
 import re
 import subprocess
@@ -43,7 +44,7 @@ COUNTED_DELETES = textwrap.dedent(
     from tcpstore_barrier import TCPStoreBarrier
 
     WORLD, ROUNDS, TOPOLOGY = {world}, {rounds}, {topology!r}
-    errors = []
+    errors, closing = [], []
 
     def rank(r):
         try:
@@ -55,6 +56,7 @@ COUNTED_DELETES = textwrap.dedent(
             for _ in range(ROUNDS):
                 barrier.execute_barrier()
             time.sleep(0.5)   # quiet: the batches' turns come after 50 ms
+            closing.append(time.time())
             barrier.close()
         except BaseException as e:
             errors.append(repr(e))
@@ -63,15 +65,31 @@ COUNTED_DELETES = textwrap.dedent(
     for t in threads: t.start()
     for t in threads: t.join()
     assert not errors, errors
+    print(min(closing))
     """
 )
-TRACED_DELETE = re.compile(r"\] \[c10d - trace\] delete key:(\S+) address:(\S+)")
+# glog's prefix: severity, MMDD, local time; then c10d's trace.
+TRACED_DELETE = re.compile(
+    r"^\[?I(\d{4}) (\d\d:\d\d:\d\d\.\d+) .*\] \[c10d - trace\] "
+    r"delete key:(\S+) address:(\S+)",
+    re.MULTILINE,
+)
+
+
+def trace_time(month_day, clock):
+    """A glog timestamp (local time, no year) as seconds since the epoch."""
+    year = datetime.datetime.now().year
+    stamp = datetime.datetime.strptime(
+        f"{year}{month_day} {clock[:15]}", "%Y%m%d %H:%M:%S.%f"
+    )
+    return stamp.timestamp()
 
 
 def traced_deletes(topology):
     """Runs DELETE_WORLD ranks x DELETE_ROUNDS quiet rounds in a subprocess
     hosting every store; returns, by key, the clients that deleted it (one
-    entry per delete request the servers served)."""
+    entry per delete request the servers served) while the barrier was
+    running: before the first rank's close(), which may clean up too."""
     env = dict(os.environ, TORCH_CPP_LOG_LEVEL="INFO", TORCH_DISTRIBUTED_DEBUG="DETAIL")
     code = COUNTED_DELETES.format(
         world=DELETE_WORLD, rounds=DELETE_ROUNDS, topology=topology,
@@ -84,9 +102,11 @@ def traced_deletes(topology):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The trace is on: the servers traced the ranks' requests.
     assert "[c10d - trace] validate magic" in proc.stderr, proc.stderr[-3000:]
+    closing = float(proc.stdout.strip().splitlines()[-1])
     deleted = collections.defaultdict(list)
-    for key, client in TRACED_DELETE.findall(proc.stderr):
-        deleted[key].append(client)
+    for month_day, clock, key, client in TRACED_DELETE.findall(proc.stderr):
+        if trace_time(month_day, clock) < closing:
+            deleted[key].append(client)
     return deleted
 
 
