@@ -142,15 +142,16 @@ def test_each_finished_rounds_keys_are_deleted_once_not_once_per_rank(topology):
 BOUND_WORLD, RANKS_PER_HOST = 24, 6
 BOUND_ROUNDS = 200
 BOUND_PREFIX = "bound"
-# The README's bound once quiet: at most 2 x m + 70 keys of the barrier in a
-# store where m ranks arrive (at the root: its top leaders).
+# The README's bound once quiet: at most 3 x m + 70 keys of the barrier in a
+# store where m ranks arrive (at the root: its top leaders): each member's
+# `alive`, `rank` and `below` keys, the store's record, a batch of rounds.
 HOST_STORES, HOST_MEMBERS = 4, RANKS_PER_HOST
 GROUP_STORES, GROUP_MEMBERS = 2, 2
 ROOT_MEMBERS = 2
 
 
 def store_bound(members):
-    return 2 * members + 70
+    return 3 * members + 70
 
 
 def c10d_own_keys():

@@ -81,10 +81,15 @@ class TorchKeysProtocol final : public RoundProtocol {
       int64_t count,
       Clock::time_point deadline) const override {
     // A torch rank never takes its turn, so walk back past this batch, a
-    // batch at a time, until a round is found already deleted. Walkers that
-    // meet stop at each other's deletes; the one still deleting carries on
-    // down, so no round is skipped.
+    // batch at a time, while the next older one is still there. Walkers
+    // that meet stop at each other's deletes; the one still deleting carries
+    // on down, so no round is skipped, and none is deleted twice.
     for (int64_t last = newest; last >= 0; last -= count) {
+      if (last != newest &&
+          !connection.checkEach({roundKey(last, kNumMembersSuffix)}, deadline)
+               .front()) {
+        return;
+      }
       std::vector<std::string> keys;
       for (int64_t old = last; old > last - count && old >= 0; --old) {
         keys.push_back(roundKey(old, kNumMembersSuffix));
@@ -230,24 +235,35 @@ void RoundProtocol::deleteAllRounds(
     StoreConnection& connection,
     int64_t newest,
     Clock::time_point deadline) const {
-  // Batches of rounds, newest first, until one holds a round already gone
-  // (round `newest` may never have been entered).
+  // Batches of rounds, newest first, down to the first round already gone
+  // (round `newest` may never have been entered): which rounds are there
+  // is asked first, so that no key is deleted twice.
   constexpr int64_t kWalk = 64;
   for (int64_t last = newest; last >= 0; last -= kWalk) {
-    std::vector<std::string> keys;
-    std::vector<std::size_t> firsts;
+    std::vector<std::string> firsts;
     for (int64_t old = last; old > last - kWalk && old >= 0; --old) {
-      firsts.push_back(keys.size());
-      for (auto& key : roundKeys(old)) {
+      firsts.push_back(roundKeys(old).front());
+    }
+    const auto present = connection.checkEach(firsts, deadline);
+    std::vector<std::string> keys;
+    bool older = true;
+    for (std::size_t i = 0; i < present.size(); ++i) {
+      if (!present[i]) {
+        if (last == newest && i == 0) {
+          continue;
+        }
+        older = false;
+        break;
+      }
+      for (auto& key : roundKeys(last - static_cast<int64_t>(i))) {
         keys.push_back(std::move(key));
       }
     }
-    const auto existed = connection.deleteEach(keys, deadline);
-    for (std::size_t i = 0; i < firsts.size(); ++i) {
-      const bool isNewest = last == newest && i == 0;
-      if (!isNewest && !existed[firsts[i]]) {
-        return;
-      }
+    if (!keys.empty()) {
+      connection.deleteEach(keys, deadline);
+    }
+    if (!older) {
+      return;
     }
   }
 }
