@@ -31,6 +31,23 @@ constexpr std::chrono::milliseconds kMaxLinger{10000};
 // A rank's goodbye is one send into its socket's buffer.
 constexpr std::chrono::milliseconds kGoodbyeDeadline{1000};
 
+// The ranks a verdict declared lost: this store's own alarm, or the error
+// this barrier ended with (a tree learns verdicts at any of its levels).
+std::vector<int64_t> lostRanksOf(const BarrierState& state) {
+  if (auto alarm = state.liveness->alarm()) {
+    return alarm->lostRanks;
+  }
+  if (state.lost) {
+    try {
+      std::rethrow_exception(state.lost);
+    } catch (const PeerLostError& e) {
+      return e.lostRanks();
+    } catch (...) {
+    }
+  }
+  return {};
+}
+
 // The host waits until every other rank of this library has said it
 // closed, or saw a verdict, or has been silent for the liveness limit (it
 // will never say so), or `deadline` passes.
@@ -54,22 +71,20 @@ void awaitClosers(
       }
     }
   }
-  if (auto alarm = state.liveness->alarm()) {
-    // A verdict names global ranks; a member of a tree's store stands for
-    // its whole subtree, and is lost when all of it is (itself included).
-    const auto& lost = alarm->lostRanks;
-    pending.erase(
-        std::remove_if(
-            pending.begin(),
-            pending.end(),
-            [&](int64_t member) {
-              const auto ranks = state.shape.globalRanks({member});
-              return std::all_of(ranks.begin(), ranks.end(), [&](int64_t r) {
-                return std::find(lost.begin(), lost.end(), r) != lost.end();
-              });
-            }),
-        pending.end());
-  }
+  // A verdict names global ranks; a member of a tree's store stands for
+  // its whole subtree, and is lost when all of it is (itself included).
+  const auto lost = lostRanksOf(state);
+  pending.erase(
+      std::remove_if(
+          pending.begin(),
+          pending.end(),
+          [&](int64_t member) {
+            const auto ranks = state.shape.globalRanks({member});
+            return std::all_of(ranks.begin(), ranks.end(), [&](int64_t r) {
+              return std::find(lost.begin(), lost.end(), r) != lost.end();
+            });
+          }),
+      pending.end());
   SilenceTracker silence(state.liveness->silenceLimit());
   auto nextLook = Clock::now();
   while (!pending.empty()) {
