@@ -5,6 +5,8 @@
 #include <tcpstore_barrier/tcpstore_barrier.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -54,6 +56,26 @@ void checkPeerTimeout(std::optional<std::chrono::milliseconds> peerTimeout) {
   }
 }
 
+// kTreeFromWorldSize, unless the environment says otherwise (for tests: a
+// tree, and its fallbacks, without 1,024 ranks).
+int64_t autoTreeFromWorldSize() {
+  const char* text = std::getenv(kTreeFromWorldSizeVariable);
+  if (text == nullptr || *text == '\0') {
+    return kTreeFromWorldSize;
+  }
+  char* end = nullptr;
+  errno = 0;
+  const long long value = std::strtoll(text, &end, 10);
+  if (errno != 0 || *end != '\0' || value < 1) {
+    throw std::invalid_argument(
+        fmt::format(
+            "{} must be a positive whole number of ranks, got '{}'",
+            kTreeFromWorldSizeVariable,
+            text));
+  }
+  return value;
+}
+
 // Whether to build a tree; throws for bad tree options, naming them.
 bool wantsTree(const TreeOptions& tree, int64_t worldSize, bool tcpStore) {
   if (tree.fanIn < 2) {
@@ -69,7 +91,7 @@ bool wantsTree(const TreeOptions& tree, int64_t worldSize, bool tcpStore) {
   }
   return tcpStore && (tree.topology == Topology::kTree ||
                       (tree.topology == Topology::kAuto &&
-                       worldSize >= kTreeFromWorldSize));
+                       worldSize >= autoTreeFromWorldSize()));
 }
 
 // What every constructor does once the store is reachable: the protocol,
@@ -229,9 +251,10 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
     }
     if (tree) {
       state.address = StoreAddress{options.masterAddress, port, "/"};
-      state.tree = std::make_unique<detail::BarrierTree>(
-          state, options.tree, /*registerAsWorker=*/true, deadline);
-      return;
+      if (detail::joinTree(
+              state, options.tree, /*registerAsWorker=*/true, deadline)) {
+        return;
+      }
     }
     startRounds(
         state, StoreAddress{options.masterAddress, port, "/"}, deadline);
@@ -253,6 +276,8 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
             describeSeconds(options.initTimeout),
             withoutBacktrace(e)));
   } catch (const std::invalid_argument&) {
+    throw;
+  } catch (const detail::TreeError&) {
     throw;
   } catch (const std::exception& e) {
     throw c10::DistNetworkError(
@@ -311,13 +336,14 @@ TCPStoreBarrier::TCPStoreBarrier(
   state.store = std::move(store);
   try {
     if (tree) {
-      state.address = std::move(address);
-      state.tree = std::make_unique<detail::BarrierTree>(
-          state,
-          treeOptions,
-          /*registerAsWorker=*/false,
-          Clock::now() + timeout);
-      return;
+      state.address = address;
+      if (detail::joinTree(
+              state,
+              treeOptions,
+              /*registerAsWorker=*/false,
+              Clock::now() + timeout)) {
+        return;
+      }
     }
     startRounds(state, std::move(address), Clock::now() + timeout);
   } catch (const StoreUnavailable& e) {

@@ -5,10 +5,12 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include <c10/util/Logging.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "addresses.h"
 #include "arguments.h"
 #include "barrier_state.h"
 #include "binding_support.h"
@@ -29,6 +31,15 @@ constexpr std::chrono::milliseconds kMinDiagnosis{100};
 // host is gone too) is passed over: the others still need the verdict.
 constexpr std::chrono::milliseconds kVerdictBudget{1000};
 constexpr std::chrono::milliseconds kCarryConnect{300};
+// How long a member tries to reach its store while joining before the tree
+// is given up (auto) or fails (tree): its leader listens before it
+// publishes the address, so what is refused or unanswered that long is not
+// reachable from here.
+constexpr std::chrono::milliseconds kStoreReach{5000};
+// How long a rank waits for rank 0 to say whether the job builds a tree:
+// rank 0 of ours says so at once, torch's never does.
+constexpr std::chrono::milliseconds kDecisionWait{3000};
+constexpr std::string_view kTreeDecided = "tree";
 
 // Thrown from a level's interrupt check when another level of this rank
 // has a verdict: the round waiting at one store must not outlive a loss
@@ -37,6 +48,13 @@ constexpr std::chrono::milliseconds kCarryConnect{300};
 struct OtherLevelAlarm {
   std::size_t level;
 };
+
+const char* withoutBacktrace(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
+    return error->what_without_backtrace();
+  }
+  return e.what();
+}
 
 std::string treeKey(
     const std::string& prefix, std::string_view what, int64_t id) {
@@ -47,9 +65,7 @@ std::string treeKey(
 }
 
 std::string defaultHost(const StoreConnection& root) {
-  char name[256] = {};
-  ::gethostname(name, sizeof(name) - 1);
-  return std::string(name) + "/" + root.localAddress();
+  return defaultHostIdentity(root.localAddress());
 }
 
 // Waits until `key` is set, then reads it.
@@ -69,8 +85,14 @@ std::string awaitValue(
   return connection.multiGet({key}, deadline).front();
 }
 
-// "host|port|key prefix", as the store's host published it.
-StoreAddress parseAddress(const std::string& text) {
+// "host,host...|port|key prefix", as the store's host published it: the
+// addresses to try in order. `rootHost`: how this rank reaches rank 0's
+// store, for kRootHostAlias. A loopback address is this rank's own host:
+// tried only by a rank that shares rank 0's (and so the leader's).
+StoreAddress parseAddress(
+    const std::string& text,
+    const std::string& rootHost,
+    const std::string& localAddress) {
   const auto first = text.find('|');
   const auto second = text.find('|', first + 1);
   const auto port = parseDecimal(
@@ -78,10 +100,36 @@ StoreAddress parseAddress(const std::string& text) {
   if (second == std::string::npos || !port) {
     throw std::runtime_error("malformed store address in a tree: " + text);
   }
-  return StoreAddress{
-      text.substr(0, first),
-      static_cast<uint16_t>(*port),
-      text.substr(second + 1)};
+  const bool loopbackToo = isLoopbackAddress(localAddress);
+  std::vector<std::string> hosts;
+  std::string_view list = std::string_view(text).substr(0, first);
+  while (!list.empty()) {
+    const auto comma = std::min(list.find(','), list.size());
+    std::string host(list.substr(0, comma));
+    list.remove_prefix(std::min(comma + 1, list.size()));
+    if (host == kRootHostAlias) {
+      host = rootHost;
+    } else if (isLoopbackAddress(host) && !loopbackToo) {
+      continue;
+    }
+    if (std::find(hosts.begin(), hosts.end(), host) == hosts.end()) {
+      hosts.push_back(std::move(host));
+    }
+  }
+  if (hosts.empty()) {
+    throw std::runtime_error(
+        "a tree store published no address other hosts can reach: " + text);
+  }
+  StoreAddress address{
+      hosts.front(), static_cast<uint16_t>(*port), text.substr(second + 1)};
+  address.otherHosts.assign(hosts.begin() + 1, hosts.end());
+  return address;
+}
+
+std::string describeAddresses(const StoreAddress& address) {
+  std::vector<std::string> all{address.host};
+  all.insert(all.end(), address.otherHosts.begin(), address.otherHosts.end());
+  return fmt::format("[{}] port {}", fmt::join(all, ", "), address.port);
 }
 
 std::vector<int64_t> allRanks(const TreeStore& store) {
@@ -156,6 +204,50 @@ void publishPlan(
   root.flush(deadline);
 }
 
+// Every rank of the tree says whether it reached its stores; the first
+// that could not decides against the tree, else the last to report decides
+// for it. Every rank reads the one outcome.
+void settle(
+    StoreConnection& root,
+    const BarrierState& outer,
+    int64_t members,
+    const std::optional<std::string>& unreachable,
+    Clock::time_point deadline) {
+  const std::string outcomeKey =
+      outer.prefix + std::string(kTreeInfix) + "outcome";
+  std::string outcome;
+  if (unreachable) {
+    outcome = root.compareSet(outcomeKey, "", *unreachable, deadline);
+    if (outcome == *unreachable) {
+      throw TreeUnbuildable(outcome, /*decidedHere=*/true);
+    }
+  }
+  const auto ready =
+      root.add(outer.prefix + std::string(kTreeInfix) + "ready", 1, deadline);
+  if (ready == members) {
+    outcome = root.compareSet(outcomeKey, "", kTreeDecided, deadline);
+  }
+  if (outcome.empty()) {
+    root.startWait(outcomeKey, deadline);
+    if (!root.awaitRelease(deadline, -1)) {
+      throw c10::DistStoreError(
+          {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+          fmt::format(
+              "not every rank of the tree had opened its stores in time ({} "
+              "of {})",
+              root.add(
+                  outer.prefix + std::string(kTreeInfix) + "ready",
+                  0,
+                  Clock::now() + kDecisionWait),
+              members));
+    }
+    outcome = root.multiGet({outcomeKey}, deadline).front();
+  }
+  if (outcome != kTreeDecided) {
+    throw TreeUnbuildable(outcome, /*decidedHere=*/false);
+  }
+}
+
 } // namespace
 
 BarrierTree::BarrierTree(
@@ -167,8 +259,10 @@ BarrierTree::BarrierTree(
   const std::string& prefix = outer.prefix;
   auto root = openWireConnection(*outer.address, deadline, outer.stallLimit());
   // Every store this rank hosts listens on the address it reaches the root
-  // from, and on no other.
-  const std::string bindAddress = root->localAddress();
+  // from, and on no other; if that is loopback, on every address
+  // (addresses.h).
+  const std::string localAddress = root->localAddress();
+  const LeaderAddresses leader = leaderAddresses(localAddress);
   root->set(
       treeKey(prefix, "join", outer.rank),
       options.host.value_or(defaultHost(*root)));
@@ -188,6 +282,9 @@ BarrierTree::BarrierTree(
   }
   const auto records = root->multiGet(recordKeys, deadline);
   rootStore_ = decodeStore(0, records.front());
+  std::optional<LevelSpec> rootSpec;
+  std::optional<Level> rootLevel;
+  std::optional<std::string> unreachable;
   for (std::size_t i = 0; i < ids.size(); ++i) {
     Level level;
     level.store = decodeStore(ids[i], records[i + 1]);
@@ -236,27 +333,77 @@ BarrierTree::BarrierTree(
                 outer.address->port,
                 outer.address->keyPrefix,
                 prefix),
-            bindAddress,
+            leader.bind,
             outer.usesLibUV,
             outer.initTimeout);
         spec.server = std::move(hosted.server);
         spec.address = std::move(hosted.address);
+        // This rank's own connections: the address it listens on.
+        spec.address.host = localAddress;
         root->set(
             treeKey(prefix, "addr", level.store.id),
             fmt::format(
                 "{}|{}|{}",
-                spec.address.host,
+                fmt::join(leader.published, ","),
                 spec.address.port,
                 spec.address.keyPrefix));
         root->flush(deadline);
       } else {
-        spec.address = parseAddress(awaitValue(
-            *root, treeKey(prefix, "addr", level.store.id), deadline));
+        spec.address = parseAddress(
+            awaitValue(
+                *root, treeKey(prefix, "addr", level.store.id), deadline),
+            outer.address->host,
+            localAddress);
       }
+      // Whether every member reached its stores is settled at the root,
+      // below, before any level counts its members.
+      spec.awaitMembers = false;
+    }
+    if (level.root) {
+      // Opened once the tree is settled: the root's keys are the flat
+      // barrier's, should the tree not be built.
+      rootSpec = std::move(spec);
+      rootLevel = std::move(level);
+      continue;
     }
     level.address = spec.address;
-    level.barrier = openLevel(std::move(spec), deadline);
+    if (level.localRank == 0) {
+      level.barrier = openLevel(std::move(spec), deadline);
+    } else {
+      const auto reach = std::min(deadline, Clock::now() + kStoreReach);
+      try {
+        level.barrier = openLevel(std::move(spec), reach);
+      } catch (const std::exception& e) {
+        unreachable = fmt::format(
+            "rank {} cannot reach the store of rank {} (tree store {}) at {}: "
+            "{}",
+            outer.rank,
+            level.store.members.front(),
+            level.store.id,
+            describeAddresses(*level.address),
+            withoutBacktrace(e));
+        break;
+      }
+      // Later connections go where this one went.
+      auto& state = BarrierAccess::state(*level.barrier);
+      if (const auto peer = state.connection->peerAddress(); !peer.empty()) {
+        level.address->host = peer;
+        level.address->otherHosts.clear();
+        state.address = level.address;
+      }
+    }
     levels_.push_back(std::move(level));
+  }
+  settle(
+      *root,
+      outer,
+      static_cast<int64_t>(allRanks(rootStore_).size()),
+      unreachable,
+      deadline);
+  if (rootSpec) {
+    rootLevel->address = rootSpec->address;
+    rootLevel->barrier = openLevel(std::move(*rootSpec), deadline);
+    levels_.push_back(std::move(*rootLevel));
   }
   for (std::size_t i = 0; i < levels_.size(); ++i) {
     steps_.push_back(i);
@@ -642,7 +789,8 @@ std::vector<int64_t> BarrierTree::missingBelow(
           deadline);
       const auto below = missingBelow(
           decodeStore(child, values[0]),
-          parseAddress(values[1]),
+          parseAddress(
+              values[1], outer_.address->host, rootConnection->localAddress()),
           false,
           deadline);
       ranks.insert(ranks.end(), below.begin(), below.end());
@@ -690,6 +838,104 @@ void BarrierTree::throwTimeout(
       sequence_,
       outer_.timeout,
       missing);
+}
+
+namespace {
+
+// Rank 0 decides, once, whether the job builds a tree, before any rank
+// joins it; a rank that hears nothing from rank 0 within kDecisionWait
+// decides against it, and the first decision stands. nullopt: a tree;
+// else why not, and whether this rank decided it.
+std::optional<std::pair<std::string, bool>> decideTopology(
+    const BarrierState& outer,
+    const TreeOptions& options,
+    bool registerAsWorker,
+    Clock::time_point deadline) {
+  const std::string key = outer.prefix + std::string(kTreeInfix) + "topology";
+  auto root = openWireConnection(*outer.address, deadline, outer.stallLimit());
+  std::string decided;
+  std::string proposal;
+  if (outer.rank == 0) {
+    proposal = std::string(kTreeDecided);
+    decided = root->compareSet(key, "", proposal, deadline);
+  } else {
+    // Where rank 0 hosts the store it is up, and says so at once; a store
+    // given to from_store may be up long before its rank 0 with "tree".
+    const bool patient = !registerAsWorker && options.topology == Topology::kTree;
+    const auto start = Clock::now();
+    const auto until =
+        patient ? deadline : std::min(deadline, start + kDecisionWait);
+    root->startWait(key, until);
+    if (root->awaitRelease(until, -1)) {
+      decided = root->multiGet({key}, deadline).front();
+    } else {
+      proposal = fmt::format(
+          "rank 0 did not say within {} whether to build a tree: it is not a "
+          "rank of this library (torch's TCPStoreBarrier cannot host a tree), "
+          "or started late",
+          describeSeconds(
+              std::chrono::ceil<std::chrono::milliseconds>(until - start)));
+      if (options.topology == Topology::kTree) {
+        throw TreeError(
+            {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+            fmt::format(
+                "TCPStoreBarrier rank {} of {}: topology='tree' cannot be "
+                "built: {}; use topology='flat' (or 'auto')",
+                outer.rank,
+                outer.worldSize,
+                proposal));
+      }
+      // The wait cut short leaves a reply due on this connection.
+      root = openWireConnection(*outer.address, deadline, outer.stallLimit());
+      decided = root->compareSet(key, "", proposal, deadline);
+    }
+  }
+  if (decided == kTreeDecided) {
+    return std::nullopt;
+  }
+  return std::make_pair(decided, decided == proposal);
+}
+
+} // namespace
+
+bool joinTree(
+    BarrierState& outer,
+    const TreeOptions& options,
+    bool registerAsWorker,
+    Clock::time_point deadline) {
+  auto why = decideTopology(outer, options, registerAsWorker, deadline);
+  if (!why) {
+    try {
+      outer.tree = std::make_unique<BarrierTree>(
+          outer, options, registerAsWorker, deadline);
+      return true;
+    } catch (const TreeUnbuildable& e) {
+      why = std::make_pair(std::string(e.what()), e.decidedHere());
+    }
+  }
+  if (options.topology == Topology::kTree) {
+    throw TreeError(
+        {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+        fmt::format(
+            "TCPStoreBarrier rank {} of {}: topology='tree' cannot be built: "
+            "{}",
+            outer.rank,
+            outer.worldSize,
+            why->first));
+  }
+  const auto line = fmt::format(
+      "TCPStoreBarrier rank {} of {}: topology='auto' uses one flat store "
+      "instead of a tree: {}",
+      outer.rank,
+      outer.worldSize,
+      why->first);
+  // One line for the job: from the rank that decided.
+  if (why->second) {
+    LOG(WARNING) << line;
+  } else {
+    LOG(INFO) << line;
+  }
+  return false;
 }
 
 void BarrierTree::close() {

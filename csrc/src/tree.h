@@ -21,6 +21,8 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <tcpstore_barrier/tcpstore_barrier.h>
@@ -35,6 +37,38 @@ struct Alarm;
 namespace tcpstore_barrier::detail {
 
 struct BarrierState;
+
+// Why a tree cannot be built, as every rank of it learnt it.
+class TreeUnbuildable : public std::runtime_error {
+ public:
+  TreeUnbuildable(const std::string& reason, bool decidedHere)
+      : std::runtime_error(reason), decidedHere_(decidedHere) {}
+  // Whether this rank decided it (the one that says so in the log).
+  bool decidedHere() const noexcept {
+    return decidedHere_;
+  }
+
+ private:
+  bool decidedHere_;
+};
+
+// A tree that topology="tree" cannot build: names the rank and store that
+// cannot be reached, or rank 0 that is not ours.
+class TreeError : public c10::DistNetworkError {
+ public:
+  using c10::DistNetworkError::DistNetworkError;
+};
+
+// Builds `outer`'s tree (outer.address: rank 0's store) unless, with
+// Topology::kAuto, it cannot be built: rank 0 is not a rank of this library
+// (it never says whether to build one), or a member cannot reach its store.
+// Then every rank learns the same reason, one of them logs it, and the
+// caller goes flat: returns false. With Topology::kTree, throws TreeError.
+bool joinTree(
+    BarrierState& outer,
+    const TreeOptions& options,
+    bool registerAsWorker,
+    Clock::time_point deadline);
 
 class BarrierTree {
  public:
