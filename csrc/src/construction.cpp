@@ -437,7 +437,14 @@ std::unique_ptr<TCPStoreBarrier> openLevel(
   state.usesLibUV = spec.usesLibUV;
   state.store = std::move(spec.server);
   auto barrier = BarrierAccess::make(std::move(owned));
-  startRounds(state, spec.address, deadline);
+  try {
+    startRounds(state, spec.address, deadline);
+  } catch (...) {
+    // Half open (a member that could not reach its store): nothing to say
+    // goodbye on.
+    state.phase = detail::Phase::kClosed;
+    throw;
+  }
   if (spec.awaitMembers) {
     state.connection->add(kLevelJoinedKey, 1, deadline);
     if (state.hostsStore) {

@@ -36,9 +36,10 @@ constexpr std::chrono::milliseconds kCarryConnect{300};
 // publishes the address, so what is refused or unanswered that long is not
 // reachable from here.
 constexpr std::chrono::milliseconds kStoreReach{5000};
-// How long a rank waits for rank 0 to say whether the job builds a tree:
-// rank 0 of ours says so at once, torch's never does.
-constexpr std::chrono::milliseconds kDecisionWait{3000};
+// How long a rank of "auto" waits for rank 0 to say whether the job builds
+// a tree: rank 0 of ours says so as soon as it reaches the store, torch's
+// never does. ("tree" waits out its deadline.)
+constexpr std::chrono::milliseconds kDecisionWait{5000};
 constexpr std::string_view kTreeDecided = "tree";
 
 // Thrown from a level's interrupt check when another level of this rank
@@ -849,30 +850,36 @@ namespace {
 std::optional<std::pair<std::string, bool>> decideTopology(
     const BarrierState& outer,
     const TreeOptions& options,
-    bool registerAsWorker,
     Clock::time_point deadline) {
+  // `key` holds the decision; `said` is set only by rank 0 once it decided
+  // for a tree, so that a rank that stopped waiting for it leaves no wait
+  // the server would answer on a closed connection.
   const std::string key = outer.prefix + std::string(kTreeInfix) + "topology";
+  const std::string said = key + "_said";
   auto root = openWireConnection(*outer.address, deadline, outer.stallLimit());
   std::string decided;
   std::string proposal;
   if (outer.rank == 0) {
     proposal = std::string(kTreeDecided);
     decided = root->compareSet(key, "", proposal, deadline);
+    if (decided == kTreeDecided) {
+      root->set(said, "1");
+      root->flush(deadline);
+    }
   } else {
-    // Where rank 0 hosts the store it is up, and says so at once; a store
-    // given to from_store may be up long before its rank 0 with "tree".
-    const bool patient = !registerAsWorker && options.topology == Topology::kTree;
     const auto start = Clock::now();
-    const auto until =
-        patient ? deadline : std::min(deadline, start + kDecisionWait);
-    root->startWait(key, until);
+    const auto until = options.topology == Topology::kTree
+        ? deadline
+        : std::min(deadline, start + kDecisionWait);
+    root->startWait(said, until);
     if (root->awaitRelease(until, -1)) {
       decided = root->multiGet({key}, deadline).front();
     } else {
       proposal = fmt::format(
-          "rank 0 did not say within {} whether to build a tree: it is not a "
-          "rank of this library (torch's TCPStoreBarrier cannot host a tree), "
-          "or started late",
+          "rank {} heard nothing from rank 0 within {} about building a "
+          "tree: rank 0 is not a rank of this library (torch's "
+          "TCPStoreBarrier cannot host a tree), or started late",
+          outer.rank,
           describeSeconds(
               std::chrono::ceil<std::chrono::milliseconds>(until - start)));
       if (options.topology == Topology::kTree) {
@@ -903,7 +910,7 @@ bool joinTree(
     const TreeOptions& options,
     bool registerAsWorker,
     Clock::time_point deadline) {
-  auto why = decideTopology(outer, options, registerAsWorker, deadline);
+  auto why = decideTopology(outer, options, deadline);
   if (!why) {
     try {
       outer.tree = std::make_unique<BarrierTree>(
