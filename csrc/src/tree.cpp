@@ -216,9 +216,14 @@ void settle(
     Clock::time_point deadline) {
   const std::string outcomeKey =
       outer.prefix + std::string(kTreeInfix) + "outcome";
+  // Set (a plain SET, which every server backend answers waiters for) once
+  // the outcome is.
+  const std::string said = outcomeKey + "_said";
   std::string outcome;
   if (unreachable) {
     outcome = root.compareSet(outcomeKey, "", *unreachable, deadline);
+    root.set(said, "1");
+    root.flush(deadline);
     if (outcome == *unreachable) {
       throw TreeUnbuildable(outcome, /*decidedHere=*/true);
     }
@@ -227,19 +232,17 @@ void settle(
       root.add(outer.prefix + std::string(kTreeInfix) + "ready", 1, deadline);
   if (ready == members) {
     outcome = root.compareSet(outcomeKey, "", kTreeDecided, deadline);
+    root.set(said, "1");
+    root.flush(deadline);
   }
   if (outcome.empty()) {
-    root.startWait(outcomeKey, deadline);
+    root.startWait(said, deadline);
     if (!root.awaitRelease(deadline, -1)) {
       throw c10::DistStoreError(
           {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
           fmt::format(
-              "not every rank of the tree had opened its stores in time ({} "
-              "of {})",
-              root.add(
-                  outer.prefix + std::string(kTreeInfix) + "ready",
-                  0,
-                  Clock::now() + kDecisionWait),
+              "not every one of the tree's {} ranks had opened its stores in "
+              "time",
               members));
     }
     outcome = root.multiGet({outcomeKey}, deadline).front();
