@@ -108,7 +108,9 @@ def test_a_master_named_by_a_hostname_that_is_loopback_on_its_host(
     assert WILDCARDS & set(listening[0]), listening
     assert not {"127.0.0.1", "127.0.1.1"} & set(listening[0]), listening
     for host in (1, 2):
-        expected_there = [debian_hosts.addresses[host]] if options["topology"] == "tree" else []
+        expected_there = (
+            [debian_hosts.addresses[host]] if options["topology"] == "tree" else []
+        )
         assert listening[host] == expected_there, listening
     expected = 0 if options.get("from_store") else 1
     assert stderr.count(WILDCARD_LINE) == expected, stderr
@@ -197,7 +199,9 @@ def run_local_job(port, options, *, address="127.0.0.1", torch_rank0=False):
 
 
 def test_a_tree_over_ipv6_loopback(port):
-    results, _ = run_local_job(port, {"topology": "tree", "tree_fan_in": 2}, address="::1")
+    results, _ = run_local_job(
+        port, {"topology": "tree", "tree_fan_in": 2}, address="::1"
+    )
     assert results == {r: "tree" for r in range(4)}, results
 
 
@@ -236,9 +240,7 @@ UNREACHABLE = "rank 3 cannot reach the store of rank 2 (tree store"
 def test_auto_with_a_member_cut_off_from_its_leader_is_flat_with_one_line(
     partitioned_hosts,
 ):
-    reports, _, stderr = run_rounds(
-        partitioned_hosts, 1, {"tree_fan_in": 2}, env=KNOB
-    )
+    reports, _, stderr = run_rounds(partitioned_hosts, 1, {"tree_fan_in": 2}, env=KNOB)
     assert_rounds(reports, "flat")
     assert stderr.count(FALLBACK_LINE) == 1, stderr
     assert UNREACHABLE in stderr, stderr

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import pytest
 import torch.distributed as dist
-from support import free_port, report_figure
+from support import LOOPBACK, free_port, report_figure
 from support.barriers import (
     assert_no_early_release,
     await_key,
@@ -713,13 +713,15 @@ SETTLE_WITHIN = 3.0
 def store_clients(root):
     """A client of every server of the tree, and how many of its stores each
     holds: the root's, then each published at `{prefix}/tree/addr/{id}`
-    ("host|port|key prefix": a process keeps the stores it hosts in one
-    server, each under its own key prefix)."""
+    ("hosts|port|key prefix": a process keeps the stores it hosts in one
+    server, each under its own key prefix; the first of the comma-separated
+    hosts, "*" for rank 0's, is where this machine reaches it)."""
     clients, levels = {"root": root}, {"root": 1}
     store_id = 1
     while root.check([f"{PREFIX}/tree/store/{store_id}"]):
         address = root.get(f"{PREFIX}/tree/addr/{store_id}").decode()
-        host, port, _ = address.split("|")
+        hosts, port, _ = address.split("|")
+        host = hosts.split(",")[0].replace("*", LOOPBACK)
         server = f"{host}:{port}"
         if server not in clients:
             clients[server] = dist.TCPStore(

@@ -47,8 +47,8 @@ std::vector<std::string> interfaceAddresses(int family) {
         (i->ifa_flags & IFF_UP) == 0 || (i->ifa_flags & IFF_LOOPBACK) != 0) {
       continue;
     }
-    const socklen_t length = family == AF_INET6 ? sizeof(sockaddr_in6)
-                                                : sizeof(sockaddr_in);
+    const socklen_t length =
+        family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
     char text[NI_MAXHOST] = {};
     if (::getnameinfo(
             i->ifa_addr,
@@ -61,10 +61,10 @@ std::vector<std::string> interfaceAddresses(int family) {
         isLoopbackAddress(text)) {
       continue;
     }
-    const bool local = family == AF_INET6 &&
+    const bool local =
+        family == AF_INET6 &&
         IN6_IS_ADDR_LINKLOCAL(
-                           &reinterpret_cast<const sockaddr_in6*>(i->ifa_addr)
-                                ->sin6_addr);
+            &reinterpret_cast<const sockaddr_in6*>(i->ifa_addr)->sin6_addr);
     (local ? linkLocal : global).emplace_back(text);
   }
   global.insert(global.end(), linkLocal.begin(), linkLocal.end());
@@ -89,7 +89,7 @@ bool isLoopbackAddress(const std::string& numeric) {
   in6_addr raw6{};
   if (::inet_pton(AF_INET6, bare.c_str(), &raw6) == 1) {
     return IN6_IS_ADDR_LOOPBACK(&raw6) ||
-        (IN6_IS_ADDR_V4MAPPED(&raw6) && raw6.s6_addr[12] == 127);
+           (IN6_IS_ADDR_V4MAPPED(&raw6) && raw6.s6_addr[12] == 127);
   }
   return false;
 }
@@ -104,8 +104,9 @@ LeaderAddresses leaderAddresses(const std::string& local) {
   chosen.published.emplace_back(kRootHostAlias);
   if (family == AF_INET6) {
     // The IPv6 wildcard takes IPv4 connections too.
-    chosen.published = interfaceAddresses(AF_INET6);
-    chosen.published.insert(chosen.published.begin(), kRootHostAlias);
+    for (auto& address : interfaceAddresses(AF_INET6)) {
+      chosen.published.push_back(std::move(address));
+    }
   }
   for (auto& address : interfaceAddresses(AF_INET)) {
     chosen.published.push_back(std::move(address));
@@ -118,7 +119,7 @@ LeaderAddresses leaderAddresses(const std::string& local) {
 std::string defaultHostIdentity(const std::string& localAddress) {
   char name[256] = {};
   ::gethostname(name, sizeof(name) - 1);
-  struct stat netns {};
+  struct stat netns{};
   const bool known = ::stat("/proc/self/ns/net", &netns) == 0;
   return fmt::format(
       "{}/{}/{}:{}",

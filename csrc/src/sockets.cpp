@@ -119,8 +119,8 @@ bool isLoopback(const sockaddr* address) {
   if (address->sa_family == AF_INET6) {
     const auto* in6 = reinterpret_cast<const sockaddr_in6*>(address);
     return IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr) ||
-        (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr) &&
-         in6->sin6_addr.s6_addr[12] == 127);
+           (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr) &&
+            in6->sin6_addr.s6_addr[12] == 127);
   }
   return false;
 }
@@ -157,10 +157,11 @@ bool isLocalhostName(std::string host) {
   }
   const std::string suffix = ".localhost";
   return host == "localhost" || host == "localhost.localdomain" ||
-      host == "localhost6" || host == "localhost6.localdomain6" ||
-      host == "ip6-localhost" || host == "ip6-loopback" ||
-      (host.size() > suffix.size() &&
-       host.compare(host.size() - suffix.size(), suffix.size(), suffix) == 0);
+         host == "localhost6" || host == "localhost6.localdomain6" ||
+         host == "ip6-localhost" || host == "ip6-loopback" ||
+         (host.size() > suffix.size() &&
+          host.compare(host.size() - suffix.size(), suffix.size(), suffix) ==
+              0);
 }
 
 // Binds and listens; an invalid fd (and `error`) if this address cannot be
@@ -211,7 +212,11 @@ UniqueFd listenOnWildcard(const std::string& host, uint16_t port) {
   any6.sin6_addr = in6addr_any;
   any6.sin6_port = htons(port);
   UniqueFd fd = bindAndListen(
-      reinterpret_cast<const sockaddr*>(&any6), sizeof(any6), host, port, error);
+      reinterpret_cast<const sockaddr*>(&any6),
+      sizeof(any6),
+      host,
+      port,
+      error);
   if (fd.get() >= 0) {
     return fd;
   }
@@ -220,7 +225,11 @@ UniqueFd listenOnWildcard(const std::string& host, uint16_t port) {
   any4.sin_addr.s_addr = htonl(INADDR_ANY);
   any4.sin_port = htons(port);
   fd = bindAndListen(
-      reinterpret_cast<const sockaddr*>(&any4), sizeof(any4), host, port, error);
+      reinterpret_cast<const sockaddr*>(&any4),
+      sizeof(any4),
+      host,
+      port,
+      error);
   if (fd.get() < 0) {
     throwNetworkError(
         fmt::format(
@@ -271,7 +280,8 @@ UniqueFd openListenSocket(const std::string& host, uint16_t port) {
   // one; the next is only a fallback when this host cannot use it.
   std::string lastError;
   for (addrinfo* a = addresses.get(); a != nullptr; a = a->ai_next) {
-    UniqueFd fd = bindAndListen(a->ai_addr, a->ai_addrlen, host, port, lastError);
+    UniqueFd fd =
+        bindAndListen(a->ai_addr, a->ai_addrlen, host, port, lastError);
     if (fd.get() >= 0) {
       return fd;
     }
@@ -327,10 +337,11 @@ UniqueFd connectSocket(
         if (fd.get() >= 0) {
           return fd;
         }
-        lastError = hosts.size() > 1
-            ? fmt::format(
-                  "{} ({})", error, numericText(a->ai_addr, a->ai_addrlen))
-            : error;
+        lastError =
+            hosts.size() > 1
+                ? fmt::format(
+                      "{} ({})", error, numericText(a->ai_addr, a->ai_addrlen))
+                : error;
       }
     }
     const auto left = deadline - Clock::now();

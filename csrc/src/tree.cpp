@@ -872,8 +872,8 @@ std::optional<std::pair<std::string, bool>> decideTopology(
   } else {
     const auto start = Clock::now();
     const auto until = options.topology == Topology::kTree
-        ? deadline
-        : std::min(deadline, start + kDecisionWait);
+                           ? deadline
+                           : std::min(deadline, start + kDecisionWait);
     root->startWait(said, until);
     if (root->awaitRelease(until, -1)) {
       decided = root->multiGet({key}, deadline).front();
