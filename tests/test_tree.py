@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import pytest
 import torch.distributed as dist
-from support import free_port, report_figure
+from support import LOOPBACK, free_port, report_figure
 from support.barriers import (
     assert_no_early_release,
     await_key,
@@ -91,7 +91,10 @@ def walk_tree(root):
             if int(child) < 0:
                 continue
             address = store.get(f"{PREFIX}/tree/below/{m}").decode()
-            host, port, key_prefix = address.split("|")
+            # The first of the hosts, "*" for rank 0's, is where this
+            # machine reaches it.
+            hosts, port, key_prefix = address.split("|")
+            host = hosts.split(",")[0].replace("*", LOOPBACK)
             server_name = f"{host}:{port}"
             if server_name not in servers:
                 servers[server_name] = dist.TCPStore(

@@ -194,6 +194,9 @@ void clearIfLast(BarrierState& state, Clock::time_point deadline) {
   for (std::size_t m = 0; m < arrivers.size(); ++m) {
     keys.push_back(treeBelowKey(state.prefix, static_cast<int64_t>(m)));
   }
+  for (auto& key : treeDecisionKeys(state.prefix)) {
+    keys.push_back(std::move(key));
+  }
   for (const int64_t r : arrivers) {
     keys.push_back(closedKey(state.prefix, r));
     keys.push_back(state.liveness->aliveKey(r));

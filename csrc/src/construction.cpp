@@ -5,6 +5,8 @@
 #include <tcpstore_barrier/tcpstore_barrier.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -55,6 +57,26 @@ void checkPeerTimeout(std::optional<std::chrono::milliseconds> peerTimeout) {
   }
 }
 
+// kTreeFromWorldSize, unless the environment says otherwise (for tests: a
+// tree, and its fallbacks, without 1,024 ranks).
+int64_t autoTreeFromWorldSize() {
+  const char* text = std::getenv(kTreeFromWorldSizeVariable);
+  if (text == nullptr || *text == '\0') {
+    return kTreeFromWorldSize;
+  }
+  char* end = nullptr;
+  errno = 0;
+  const long long value = std::strtoll(text, &end, 10);
+  if (errno != 0 || *end != '\0' || value < 1) {
+    throw std::invalid_argument(
+        fmt::format(
+            "{} must be a positive whole number of ranks, got '{}'",
+            kTreeFromWorldSizeVariable,
+            text));
+  }
+  return value;
+}
+
 // Whether to build a tree; throws for bad tree options, naming them.
 bool wantsTree(const TreeOptions& tree, int64_t worldSize, bool tcpStore) {
   if (tree.fanIn < 2) {
@@ -70,7 +92,7 @@ bool wantsTree(const TreeOptions& tree, int64_t worldSize, bool tcpStore) {
   }
   return tcpStore && (tree.topology == Topology::kTree ||
                       (tree.topology == Topology::kAuto &&
-                       worldSize >= kTreeFromWorldSize));
+                       worldSize >= autoTreeFromWorldSize()));
 }
 
 // On a store that outlives its barriers, a prefix is in use until the last
@@ -266,9 +288,10 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
     }
     if (tree) {
       state.address = StoreAddress{options.masterAddress, port, "/"};
-      state.tree = std::make_unique<detail::BarrierTree>(
-          state, options.tree, /*registerAsWorker=*/true, deadline);
-      return;
+      if (detail::joinTree(
+              state, options.tree, /*registerAsWorker=*/true, deadline)) {
+        return;
+      }
     }
     startRounds(
         state, StoreAddress{options.masterAddress, port, "/"}, deadline);
@@ -290,6 +313,8 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options)
             describeSeconds(options.initTimeout),
             withoutBacktrace(e)));
   } catch (const std::invalid_argument&) {
+    throw;
+  } catch (const detail::TreeError&) {
     throw;
   } catch (const std::exception& e) {
     throw c10::DistNetworkError(
@@ -349,13 +374,14 @@ TCPStoreBarrier::TCPStoreBarrier(
   state.storeOutlives = true;
   try {
     if (tree) {
-      state.address = std::move(address);
-      state.tree = std::make_unique<detail::BarrierTree>(
-          state,
-          treeOptions,
-          /*registerAsWorker=*/false,
-          Clock::now() + timeout);
-      return;
+      state.address = address;
+      if (detail::joinTree(
+              state,
+              treeOptions,
+              /*registerAsWorker=*/false,
+              Clock::now() + timeout)) {
+        return;
+      }
     }
     startRounds(state, std::move(address), Clock::now() + timeout);
   } catch (const StoreUnavailable& e) {
@@ -461,7 +487,14 @@ std::unique_ptr<TCPStoreBarrier> openLevel(
   state.treeServer = std::move(spec.serverShare);
   state.storeOutlives = spec.storeOutlives;
   auto barrier = BarrierAccess::make(std::move(owned));
-  startRounds(state, spec.address, deadline);
+  try {
+    startRounds(state, spec.address, deadline);
+  } catch (...) {
+    // Half open (a member that could not reach its store): nothing to say
+    // goodbye on.
+    state.phase = detail::Phase::kClosed;
+    throw;
+  }
   if (spec.awaitMembers) {
     state.connection->add(kLevelJoinedKey, 1, deadline);
     if (state.hostsStore) {

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace tcpstore_barrier {
 
@@ -29,22 +30,33 @@ class UniqueFd {
   int fd_;
 };
 
-// A listening TCP socket bound to `host`'s address (not the wildcard), for
-// TCPStoreOptions::masterListenFd. Throws c10::DistNetworkError naming the
-// host and port when the name does not resolve or the port is taken.
+// A listening TCP socket for TCPStoreOptions::masterListenFd, where the
+// hosts that resolve `host` can reach it: a literal address, `localhost`, or
+// a name resolving only to addresses other than loopback is bound to the
+// (first usable) address itself; a name that resolves to a loopback address
+// here (a Debian-default host's own name, 127.0.1.1) is bound to the
+// wildcard, as TCPStore's own server is, and says so in one log line: other
+// hosts resolve that name to an address of this host that it does not know.
+// Throws c10::DistNetworkError naming the host and port when the name does
+// not resolve or the port is taken.
 UniqueFd openListenSocket(const std::string& host, uint16_t port);
 
-// A non-blocking TCP connection to `host`:`port`, retrying refused
+// A non-blocking TCP connection to `host`:`port` (or, failing that, to one
+// of `otherHosts` in order: addresses of the same server), retrying refused
 // connections with short back-offs until `deadline`. A name that does not
 // resolve fails at once. Throws c10::DistNetworkError with the last cause.
 UniqueFd connectSocket(
     const std::string& host,
     uint16_t port,
-    std::chrono::steady_clock::time_point deadline);
+    std::chrono::steady_clock::time_point deadline,
+    const std::vector<std::string>& otherHosts = {});
 
-// The address (numeric) and port a socket is bound to locally: for a
-// connection, the address this host uses to reach its peer.
+// The address (numeric, with `%interface` for an IPv6 link-local one) and
+// port a socket is bound to locally: for a connection, the address this
+// host uses to reach its peer.
 std::string localAddress(int fd);
+// The numeric address a connection's peer has, in the same form.
+std::string peerAddress(int fd);
 uint16_t localPort(int fd);
 
 // Options of a store connection: no Nagle delay, and kernel-level failure

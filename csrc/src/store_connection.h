@@ -111,6 +111,10 @@ class StoreConnection {
   virtual std::string localAddress() const {
     return {};
   }
+  // The store's address this connection reached; empty if unknown.
+  virtual std::string peerAddress() const {
+    return {};
+  }
 };
 
 // Where a wire connection goes.
@@ -119,6 +123,8 @@ struct StoreAddress {
   uint16_t port = 0;
   // Put before every key: c10d's own "/" and those of PrefixStores.
   std::string keyPrefix = "/";
+  // More addresses of the same server, tried in order after `host`.
+  std::vector<std::string> otherHosts = {};
 };
 
 // Connects, retrying a refused connection until `deadline`, and checks that

@@ -5,10 +5,12 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include <c10/util/Logging.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "addresses.h"
 #include "arguments.h"
 #include "barrier_state.h"
 #include "binding_support.h"
@@ -29,6 +31,16 @@ constexpr std::chrono::milliseconds kMinDiagnosis{100};
 // host is gone too) is passed over: the others still need the verdict.
 constexpr std::chrono::milliseconds kVerdictBudget{1000};
 constexpr std::chrono::milliseconds kCarryConnect{300};
+// How long a member tries to reach its store while joining before the tree
+// is given up (auto) or fails (tree): its leader listens before it
+// publishes the address, so what is refused or unanswered that long is not
+// reachable from here.
+constexpr std::chrono::milliseconds kStoreReach{5000};
+// How long a rank of "auto" waits for rank 0 to say whether the job builds
+// a tree: rank 0 of ours says so as soon as it reaches the store, torch's
+// never does. ("tree" waits out its deadline.)
+constexpr std::chrono::milliseconds kDecisionWait{5000};
+constexpr std::string_view kTreeDecided = "tree";
 
 // Thrown from a level's interrupt check when another level of this rank
 // has a verdict: the round waiting at one store must not outlive a loss
@@ -37,6 +49,13 @@ constexpr std::chrono::milliseconds kCarryConnect{300};
 struct OtherLevelAlarm {
   std::size_t level;
 };
+
+const char* withoutBacktrace(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
+    return error->what_without_backtrace();
+  }
+  return e.what();
+}
 
 std::string treeKey(
     const std::string& prefix, std::string_view what, int64_t id) {
@@ -52,14 +71,8 @@ std::string treeKey(const std::string& prefix, std::string_view what) {
   return key;
 }
 
-std::string formatAddress(const StoreAddress& address) {
-  return fmt::format("{}|{}|{}", address.host, address.port, address.keyPrefix);
-}
-
 std::string defaultHost(const StoreConnection& root) {
-  char name[256] = {};
-  ::gethostname(name, sizeof(name) - 1);
-  return std::string(name) + "/" + root.localAddress();
+  return defaultHostIdentity(root.localAddress());
 }
 
 // Waits until `key` is set, then reads it.
@@ -79,8 +92,14 @@ std::string awaitValue(
   return connection.multiGet({key}, deadline).front();
 }
 
-// "host|port|key prefix", as the store's host published it.
-StoreAddress parseAddress(const std::string& text) {
+// "host,host...|port|key prefix", as the store's host published it: the
+// addresses to try in order. `rootHost`: how this rank reaches rank 0's
+// store, for kRootHostAlias. A loopback address is this rank's own host:
+// tried only by a rank that shares rank 0's (and so the leader's).
+StoreAddress parseAddress(
+    const std::string& text,
+    const std::string& rootHost,
+    const std::string& localAddress) {
   const auto first = text.find('|');
   const auto second = text.find('|', first + 1);
   const auto port = parseDecimal(
@@ -88,10 +107,36 @@ StoreAddress parseAddress(const std::string& text) {
   if (second == std::string::npos || !port) {
     throw std::runtime_error("malformed store address in a tree: " + text);
   }
-  return StoreAddress{
-      text.substr(0, first),
-      static_cast<uint16_t>(*port),
-      text.substr(second + 1)};
+  const bool loopbackToo = isLoopbackAddress(localAddress);
+  std::vector<std::string> hosts;
+  std::string_view list = std::string_view(text).substr(0, first);
+  while (!list.empty()) {
+    const auto comma = std::min(list.find(','), list.size());
+    std::string host(list.substr(0, comma));
+    list.remove_prefix(std::min(comma + 1, list.size()));
+    if (host == kRootHostAlias) {
+      host = rootHost;
+    } else if (isLoopbackAddress(host) && !loopbackToo) {
+      continue;
+    }
+    if (std::find(hosts.begin(), hosts.end(), host) == hosts.end()) {
+      hosts.push_back(std::move(host));
+    }
+  }
+  if (hosts.empty()) {
+    throw std::runtime_error(
+        "a tree store published no address other hosts can reach: " + text);
+  }
+  StoreAddress address{
+      hosts.front(), static_cast<uint16_t>(*port), text.substr(second + 1)};
+  address.otherHosts.assign(hosts.begin() + 1, hosts.end());
+  return address;
+}
+
+std::string describeAddresses(const StoreAddress& address) {
+  std::vector<std::string> all{address.host};
+  all.insert(all.end(), address.otherHosts.begin(), address.otherHosts.end());
+  return fmt::format("[{}] port {}", fmt::join(all, ", "), address.port);
 }
 
 std::vector<int64_t> allRanks(const TreeStore& store) {
@@ -164,8 +209,10 @@ void publishPlan(
   for (const auto& store : plan.stores) {
     root.set(treeKey(outer.prefix, "store", store.id), encodeStore(store));
   }
+  const auto ours = std::to_string(presentRanks.size());
   for (const auto& [rank, stores] : plan.storesOf) {
-    root.set(treeKey(outer.prefix, "rank", rank), joinRanks(stores));
+    root.set(
+        treeKey(outer.prefix, "rank", rank), joinRanks(stores) + ";" + ours);
   }
   root.flush(deadline);
 }
@@ -193,6 +240,61 @@ void refuseReusedTree(
   }
 }
 
+// Every rank of the tree says whether it reached its stores; the first
+// that could not decides against the tree, else the last to report decides
+// for it. Every rank reads the one outcome.
+void settle(
+    StoreConnection& root,
+    const BarrierState& outer,
+    int64_t members,
+    const std::optional<std::string>& unreachable,
+    Clock::time_point deadline) {
+  const std::string outcomeKey =
+      outer.prefix + std::string(kTreeInfix) + "outcome";
+  // Set (a plain SET, which every server backend answers waiters for) once
+  // the outcome is.
+  const std::string said = outcomeKey + "_said";
+  std::string outcome;
+  if (unreachable) {
+    outcome = root.compareSet(outcomeKey, "", *unreachable, deadline);
+    root.set(said, "1");
+    root.flush(deadline);
+    if (outcome == *unreachable) {
+      throw TreeUnbuildable(outcome, /*decidedHere=*/true);
+    }
+  }
+  const auto ready =
+      root.add(outer.prefix + std::string(kTreeInfix) + "ready", 1, deadline);
+  if (ready == members) {
+    outcome = root.compareSet(outcomeKey, "", kTreeDecided, deadline);
+    root.set(said, "1");
+    root.flush(deadline);
+  }
+  if (outcome.empty()) {
+    root.startWait(said, deadline);
+    if (!root.awaitRelease(deadline, -1)) {
+      throw c10::DistStoreError(
+          {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+          fmt::format(
+              "not every one of the tree's {} ranks had opened its stores in "
+              "time",
+              members));
+    }
+    outcome = root.multiGet({outcomeKey}, deadline).front();
+  }
+  if (outcome != kTreeDecided) {
+    throw TreeUnbuildable(outcome, /*decidedHere=*/false);
+  }
+  // Every rank has read both decisions once all have settled: the last
+  // deletes them.
+  const auto settled = treeKey(outer.prefix, "settled");
+  if (root.add(settled, 1, deadline) == members) {
+    auto keys = treeDecisionKeys(outer.prefix);
+    keys.push_back(settled);
+    root.deleteEach(keys, deadline);
+  }
+}
+
 } // namespace
 
 std::string treeRecordKey(const std::string& prefix) {
@@ -207,6 +309,15 @@ std::string treeJoinedKey(const std::string& prefix) {
   return treeKey(prefix, "joined");
 }
 
+std::vector<std::string> treeDecisionKeys(const std::string& prefix) {
+  std::vector<std::string> keys;
+  for (const char* what :
+       {"topology", "topology_said", "outcome", "outcome_said", "ready"}) {
+    keys.push_back(treeKey(prefix, what));
+  }
+  return keys;
+}
+
 BarrierTree::BarrierTree(
     BarrierState& outer,
     const TreeOptions& options,
@@ -216,8 +327,10 @@ BarrierTree::BarrierTree(
   const std::string& prefix = outer.prefix;
   auto root = openWireConnection(*outer.address, deadline, outer.stallLimit());
   // Every store this rank hosts listens on the address it reaches the root
-  // from, and on no other.
-  const std::string bindAddress = root->localAddress();
+  // from, and on no other; if that is loopback, on every address
+  // (addresses.h).
+  localAddress_ = root->localAddress();
+  const LeaderAddresses leader = leaderAddresses(localAddress_);
   root->set(
       treeKey(prefix, "join", outer.rank),
       options.host.value_or(defaultHost(*root)));
@@ -230,11 +343,15 @@ BarrierTree::BarrierTree(
   if (outer.rank == 0) {
     publishPlan(*root, outer, options.fanIn, registerAsWorker, deadline);
   }
-  // This rank's place: its stores' records, and where each listens. Each
-  // plan key is deleted by its last reader, so that rank 0's store keeps
-  // only the root's record.
+  // This rank's place ("stores;ranks of ours"): its stores' records, and
+  // where each listens. Each plan key is deleted by its last reader, so
+  // that rank 0's store keeps only the root's record.
   const auto placeKey = treeKey(prefix, "rank", outer.rank);
-  const auto ids = splitRanks(awaitValue(*root, placeKey, deadline));
+  const auto place = awaitValue(*root, placeKey, deadline);
+  const auto semicolon = place.find(';');
+  const auto ids = splitRanks(std::string_view(place).substr(0, semicolon));
+  const auto ours =
+      parseDecimal(std::string_view(place).substr(semicolon + 1)).value_or(0);
   std::vector<std::string> recordKeys;
   for (const int64_t id : ids) {
     recordKeys.push_back(treeKey(prefix, "store", id));
@@ -283,6 +400,9 @@ BarrierTree::BarrierTree(
     } else {
       spec.rank = level.localRank;
       spec.worldSize = static_cast<int64_t>(members.size());
+      // Whether every member reached its stores is settled at the root,
+      // below, before any level counts its members.
+      spec.awaitMembers = false;
       if (level.localRank == 0) {
         auto hosted = hostTreeStore(
             fmt::format(
@@ -291,28 +411,65 @@ BarrierTree::BarrierTree(
                 outer.address->port,
                 outer.address->keyPrefix,
                 prefix),
-            bindAddress,
+            leader.bind,
             outer.usesLibUV,
             outer.initTimeout);
         spec.server = std::move(hosted.server);
         spec.serverShare = std::move(hosted.share);
         spec.address = std::move(hosted.address);
-        root->set(
-            treeKey(prefix, "addr", level.store.id),
-            formatAddress(spec.address));
+        // This rank's own connections: the address it listens on.
+        spec.address.host = localAddress_;
+        level.published = fmt::format(
+            "{}|{}|{}",
+            fmt::join(leader.published, ","),
+            spec.address.port,
+            spec.address.keyPrefix);
+        root->set(treeKey(prefix, "addr", level.store.id), level.published);
       }
     }
     levels_.push_back(std::move(level));
     specs.push_back(std::move(spec));
   }
   root->flush(deadline);
-  for (std::size_t i = 0; i < levels_.size(); ++i) {
+  // Open the stores below the root: a member that cannot reach its store
+  // says so at the root (settle), where the tree is given up as one.
+  std::optional<std::string> unreachable;
+  for (std::size_t i = 0; i < levels_.size() && !unreachable; ++i) {
     Level& level = levels_[i];
-    if (!level.root && level.localRank != 0) {
-      specs[i].address = parseAddress(awaitValue(
-          *root, treeKey(prefix, "addr", level.store.id), deadline));
+    if (level.root) {
+      continue;
     }
+    if (level.localRank == 0) {
+      level.address = specs[i].address;
+      level.barrier = openLevel(std::move(specs[i]), deadline);
+      continue;
+    }
+    specs[i].address = parseAddress(
+        awaitValue(*root, treeKey(prefix, "addr", level.store.id), deadline),
+        outer.address->host,
+        localAddress_);
     level.address = specs[i].address;
+    const auto reach = std::min(deadline, Clock::now() + kStoreReach);
+    try {
+      level.barrier = openLevel(std::move(specs[i]), reach);
+    } catch (const std::exception& e) {
+      unreachable = fmt::format(
+          "rank {} cannot reach the store of rank {} (tree store {}) at {}: "
+          "{}",
+          outer.rank,
+          level.store.members.front(),
+          level.store.id,
+          describeAddresses(*level.address),
+          withoutBacktrace(e));
+      break;
+    }
+    // Later connections go where this one went.
+    auto& state = BarrierAccess::state(*level.barrier);
+    if (const auto peer = state.connection->peerAddress(); !peer.empty()) {
+      level.address->host = peer;
+      level.address->otherHosts.clear();
+      state.address = level.address;
+    }
   }
   for (const Level& level : levels_) {
     // Once all members have read a store's record (and its address, which
@@ -327,22 +484,26 @@ BarrierTree::BarrierTree(
           deadline);
     }
   }
+  settle(*root, outer, ours, unreachable, deadline);
   // Joining needs rank 0's store no longer: a top leader meets there
   // through its root level's own connections.
   root.reset();
   for (std::size_t i = 0; i < levels_.size(); ++i) {
     Level& level = levels_[i];
-    const bool hosts = static_cast<bool>(specs[i].server) && !level.root;
-    level.barrier = openLevel(std::move(specs[i]), deadline);
+    if (level.root) {
+      // Opened once the tree is settled: the root's keys are the flat
+      // barrier's, should the tree not be built.
+      level.address = specs[i].address;
+      level.barrier = openLevel(std::move(specs[i]), deadline);
+    }
     auto& connection = *BarrierAccess::state(*level.barrier).connection;
-    if (hosts) {
+    if (!level.root && level.localRank == 0) {
       connection.set(treeRecordKey(prefix), encodeStore(level.store));
     }
     if (i > 0) {
       // This rank hosts the store one level down.
       connection.set(
-          treeBelowKey(prefix, level.localRank),
-          formatAddress(*levels_[i - 1].address));
+          treeBelowKey(prefix, level.localRank), levels_[i - 1].published);
     }
     connection.flush(deadline);
   }
@@ -746,7 +907,9 @@ std::vector<int64_t> BarrierTree::missingBelow(
     }
     const auto below = missingBelow(
         parseAddress(
-            connection->multiGet({belowKeys[i]}, deadline).front()),
+            connection->multiGet({belowKeys[i]}, deadline).front(),
+            outer_.address->host,
+            localAddress_),
         false,
         deadline);
     ranks.insert(ranks.end(), below.begin(), below.end());
@@ -798,6 +961,110 @@ void BarrierTree::throwTimeout(
       sequence_,
       outer_.timeout,
       missing.value_or(std::vector<int64_t>{}));
+}
+
+namespace {
+
+// Rank 0 decides, once, whether the job builds a tree, before any rank
+// joins it; a rank that hears nothing from rank 0 within kDecisionWait
+// decides against it, and the first decision stands. nullopt: a tree;
+// else why not, and whether this rank decided it.
+std::optional<std::pair<std::string, bool>> decideTopology(
+    const BarrierState& outer,
+    const TreeOptions& options,
+    Clock::time_point deadline) {
+  // `key` holds the decision; `said` is set only by rank 0 once it decided
+  // for a tree, so that a rank that stopped waiting for it leaves no wait
+  // the server would answer on a closed connection.
+  const std::string key = outer.prefix + std::string(kTreeInfix) + "topology";
+  const std::string said = key + "_said";
+  auto root = openWireConnection(*outer.address, deadline, outer.stallLimit());
+  std::string decided;
+  std::string proposal;
+  if (outer.rank == 0) {
+    proposal = std::string(kTreeDecided);
+    decided = root->compareSet(key, "", proposal, deadline);
+    if (decided == kTreeDecided) {
+      root->set(said, "1");
+      root->flush(deadline);
+    }
+  } else {
+    const auto start = Clock::now();
+    const auto until = options.topology == Topology::kTree
+                           ? deadline
+                           : std::min(deadline, start + kDecisionWait);
+    root->startWait(said, until);
+    if (root->awaitRelease(until, -1)) {
+      decided = root->multiGet({key}, deadline).front();
+    } else {
+      proposal = fmt::format(
+          "rank {} heard nothing from rank 0 within {} about building a "
+          "tree: rank 0 is not a rank of this library (torch's "
+          "TCPStoreBarrier cannot host a tree), or started late",
+          outer.rank,
+          describeSeconds(
+              std::chrono::ceil<std::chrono::milliseconds>(until - start)));
+      if (options.topology == Topology::kTree) {
+        throw TreeError(
+            {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+            fmt::format(
+                "TCPStoreBarrier rank {} of {}: topology='tree' cannot be "
+                "built: {}; use topology='flat' (or 'auto')",
+                outer.rank,
+                outer.worldSize,
+                proposal));
+      }
+      // The wait cut short leaves a reply due on this connection.
+      root = openWireConnection(*outer.address, deadline, outer.stallLimit());
+      decided = root->compareSet(key, "", proposal, deadline);
+    }
+  }
+  if (decided == kTreeDecided) {
+    return std::nullopt;
+  }
+  return std::make_pair(decided, decided == proposal);
+}
+
+} // namespace
+
+bool joinTree(
+    BarrierState& outer,
+    const TreeOptions& options,
+    bool registerAsWorker,
+    Clock::time_point deadline) {
+  auto why = decideTopology(outer, options, deadline);
+  if (!why) {
+    try {
+      outer.tree = std::make_unique<BarrierTree>(
+          outer, options, registerAsWorker, deadline);
+      return true;
+    } catch (const TreeUnbuildable& e) {
+      why = std::make_pair(std::string(e.what()), e.decidedHere());
+    }
+  }
+  if (options.topology == Topology::kTree) {
+    throw TreeError(
+        {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+        fmt::format(
+            "TCPStoreBarrier rank {} of {}: topology='tree' cannot be built: "
+            "{}",
+            outer.rank,
+            outer.worldSize,
+            why->first));
+  }
+  const auto line = fmt::format(
+      "TCPStoreBarrier rank {} of {}: topology='auto' uses one flat store "
+      "instead of a tree: {}",
+      outer.rank,
+      outer.worldSize,
+      why->first);
+  // One line for the job: from the rank that decided.
+  if (why->second) {
+    LOG(WARNING) << line;
+  } else {
+    LOG(INFO) << line;
+  }
+  return false;
 }
 
 void BarrierTree::close(Clock::time_point deadline) {

@@ -21,6 +21,8 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <tcpstore_barrier/tcpstore_barrier.h>
@@ -43,6 +45,41 @@ std::string treeRecordKey(const std::string& prefix);
 std::string treeBelowKey(const std::string& prefix, int64_t member);
 // The count of ranks that joined a tree over a store given to from_store.
 std::string treeJoinedKey(const std::string& prefix);
+// Whether the job builds a tree, and whether every rank reached its stores:
+// read by every rank while joining, deleted by the last.
+std::vector<std::string> treeDecisionKeys(const std::string& prefix);
+
+// Why a tree cannot be built, as every rank of it learnt it.
+class TreeUnbuildable : public std::runtime_error {
+ public:
+  TreeUnbuildable(const std::string& reason, bool decidedHere)
+      : std::runtime_error(reason), decidedHere_(decidedHere) {}
+  // Whether this rank decided it (the one that says so in the log).
+  bool decidedHere() const noexcept {
+    return decidedHere_;
+  }
+
+ private:
+  bool decidedHere_;
+};
+
+// A tree that topology="tree" cannot build: names the rank and store that
+// cannot be reached, or rank 0 that is not ours.
+class TreeError : public c10::DistNetworkError {
+ public:
+  using c10::DistNetworkError::DistNetworkError;
+};
+
+// Builds `outer`'s tree (outer.address: rank 0's store) unless, with
+// Topology::kAuto, it cannot be built: rank 0 is not a rank of this library
+// (it never says whether to build one), or a member cannot reach its store.
+// Then every rank learns the same reason, one of them logs it, and the
+// caller goes flat: returns false. With Topology::kTree, throws TreeError.
+bool joinTree(
+    BarrierState& outer,
+    const TreeOptions& options,
+    bool registerAsWorker,
+    Clock::time_point deadline);
 
 class BarrierTree {
  public:
@@ -88,6 +125,8 @@ class BarrierTree {
     int64_t localRank = 0;
     bool root = false;
     std::optional<StoreAddress> address;
+    // Where its members reach it, as published (this rank hosting it).
+    std::string published;
     std::unique_ptr<TCPStoreBarrier> barrier;
   };
 
@@ -130,6 +169,8 @@ class BarrierTree {
   void checkUsable() const;
 
   BarrierState& outer_;
+  // The address this rank reaches rank 0's store from.
+  std::string localAddress_;
   std::vector<Level> levels_;
   // Indices into levels_, in the order of a round's steps.
   std::vector<std::size_t> steps_;

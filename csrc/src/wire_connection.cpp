@@ -249,6 +249,9 @@ class WireConnection final : public StoreConnection {
   std::string localAddress() const override {
     return tcpstore_barrier::localAddress(fd_.get());
   }
+  std::string peerAddress() const override {
+    return tcpstore_barrier::peerAddress(fd_.get());
+  }
 
   // c10d's handshake: the magic number, then a ping that proves the server
   // answers.
@@ -464,7 +467,8 @@ std::unique_ptr<StoreConnection> openWireConnection(
     Clock::time_point deadline,
     std::chrono::milliseconds stallLimit,
     std::function<void()> interruptCheck) {
-  UniqueFd fd = connectSocket(address.host, address.port, deadline);
+  UniqueFd fd =
+      connectSocket(address.host, address.port, deadline, address.otherHosts);
   tuneStoreSocket(fd.get(), stallLimit);
   auto connection = std::make_unique<WireConnection>(
       std::move(fd), address, std::move(interruptCheck));

@@ -113,12 +113,31 @@ def netem_unavailable_reason(namespace, device):
 class Hosts:
     """`count` hosts on one bridged subnet, each in its own namespace."""
 
-    def __init__(self, count, subnet="10.213.7"):
+    def __init__(self, count, subnet="10.213.7", ipv6=None):
         token = unique_token()
         self.switch = f"tsb-sw-{token}"
         self.names = [f"tsb-h{i}-{token}" for i in range(count)]
         self.addresses = [f"{subnet}.{i + 1}" for i in range(count)]
+        # `ipv6`: a ULA /64 prefix such as "fd00:213:7:": each host gets ::i+1.
+        self.addresses6 = [f"{ipv6}:{i + 1}" for i in range(count)] if ipv6 else []
         self._created = []
+        self._etc = []
+
+    def write_hosts_file(self, i, text):
+        """Host i's /etc/hosts: `ip netns exec` mounts /etc/netns/NAME/hosts
+        over /etc/hosts (the namespaces share this machine's hostname)."""
+        etc = Path("/etc/netns") / self.names[i]
+        etc.mkdir(parents=True, exist_ok=True)
+        self._etc.append(etc)
+        (etc / "hosts").write_text(text)
+
+    def add_address(self, i, address, device="eth0"):
+        """One more address on host i (`address` with its prefix length)."""
+        _run("ip", "-n", self.names[i], "addr", "add", address, "dev", device)
+
+    def route(self, i, *route):
+        """`ip route add ROUTE...` on host i."""
+        _run("ip", "-n", self.names[i], "route", "add", *route)
 
     def create(self):
         sw = self.switch
@@ -147,6 +166,11 @@ class Hosts:
             _run("ip", "-n", sw, "link", "set", f"p{i}", "master", "br0")
             _run("ip", "-n", sw, "link", "set", f"p{i}", "up")
             _run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            if self.addresses6:
+                _run(
+                    "ip", "-n", ns, "addr", "add", f"{self.addresses6[i]}/64",
+                    "dev", "eth0", "nodad",
+                )  # fmt: skip
             _run("ip", "-n", ns, "link", "set", "eth0", "up")
         return self
 
@@ -207,6 +231,9 @@ class Hosts:
         for ns in reversed(self._created):
             _run("ip", "netns", "del", ns, check=False)
         self._created.clear()
+        for etc in self._etc:
+            shutil.rmtree(etc, ignore_errors=True)
+        self._etc.clear()
 
 
 # --- one rank per host --------------------------------------------------------
@@ -219,7 +246,8 @@ class HostRanks:
 
     def __init__(
         self, hosts, port, rounds, timeout, peer_timeout="off",
-        ranks_per_host=1, options=None,
+        ranks_per_host=1, options=None, master_address=None, env=None,
+        rank_options=None,
     ):  # fmt: skip
         self.events = queue_module.Queue()
         self.logs = []
@@ -230,8 +258,9 @@ class HostRanks:
             self.logs.append(log)
             argv = [
                 sys.executable, "-m", "support.netns", "rank", rank, world_size,
-                hosts.addresses[0], port, rounds, timeout, peer_timeout,
-                json.dumps(options or {}),
+                master_address or hosts.addresses[0], port, rounds, timeout,
+                peer_timeout,
+                json.dumps({**(options or {}), **(rank_options or {}).get(rank, {})}),
             ]  # fmt: skip
             proc = hosts.popen(
                 rank // ranks_per_host,
@@ -241,6 +270,7 @@ class HostRanks:
                 stderr=log,
                 text=True,
                 cwd=TESTS,
+                env={**os.environ, **(env or {})},
             )
             self.procs.append(proc)
             threading.Thread(target=self._read, args=(proc,), daemon=True).start()
@@ -317,12 +347,49 @@ def rank_main(
     rank, world_size, master_address, port, rounds, timeout, peer_timeout, options
 ):
     """Constructs, runs `rounds` timestamped barriers, reports them; then on
-    "go" from stdin one more barrier, reporting how it ended."""
-    barrier = our_barrier(
-        rank, world_size, port, init=60, timeout=timeout,
-        master_address=master_address,
-        options={"peer_timeout_secs": peer_timeout, **options},
-    )  # fmt: skip
+    "go" from stdin one more barrier, reporting how it ended.
+
+    Options of the tests, not of the barrier: "torch_class" (run torch's
+    Python TCPStoreBarrier), "from_store" (our barrier over a torch TCPStore
+    that rank 0 hosts, listening on every address as torchrun's does),
+    "init" (timeout_barrier_init_secs). A constructor that raises is
+    reported as the rounds' event with an "error"."""
+    options = dict(options)
+    init = options.pop("init", 60)
+    try:
+        if options.pop("torch_class", False):
+            from support.barriers import torch_barrier
+
+            barrier = torch_barrier(
+                rank, world_size, port, init=init, timeout=timeout,
+                master_address=master_address,
+            )  # fmt: skip
+        elif options.pop("from_store", False):
+            from datetime import timedelta
+
+            import torch.distributed as dist
+
+            from tcpstore_barrier import TCPStoreBarrier
+
+            store = dist.TCPStore(
+                master_address, port, world_size, is_master=rank == 0,
+                timeout=timedelta(seconds=init), wait_for_workers=False,
+            )  # fmt: skip
+            barrier = TCPStoreBarrier.from_store(
+                store, rank, world_size, "ckpt", init,
+                peer_timeout_secs=peer_timeout, **options,
+            )  # fmt: skip
+        else:
+            barrier = our_barrier(
+                rank, world_size, port, init=init, timeout=timeout,
+                master_address=master_address,
+                options={"peer_timeout_secs": peer_timeout, **options},
+            )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        from support.barriers import describe
+
+        _emit(event="rounds", rank=rank, error=describe(e))
+        return
     stamps = []
     for _ in range(rounds):
         entered = time.monotonic()
@@ -330,7 +397,8 @@ def rank_main(
         stamps.append((entered, time.monotonic()))
     _emit(
         event="rounds", rank=rank, stamps=stamps, sequence=barrier.sequence,
-        topology=barrier.topology, tree_levels=barrier.tree_levels,
+        topology=getattr(barrier, "topology", "torch"),
+        tree_levels=getattr(barrier, "tree_levels", 1), error=None,
     )  # fmt: skip
 
     if sys.stdin.readline().strip() != "go":

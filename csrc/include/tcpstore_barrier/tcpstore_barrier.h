@@ -42,6 +42,10 @@ enum class Topology {
 // the one store's liveness can no longer keep the peer timeout (README,
 // "Scale").
 constexpr int64_t kTreeFromWorldSize = 1024;
+// An environment variable that, set to a number of ranks, replaces
+// kTreeFromWorldSize: for tests of "auto" without 1,024 ranks.
+constexpr const char* kTreeFromWorldSizeVariable =
+    "TCPSTORE_BARRIER_TREE_FROM_WORLD_SIZE";
 // A tree store's members: a store's cost per round grows with it, each
 // level adds a round trip; 8 was fastest measured at 1,024 ranks and in the
 // model at 10,000 and 100,000 (README, "Scale").
