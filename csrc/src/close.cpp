@@ -266,7 +266,8 @@ void closeBarrier(BarrierState& state, Clock::time_point deadline) {
 }
 
 void destroyBarrier(
-    BarrierState& state, std::optional<Clock::time_point> lingerUntil) noexcept {
+    BarrierState& state,
+    std::optional<Clock::time_point> lingerUntil) noexcept {
   if (state.tree) {
     state.tree->destroy();
     state.tree.reset();

@@ -103,8 +103,7 @@ bool wantsTree(const TreeOptions& tree, int64_t worldSize, bool tcpStore) {
 // rank arrived: either present means another barrier's keys.
 void refuseReusedPrefix(BarrierState& state, Clock::time_point deadline) {
   const std::vector<std::string> marks{
-      state.liveness->aliveKey(state.rank),
-      state.protocol->releaseKey(0)};
+      state.liveness->aliveKey(state.rank), state.protocol->releaseKey(0)};
   const auto present = state.connection->checkEach(marks, deadline);
   for (std::size_t i = 0; i < marks.size(); ++i) {
     if (present[i]) {
@@ -137,9 +136,8 @@ void startRounds(
   // Deleting finished rounds goes round the ranks that arrive at this store.
   const auto arrivers = state.shape.memberRanks(state.worldSize);
   state.turns.count = static_cast<int64_t>(arrivers.size());
-  state.turns.mine =
-      std::find(arrivers.begin(), arrivers.end(), state.rank) -
-      arrivers.begin();
+  state.turns.mine = std::find(arrivers.begin(), arrivers.end(), state.rank) -
+                     arrivers.begin();
   if (address) {
     state.connection =
         openWireConnection(*address, deadline, state.stallLimit(), [&state] {

@@ -177,11 +177,7 @@ void publishPlan(
     // one send: once all are counted, all keys are there.
     awaitWorkers(root, outer.worldSize, deadline);
   } else {
-    awaitCount(
-        root,
-        treeJoinedKey(outer.prefix),
-        outer.worldSize,
-        deadline);
+    awaitCount(root, treeJoinedKey(outer.prefix), outer.worldSize, deadline);
   }
   std::vector<std::string> keys;
   for (int64_t rank = 0; rank < outer.worldSize; ++rank) {
@@ -530,8 +526,8 @@ void BarrierTree::destroy() noexcept {
   std::chrono::milliseconds linger{0};
   for (auto& level : levels_) {
     if (level.barrier) {
-      linger = std::max(
-          linger, lingerLimit(BarrierAccess::state(*level.barrier)));
+      linger =
+          std::max(linger, lingerLimit(BarrierAccess::state(*level.barrier)));
     }
   }
   const auto lingerUntil = Clock::now() + linger;
@@ -697,23 +693,21 @@ std::optional<std::string> BarrierTree::decideAtRoot(
     const auto deadline = Clock::now() + kVerdictBudget;
     auto root =
         openWireConnection(*outer_.address, deadline, outer_.stallLimit());
-    std::vector<int64_t> rootMembers = levels_.back().root
-        ? levels_.back().store.members
-        : decodeStore(
-              0,
-              root->multiGet({treeRecordKey(outer_.prefix)}, deadline).front())
-              .members;
+    std::vector<int64_t> rootMembers =
+        levels_.back().root
+            ? levels_.back().store.members
+            : decodeStore(
+                  0,
+                  root->multiGet({treeRecordKey(outer_.prefix)}, deadline)
+                      .front())
+                  .members;
     if (outer_.protocolKind != Protocol::kTorch) {
       for (std::size_t m = 0; m < rootMembers.size(); ++m) {
         rootMembers[m] = static_cast<int64_t>(m);
       }
     }
     return declareVerdict(
-        *root,
-        outer_.prefix,
-        rootMembers,
-        proposal,
-        deadline);
+        *root, outer_.prefix, rootMembers, proposal, deadline);
   } catch (const std::exception&) {
     return std::nullopt;
   }
@@ -768,11 +762,10 @@ void BarrierTree::lose(std::size_t index, const std::string& detail) {
     // The rank hosting this store is gone or frozen, and with it the way
     // to the root of everything below it: its whole subtree is lost to the
     // barrier, and it may lead more than this store.
-    verdict = decideAtRoot(verdictText(
-                               level.store.hostSubtree,
-                               level.store.hostSubtree,
-                               true))
-                  .value_or(rootLostVerdict());
+    verdict =
+        decideAtRoot(
+            verdictText(level.store.hostSubtree, level.store.hostSubtree, true))
+            .value_or(rootLostVerdict());
     gone = index;
   }
   const Alarm decided = alarmOfVerdict(verdict);
@@ -899,8 +892,7 @@ std::vector<int64_t> BarrierTree::missingBelow(
   }
   const auto known = connection->checkEach(belowKeys, deadline);
   for (std::size_t i = 0; i < children.size(); ++i) {
-    const auto& subtree =
-        store.subtrees[static_cast<std::size_t>(children[i])];
+    const auto& subtree = store.subtrees[static_cast<std::size_t>(children[i])];
     if (!known[i]) {
       ranks.insert(ranks.end(), subtree.begin(), subtree.end());
       continue;

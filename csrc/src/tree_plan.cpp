@@ -112,11 +112,11 @@ TreePlan planTree(
       continue;
     }
     const int64_t host = store.members.front();
-    const auto& top = plan.stores[static_cast<std::size_t>(
-        plan.storesOf.at(host).back())];
+    const auto& top =
+        plan.stores[static_cast<std::size_t>(plan.storesOf.at(host).back())];
     const auto at = std::find(top.members.begin(), top.members.end(), host);
-    store.hostSubtree = top.subtrees[static_cast<std::size_t>(
-        at - top.members.begin())];
+    store.hostSubtree =
+        top.subtrees[static_cast<std::size_t>(at - top.members.begin())];
   }
   return plan;
 }
