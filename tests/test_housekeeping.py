@@ -27,7 +27,7 @@ from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
-from support import LOOPBACK, free_port
+from support import LOOPBACK, free_port, report_figure
 from support.barriers import our_barrier
 from support.launch import run_ranks
 from support.resources import listening_ports
@@ -123,6 +123,10 @@ def first_batch(prefix_of_round):
 @pytest.mark.parametrize("topology", ["flat", "tree"])
 def test_each_finished_rounds_keys_are_deleted_once_not_once_per_rank(topology):
     deleted = traced_deletes(topology)
+    report_figure(
+        f"{topology}: delete requests per deleted key",
+        sum(len(c) for c in deleted.values()) / max(len(deleted), 1),
+    )
     # The batch of rounds 0-31 at rank 0's store (the root) was deleted...
     assert first_batch(DELETE_PREFIX) <= deleted.keys(), sorted(deleted)[:10]
     # ...and every key, there and at any store of the tree, by one request.

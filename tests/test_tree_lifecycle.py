@@ -20,7 +20,7 @@ from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
-from support import free_port
+from support import free_port, report_figure
 from support.barriers import assert_no_early_release, describe, our_barrier
 from support.launch import CONTEXT, by_rank, run_ranks, start_rank_groups
 from support.resources import resources, settled_leftovers
@@ -147,6 +147,7 @@ def test_close_returns_within_timeout_secs_with_a_live_straggler_at_every_level(
         close_with_stragglers, DEEP_HOSTS, free_port(), rank0_closed
     ) as processes:
         results = by_rank(processes.results(range(len(DEEP_HOSTS)), 30), 8)
+    report_figure("close() with a straggler at 3 levels, timeout 2 s (s)", results[0])
     assert results[0] >= CLOSE_TIMEOUT - 0.1, "rank 0 did not wait for its members"
     assert results[0] < CLOSE_TIMEOUT + CLOSE_SLACK, (
         f"rank 0's close() took {results[0]:.2f} s with timeout_secs={CLOSE_TIMEOUT}"
