@@ -219,6 +219,11 @@ def test_every_store_of_a_quiet_tree_holds_at_most_the_key_bound():
         quiet_counts, BOUND_WORLD, free_port(), before,
         threading.Barrier(BOUND_WORLD), threads=True, timeout=90,
     )[0]  # fmt: skip
+    report_figure("24-rank tree: keys at the root once quiet", counts["root"])
+    report_figure(
+        "24-rank tree: keys at the lower stores' server once quiet",
+        sum(n for p, n in counts.items() if isinstance(p, int)),
+    )
     assert counts["plan keys left"] == [], counts
     assert counts["root"] <= store_bound(ROOT_MEMBERS) + own, counts
     # Every store below the root is hosted by this process's one server of
