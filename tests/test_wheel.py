@@ -44,7 +44,9 @@ def _editable() -> bool:
     direct_url = importlib.metadata.distribution("tcpstore-barrier").read_text(
         "direct_url.json"
     )
-    return bool(direct_url and json.loads(direct_url).get("dir_info", {}).get("editable"))
+    return bool(
+        direct_url and json.loads(direct_url).get("dir_info", {}).get("editable")
+    )
 
 
 needs_installed_package = pytest.mark.skipif(

@@ -191,7 +191,9 @@ def check(wheel: Path) -> list[str]:
             for library in needed:
                 if library in RUNTIME:
                     continue
-                in_wheel = any(posixpath.join(d, library) in members for d in directories)
+                in_wheel = any(
+                    posixpath.join(d, library) in members for d in directories
+                )
                 in_torch = library in allowed and any(
                     d == "torch/lib" and (torch_lib / library).is_file()
                     for d in directories

@@ -58,9 +58,15 @@ def dynamic_metadata(
     if field != "dependencies":
         raise RuntimeError(f"tools/torch_pin.py provides 'dependencies', not {field!r}")
     if settings:
-        raise RuntimeError(f"tools/torch_pin.py takes no settings, got {dict(settings)}")
+        raise RuntimeError(
+            f"tools/torch_pin.py takes no settings, got {dict(settings)}"
+        )
     return [torch_requirement(installed_torch_version())]
 
 
 if __name__ == "__main__":
-    print(torch_requirement(sys.argv[1] if len(sys.argv) > 1 else installed_torch_version()))
+    print(
+        torch_requirement(
+            sys.argv[1] if len(sys.argv) > 1 else installed_torch_version()
+        )
+    )
