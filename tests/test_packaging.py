@@ -199,5 +199,6 @@ def test_the_cmake_package_refuses_a_torch_of_another_minor_version(tmp_path):
     message = " ".join(proc.stderr.split())
     assert (
         f"built against torch {tcpstore_barrier.built_with_torch} "
-        f"but {other_torch} holds torch 2.99"
+        f"but {other_torch} holds torch 2.99; install the tcpstore-barrier wheel "
+        "built for torch 2.99 (from the wheels' torch-2.99 folder)"
     ) in message
