@@ -23,6 +23,7 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
+from support.launch import run_ranks
 
 import tcpstore_barrier
 
@@ -120,6 +121,18 @@ def test_the_imported_package_is_the_installed_one():
     installed = importlib.metadata.distribution("tcpstore-barrier")
     init = next(f for f in installed.files or [] if f.name == "__init__.py")
     assert Path(installed.locate_file(init)).resolve() == PACKAGE_DIR / "__init__.py"
+
+
+def _package_and_path(rank, world_size):
+    return tcpstore_barrier.__file__, sys.path
+
+
+@needs_installed_package
+def test_rank_processes_import_the_installed_package_too():
+    # The forkserver's ranks, as every process test runs them.
+    for package_file, path in run_ranks(_package_and_path, 2, timeout=120):
+        assert Path(package_file).resolve().parent == PACKAGE_DIR
+        assert str(ROOT / "python") not in path
 
 
 @needs_dev_test
