@@ -10,6 +10,7 @@ knows it as ``barrier_type="tcp_store_native"``.
 from __future__ import annotations
 
 import importlib.resources
+import os
 
 # The extension links libtorch; importing torch first loads it, so that
 # `import tcpstore_barrier` works as the first import of a program.
@@ -18,9 +19,14 @@ import torch.distributed  # noqa: F401
 
 from ._build_info import built_with_torch
 from ._build_info import version as __version__
-from ._compat import check_torch_version
+from ._compat import check_torch_version, load_extension
 
+# Another torch minor is named as such, and so is any other failure of the
+# loader (never a bare "undefined symbol").
 check_torch_version(built_with_torch, torch.__version__)
+load_extension(
+    __name__, built_with_torch, torch.__version__, os.path.dirname(torch.__file__)
+)
 
 from ._barrier import TCPStoreBarrier  # noqa: E402
 from ._errors import (  # noqa: E402
