@@ -152,6 +152,11 @@ struct BarrierState {
 // housekeeping.cpp
 void deleteFinishedRounds(BarrierState& state);
 
+// construction.cpp: the error for a barrier_prefix another barrier still
+// holds on a store that outlives its barriers (`evidence`: what shows it).
+[[noreturn]] void throwPrefixInUse(
+    const BarrierState& state, const std::string& evidence);
+
 // construction.cpp: a store of a tree, and a level's barrier on it.
 // Hosts a c10d::TCPStore listening on `address` only (port 0: any free).
 c10::intrusive_ptr<c10d::Store> hostStore(

@@ -26,13 +26,6 @@ std::string textOf(const std::vector<uint8_t>& bytes) {
   return {bytes.begin(), bytes.end()};
 }
 
-const char* withoutBacktrace(const std::exception& e) {
-  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
-    return error->what_without_backtrace();
-  }
-  return e.what();
-}
-
 // Every call goes through guarded(): whatever the store throws becomes
 // StoreUnavailable, the one failure the barrier acts on (it marks itself
 // lost, and the worker raises the alarm), with c10's backtrace left out.
@@ -199,6 +192,15 @@ class C10dConnection final : public StoreConnection {
 std::unique_ptr<StoreConnection> openC10dConnection(
     c10::intrusive_ptr<c10d::Store> store) {
   return std::make_unique<C10dConnection>(std::move(store));
+}
+
+// c10 errors append a C++ backtrace to what(); a message that wraps one
+// carries only its text.
+const char* withoutBacktrace(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
+    return error->what_without_backtrace();
+  }
+  return e.what();
 }
 
 } // namespace tcpstore_barrier

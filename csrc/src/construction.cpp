@@ -35,15 +35,6 @@ c10::SourceLocation here(const char* function, int line) {
   return {function, __FILE__, static_cast<uint32_t>(line)};
 }
 
-// c10 errors append a C++ backtrace to what(); a message that wraps one
-// carries only its text.
-const char* withoutBacktrace(const std::exception& e) {
-  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
-    return error->what_without_backtrace();
-  }
-  return e.what();
-}
-
 // Reads PrefixStore's prefix, which it keeps to itself.
 struct PrefixOf : c10d::PrefixStore {
   static const std::string& of(const c10d::PrefixStore& store) {
@@ -107,16 +98,7 @@ void refuseReusedPrefix(BarrierState& state, Clock::time_point deadline) {
   const auto present = state.connection->checkEach(marks, deadline);
   for (std::size_t i = 0; i < marks.size(); ++i) {
     if (present[i]) {
-      throw c10::DistStoreError(
-          here(__func__, __LINE__),
-          fmt::format(
-              "TCPStoreBarrier rank {}: barrier_prefix '{}' is in use on "
-              "this store ('{}' exists): another barrier with this prefix is "
-              "open, or ended without every rank closing it cleanly; close() "
-              "every rank's barrier first, or use another barrier_prefix",
-              state.rank,
-              state.prefix,
-              marks[i]));
+      detail::throwPrefixInUse(state, fmt::format("'{}' exists", marks[i]));
     }
   }
 }
@@ -401,6 +383,19 @@ TCPStoreBarrier::~TCPStoreBarrier() {
 }
 
 namespace detail {
+
+void throwPrefixInUse(const BarrierState& state, const std::string& evidence) {
+  throw c10::DistStoreError(
+      here(__func__, __LINE__),
+      fmt::format(
+          "TCPStoreBarrier rank {}: barrier_prefix '{}' is in use on this "
+          "store ({}): another barrier with this prefix is open, or ended "
+          "without every rank closing it cleanly; close() every rank's "
+          "barrier first, or use another barrier_prefix",
+          state.rank,
+          state.prefix,
+          evidence));
+}
 
 c10::intrusive_ptr<c10d::Store> hostStore(
     const std::string& address,

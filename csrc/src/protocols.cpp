@@ -78,30 +78,13 @@ class TorchKeysProtocol final : public RoundProtocol {
   void deleteRounds(
       StoreConnection& connection,
       int64_t newest,
-      int64_t count,
+      int64_t /*count*/,
       Clock::time_point deadline) const override {
-    // A torch rank never takes its turn, so walk back past this batch, a
-    // batch at a time, while the next older one is still there. Walkers
-    // that meet stop at each other's deletes; the one still deleting carries
-    // on down, so no round is skipped, and none is deleted twice.
-    for (int64_t last = newest; last >= 0; last -= count) {
-      if (last != newest &&
-          !connection.checkEach({roundKey(last, kNumMembersSuffix)}, deadline)
-               .front()) {
-        return;
-      }
-      std::vector<std::string> keys;
-      for (int64_t old = last; old > last - count && old >= 0; --old) {
-        keys.push_back(roundKey(old, kNumMembersSuffix));
-        keys.push_back(roundKey(old, kLastMemberSuffix));
-      }
-      const auto existed = connection.deleteEach(keys, deadline);
-      for (std::size_t i = 0; i < existed.size(); i += 2) {
-        if (!existed[i]) {
-          return;
-        }
-      }
-    }
+    // A torch rank never takes its turn, so walk back past this batch while
+    // older rounds are still there. Walkers that meet stop at each other's
+    // deletes; the one still deleting carries on down, so no round is
+    // skipped.
+    deleteAllRounds(connection, newest, deadline);
   }
 };
 

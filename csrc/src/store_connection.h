@@ -117,6 +117,9 @@ class StoreConnection {
   }
 };
 
+// What `e` says, without the C++ backtrace a c10 error appends to what().
+const char* withoutBacktrace(const std::exception& e);
+
 // Where a wire connection goes.
 struct StoreAddress {
   std::string host;

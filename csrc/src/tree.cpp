@@ -50,13 +50,6 @@ struct OtherLevelAlarm {
   std::size_t level;
 };
 
-const char* withoutBacktrace(const std::exception& e) {
-  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
-    return error->what_without_backtrace();
-  }
-  return e.what();
-}
-
 std::string treeKey(
     const std::string& prefix, std::string_view what, int64_t id) {
   std::string key = prefix;
@@ -220,16 +213,10 @@ void publishPlan(
 void refuseReusedTree(
     const BarrierState& outer, int64_t joined, const std::string& key) {
   if (joined > outer.worldSize) {
-    throw c10::DistStoreError(
-        {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+    throwPrefixInUse(
+        outer,
         fmt::format(
-            "TCPStoreBarrier rank {}: barrier_prefix '{}' is in use on this "
-            "store ('{}' counts {} joiners for a world of {}): another "
-            "barrier with this prefix is open, or ended without every rank "
-            "closing it cleanly; close() every rank's barrier first, or use "
-            "another barrier_prefix",
-            outer.rank,
-            outer.prefix,
+            "'{}' counts {} joiners for a world of {}",
             key,
             joined,
             outer.worldSize));
@@ -245,8 +232,7 @@ void settle(
     int64_t members,
     const std::optional<std::string>& unreachable,
     Clock::time_point deadline) {
-  const std::string outcomeKey =
-      outer.prefix + std::string(kTreeInfix) + "outcome";
+  const std::string outcomeKey = treeKey(outer.prefix, "outcome");
   // Set (a plain SET, which every server backend answers waiters for) once
   // the outcome is.
   const std::string said = outcomeKey + "_said";
@@ -259,8 +245,7 @@ void settle(
       throw TreeUnbuildable(outcome, /*decidedHere=*/true);
     }
   }
-  const auto ready =
-      root.add(outer.prefix + std::string(kTreeInfix) + "ready", 1, deadline);
+  const auto ready = root.add(treeKey(outer.prefix, "ready"), 1, deadline);
   if (ready == members) {
     outcome = root.compareSet(outcomeKey, "", kTreeDecided, deadline);
     root.set(said, "1");
@@ -968,7 +953,7 @@ std::optional<std::pair<std::string, bool>> decideTopology(
   // `key` holds the decision; `said` is set only by rank 0 once it decided
   // for a tree, so that a rank that stopped waiting for it leaves no wait
   // the server would answer on a closed connection.
-  const std::string key = outer.prefix + std::string(kTreeInfix) + "topology";
+  const std::string key = treeKey(outer.prefix, "topology");
   const std::string said = key + "_said";
   auto root = openWireConnection(*outer.address, deadline, outer.stallLimit());
   std::string decided;
