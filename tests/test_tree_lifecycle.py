@@ -55,6 +55,15 @@ RESOURCE_WORLD = 4
 SETTLE = 2.0
 
 
+def await_ready(ready, ranks, within=30.0):
+    """Until `ranks` ranks have counted themselves into `ready` (round 0 done
+    everywhere), so that a fault made next hits the round after."""
+    deadline = time.monotonic() + within
+    while ready.value < ranks:
+        assert time.monotonic() < deadline, "round 0 never completed"
+        time.sleep(0.01)
+
+
 def rounds_then_close(rank, world_size, port, trees=1):
     """Rank `rank` of `trees` trees of RESOURCE_WORLD ranks each, run at once
     (tree i's root at port[i]): three rounds, then close()."""
@@ -200,10 +209,7 @@ def test_close_after_a_loss_skips_the_lost_member_and_waits_for_the_live_one():
     with start_rank_groups(
         close_after_a_loss, LOSS_GROUPS, free_port(), ready
     ) as processes:
-        deadline = time.monotonic() + 30
-        while ready.value < 8:
-            assert time.monotonic() < deadline, "round 0 never completed"
-            time.sleep(0.01)
+        await_ready(ready, 8)
         processes.signal(KILLED_GROUP, signal.SIGKILL)
         survivors = [i for i in range(len(LOSS_GROUPS)) if i != KILLED_GROUP]
         results = by_rank(processes.results(survivors, 40), 8)
@@ -377,10 +383,7 @@ def test_with_liveness_off_a_frozen_level_store_is_a_timeout_or_unreachable():
     with start_rank_groups(
         round_with_frozen_leader, FROZEN_GROUPS, free_port(), ready
     ) as processes:
-        deadline = time.monotonic() + 30
-        while ready.value < 4:
-            assert time.monotonic() < deadline, "round 0 never completed"
-            time.sleep(0.01)
+        await_ready(ready, 4)
         processes.signal(FROZEN_GROUP, signal.SIGSTOP)
         errors = by_rank(processes.results([0, 2], 30), 4)
     for rank in (0, 1, 3):
