@@ -73,6 +73,9 @@ struct BarrierState {
   std::chrono::milliseconds initTimeout{0};
   std::optional<std::chrono::milliseconds> peerTimeout;
   Protocol protocolKind = Protocol::kTorch;
+  // A store below a tree's root: its rounds are released by its leader's
+  // worker (makeRelayProtocol), not by their last arriver.
+  bool relayRounds = false;
   bool usesLibUV = false;
   // Created by this object (not from_store): close() does the handshake.
   bool ownsStore = false;
@@ -187,6 +190,7 @@ struct LevelSpec {
   std::chrono::milliseconds timeout{0};
   std::optional<std::chrono::milliseconds> peerTimeout;
   Protocol protocol = Protocol::kNative;
+  bool relayRounds = false;
   RoundShape shape;
   StoreAddress address;
   // Set on the rank that hosts the level's store.

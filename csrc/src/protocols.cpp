@@ -14,6 +14,10 @@ constexpr std::string_view kNumMembersSuffix = "/num_members";
 constexpr std::string_view kLastMemberSuffix = "/last_member";
 constexpr std::string_view kReleasedValue = "<val_ignored>";
 constexpr std::string_view kServerBarrierSuffix = "/barrier";
+// A relay round's keys (RelayProtocol).
+constexpr std::string_view kRelayArrivedSuffix = "/arrived";
+constexpr std::string_view kRelayInSuffix = "/in";
+constexpr std::string_view kRelayOutSuffix = "/out";
 
 class TorchKeysProtocol final : public RoundProtocol {
  public:
@@ -145,6 +149,89 @@ class ServerBarrierProtocol final : public RoundProtocol {
     std::vector<std::string> keys;
     for (int64_t old = newest; old > newest - count && old >= 0; --old) {
       keys.push_back(roundKey(old, kServerBarrierSuffix));
+    }
+    connection.deleteEach(keys, deadline);
+  }
+};
+
+// A store below a tree's root: its members count themselves in, and the
+// last to arrive says so under `in`; the store's leader, whose worker waits
+// on `in`, climbs the tree and sets `out` once the root has released, as
+// MPICH broadcasts a release down its tree. A release is a key set, so a
+// member that stopped calling holds nobody back.
+class RelayProtocol final : public RoundProtocol {
+ public:
+  using RoundProtocol::RoundProtocol;
+
+  void sendArrival(
+      StoreConnection& connection,
+      RoundKeys& round,
+      int64_t sequence,
+      Clock::time_point deadline) const override {
+    round.sequenceText.clear();
+    appendDecimal(round.sequenceText, sequence);
+    assignRoundKey(round.countKey, round, kRelayArrivedSuffix);
+    assignRoundKey(round.inKey, round, kRelayInSuffix);
+    assignRoundKey(round.releaseKey, round, kRelayOutSuffix);
+    connection.sendAdd(round.countKey, 1, deadline);
+  }
+
+  bool arrivalAnswered(
+      StoreConnection& connection, Clock::time_point until) const override {
+    return connection.replyReady(until);
+  }
+
+  Arrival finishArrival(
+      StoreConnection& connection,
+      const RoundKeys& round,
+      Clock::time_point deadline) const override {
+    const int64_t order = connection.readAdd(deadline);
+    if (order == worldSize_) {
+      connection.set(round.inKey, kReleasedValue);
+    }
+    connection.startWait(round.releaseKey, deadline);
+    return {false, order};
+  }
+
+  void noteSlowRound(
+      StoreConnection& connection, const RoundKeys& round) const override {
+    writeRankKey(connection, round);
+  }
+
+  std::vector<int64_t> missingRanks(
+      StoreConnection& connection,
+      RankKeyCache& cache,
+      int64_t sequence,
+      Clock::time_point deadline) const override {
+    return ranksBehindCount(
+        connection,
+        cache,
+        sequence,
+        roundKey(sequence, kRelayArrivedSuffix),
+        deadline);
+  }
+
+  std::string releaseKey(int64_t sequence) const override {
+    return roundKey(sequence, kRelayOutSuffix);
+  }
+
+  std::vector<std::string> roundKeys(int64_t sequence) const override {
+    return {
+        roundKey(sequence, kRelayArrivedSuffix),
+        roundKey(sequence, kRelayInSuffix),
+        roundKey(sequence, kRelayOutSuffix)};
+  }
+
+  void deleteRounds(
+      StoreConnection& connection,
+      int64_t newest,
+      int64_t count,
+      Clock::time_point deadline) const override {
+    std::vector<std::string> keys;
+    for (int64_t old = newest; old > newest - count && old >= 0; --old) {
+      for (auto& key : roundKeys(old)) {
+        keys.push_back(std::move(key));
+      }
     }
     connection.deleteEach(keys, deadline);
   }
@@ -357,6 +444,29 @@ std::vector<int64_t> RoundProtocol::ranksBehind(
   }
   std::sort(missing.begin(), missing.end());
   return missing;
+}
+
+std::unique_ptr<RoundProtocol> makeRelayProtocol(
+    int64_t rank,
+    int64_t worldSize,
+    const std::string& prefix,
+    RoundShape shape) {
+  return std::make_unique<RelayProtocol>(
+      rank, worldSize, prefix, std::move(shape));
+}
+
+std::string relayInKey(const std::string& prefix, int64_t sequence) {
+  std::string key = prefix;
+  appendDecimal(key, sequence);
+  key.append(kRelayInSuffix);
+  return key;
+}
+
+std::string relayOutKey(const std::string& prefix, int64_t sequence) {
+  std::string key = prefix;
+  appendDecimal(key, sequence);
+  key.append(kRelayOutSuffix);
+  return key;
 }
 
 std::unique_ptr<RoundProtocol> makeRoundProtocol(

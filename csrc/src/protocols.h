@@ -53,8 +53,11 @@ struct RoundKeys {
   std::string sequenceText;
   // torch: `{prefix}{s}/num_members`.
   std::string countKey;
-  // What releases the round: torch's `last_member`, native's `barrier`.
+  // What releases the round: torch's `last_member`, native's `barrier`, a
+  // relay round's `out`.
   std::string releaseKey;
+  // A relay round's `in`: every member has arrived.
+  std::string inKey;
 };
 
 // Which `rank{r}` keys exist. They are never deleted, so a key seen once
@@ -164,6 +167,18 @@ std::unique_ptr<RoundProtocol> makeRoundProtocol(
     int64_t worldSize,
     const std::string& prefix,
     RoundShape shape = {});
+
+// A round at a store below a tree's root (RelayProtocol in protocols.cpp):
+// members add themselves to `{prefix}{s}/arrived`, the last sets
+// `{prefix}{s}/in`, and the store's leader sets `{prefix}{s}/out` once the
+// tree has released the round.
+std::unique_ptr<RoundProtocol> makeRelayProtocol(
+    int64_t rank,
+    int64_t worldSize,
+    const std::string& prefix,
+    RoundShape shape);
+std::string relayInKey(const std::string& prefix, int64_t sequence);
+std::string relayOutKey(const std::string& prefix, int64_t sequence);
 
 // Decimal text of `value`, and its parse (nullopt unless all digits).
 void appendDecimal(std::string& out, int64_t value);

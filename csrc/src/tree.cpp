@@ -49,6 +49,17 @@ constexpr std::string_view kTreeDecided = "tree";
 struct OtherLevelAlarm {
   std::size_t level;
 };
+// The engine is told to stop (close, destruction): it unwinds through
+// whatever it was waiting in.
+struct EngineStopping {};
+// A request of the engine's failed at a level.
+struct EngineAt {
+  std::size_t level;
+};
+// The engine's waits end with the barrier, not with a caller's deadline;
+// it looks for a stop or a verdict between slices.
+constexpr std::chrono::hours kEngineHorizon{24 * 365 * 10};
+constexpr std::chrono::milliseconds kEngineSlice{50};
 
 std::string treeKey(
     const std::string& prefix, std::string_view what, int64_t id) {
@@ -381,6 +392,7 @@ BarrierTree::BarrierTree(
     } else {
       spec.rank = level.localRank;
       spec.worldSize = static_cast<int64_t>(members.size());
+      spec.relayRounds = true;
       // Whether every member reached its stores is settled at the root,
       // below, before any level counts its members.
       spec.awaitMembers = false;
@@ -488,17 +500,26 @@ BarrierTree::BarrierTree(
     }
     connection.flush(deadline);
   }
-  for (std::size_t i = 0; i < levels_.size(); ++i) {
-    steps_.push_back(i);
-  }
-  // Back down: the root's one round releases; every store below has a
-  // second, whose last arriver is the leader coming back.
-  const std::size_t down =
-      levels_.back().root ? levels_.size() - 1 : levels_.size();
-  for (std::size_t i = down; i-- > 0;) {
-    steps_.push_back(i);
+  // The worker's own connections to the stores this rank leads, opened
+  // while joining's deadline holds.
+  for (std::size_t i = 0; i + 1 < levels_.size(); ++i) {
+    Level& level = levels_[i];
+    if (level.localRank != 0 || level.root) {
+      throw std::logic_error(
+          fmt::format(
+              "tree plan: rank {} meets at tree store {} above store {}, "
+              "which it does not lead",
+              outer.rank,
+              levels_[i + 1].store.id,
+              level.store.id));
+    }
+    level.relay =
+        openWireConnection(*level.address, deadline, outer.stallLimit());
   }
   installChecks();
+  if (levels_.size() > 1) {
+    engine_ = std::thread(&BarrierTree::runEngine, this);
+  }
 }
 
 BarrierTree::~BarrierTree() {
@@ -506,6 +527,8 @@ BarrierTree::~BarrierTree() {
 }
 
 void BarrierTree::destroy() noexcept {
+  stopEngine();
+  markLevels();
   // Bottom up, as close() does: a store this rank hosts goes last, each
   // lingering (after a verdict or a timeout) within one limit for all.
   std::chrono::milliseconds linger{0};
@@ -517,10 +540,35 @@ void BarrierTree::destroy() noexcept {
   }
   const auto lingerUntil = Clock::now() + linger;
   for (auto& level : levels_) {
+    level.relay.reset();
     if (level.barrier) {
       destroyBarrier(BarrierAccess::state(*level.barrier), lingerUntil);
       level.barrier.reset();
     }
+  }
+}
+
+void BarrierTree::stopEngine() noexcept {
+  if (engine_.joinable()) {
+    engineStopping_ = true;
+    engine_.join();
+  }
+}
+
+void BarrierTree::markLevels() {
+  for (auto& level : levels_) {
+    if (!level.barrier) {
+      continue;
+    }
+    BarrierState& state = BarrierAccess::state(*level.barrier);
+    // Every store this rank hosts stays up, if it is destroyed now, until
+    // its members have the verdict too, or have named the missing ranks
+    // (close.cpp).
+    if (lost_ && !state.lost) {
+      state.lost = lost_;
+      state.phase = Phase::kLost;
+    }
+    state.timedOut = state.timedOut || timedOut_;
   }
 }
 
@@ -531,10 +579,16 @@ void BarrierTree::checkUsable() const {
 }
 
 void BarrierTree::installChecks() {
+  // The host store's rounds are the caller's, and run its interrupt check;
+  // the rest are the engine's, which stops when told to.
   for (std::size_t i = 0; i < levels_.size(); ++i) {
     BarrierAccess::state(*levels_[i].barrier).interruptCheck = [this, i] {
-      if (userCheck_) {
-        userCheck_();
+      if (i == 0) {
+        if (userCheck_) {
+          userCheck_();
+        }
+      } else if (engineStopping_) {
+        throw EngineStopping{};
       }
       checkOtherLevels(i);
     };
@@ -553,96 +607,80 @@ void BarrierTree::checkOtherLevels(std::size_t waiting) const {
   }
 }
 
-template <typename Step>
-void BarrierTree::runStep(Step&& step, Clock::time_point deadline) {
-  const std::size_t level = steps_[step_];
-  try {
-    step(*levels_[level].barrier);
-  } catch (const OtherLevelAlarm& alarm) {
-    lose(alarm.level);
-  } catch (const PeerLostError&) {
-    lose(level);
-  } catch (const StoreUnreachableError& e) {
-    lose(level, e.what_without_backtrace());
-  } catch (const BarrierTimeoutError& e) {
-    throwTimeout(level, e, deadline);
-  }
-}
-
-void BarrierTree::runSteps(Clock::time_point deadline) {
-  while (step_ < steps_.size()) {
-    runStep(
-        [deadline](TCPStoreBarrier& barrier) {
-          BarrierAccess::executeUntil(barrier, deadline);
-        },
-        deadline);
-    ++step_;
-  }
-  step_ = 0;
-  ++sequence_;
-}
-
-void BarrierTree::execute(Clock::time_point deadline) {
-  checkUsable();
-  runSteps(deadline);
-}
-
-void BarrierTree::arrive(Clock::time_point deadline) {
-  checkUsable();
-  if (step_ == 0) {
-    runStep(
-        [deadline](TCPStoreBarrier& barrier) {
-          BarrierAccess::arriveUntil(barrier, deadline);
-        },
-        deadline);
-  }
-}
-
-void BarrierTree::wait(Clock::time_point deadline) {
-  checkUsable();
-  if (step_ == 0) {
-    if (BarrierAccess::state(*currentLevel().barrier).phase ==
-        Phase::kBetweenRounds) {
-      throw std::logic_error(
-          fmt::format(
-              "TCPStoreBarrier rank {}: wait() called before arrive() for "
-              "sequence {}",
-              outer_.rank,
-              sequence_));
+bool BarrierTree::anyAlarm() const {
+  for (const auto& level : levels_) {
+    if (BarrierAccess::alarm(*level.barrier)) {
+      return true;
     }
-    runStep(
-        [deadline](TCPStoreBarrier& barrier) {
-          BarrierAccess::waitUntil(barrier, deadline);
-        },
-        deadline);
-    ++step_;
   }
-  runSteps(deadline);
-}
-
-bool BarrierTree::released() {
-  // A tree's round is released only once its last step is: nothing short
-  // of running the steps can tell.
   return false;
 }
 
-void BarrierTree::sendArrival() {
+int64_t BarrierTree::sequence() const noexcept {
+  return BarrierAccess::state(*levels_.front().barrier).sequence;
+}
+
+template <typename Call>
+void BarrierTree::callHost(Call&& call, Clock::time_point deadline) {
   checkUsable();
-  if (step_ == 0) {
-    runStep(
-        [](TCPStoreBarrier& barrier) {
-          BarrierAccess::sendArrival(barrier);
-        },
-        Clock::now() + outer_.timeout);
+  try {
+    call(host());
+  } catch (const OtherLevelAlarm& alarm) {
+    lose(alarm.level);
+  } catch (const PeerLostError&) {
+    lose(0);
+  } catch (const StoreUnreachableError& e) {
+    lose(0, e.what_without_backtrace());
+  } catch (const BarrierTimeoutError& e) {
+    throwTimeout(0, e, deadline);
   }
 }
 
+void BarrierTree::execute(Clock::time_point deadline) {
+  callHost(
+      [deadline](TCPStoreBarrier& barrier) {
+        BarrierAccess::executeUntil(barrier, deadline);
+      },
+      deadline);
+}
+
+void BarrierTree::arrive(Clock::time_point deadline) {
+  callHost(
+      [deadline](TCPStoreBarrier& barrier) {
+        BarrierAccess::arriveUntil(barrier, deadline);
+      },
+      deadline);
+}
+
+void BarrierTree::wait(Clock::time_point deadline) {
+  callHost(
+      [deadline](TCPStoreBarrier& barrier) {
+        BarrierAccess::waitUntil(barrier, deadline);
+      },
+      deadline);
+}
+
+bool BarrierTree::released() {
+  return !lost_ && host().released();
+}
+
+void BarrierTree::sendArrival() {
+  if (lost_ || anyAlarm()) {
+    return;
+  }
+  callHost(
+      [](TCPStoreBarrier& barrier) {
+        BarrierAccess::sendArrival(barrier);
+      },
+      Clock::now() + outer_.timeout);
+}
+
 bool BarrierTree::arrivalAnswered(std::chrono::milliseconds patience) {
-  if (step_ != 0) {
-    return true;
+  if (lost_ || anyAlarm()) {
+    return false;
   }
   bool answered = true;
-  runStep(
+  callHost(
       [&answered, patience](TCPStoreBarrier& barrier) {
         answered = BarrierAccess::arrivalAnswered(barrier, patience);
       },
@@ -650,9 +688,87 @@ bool BarrierTree::arrivalAnswered(std::chrono::milliseconds patience) {
   return answered;
 }
 
+void BarrierTree::runEngine() noexcept {
+  // Which level the engine was at when a store or a peer failed.
+  std::size_t at = 0;
+  try {
+    for (int64_t sequence = 0;; ++sequence) {
+      relayRound(sequence);
+    }
+  } catch (const EngineStopping&) {
+    return;
+  } catch (const OtherLevelAlarm& alarm) {
+    at = alarm.level;
+  } catch (const EngineAt& failed) {
+    at = failed.level;
+  } catch (...) {
+    return;
+  }
+  // The barrier is over for everyone below: tell them now, whatever this
+  // rank's caller is doing.
+  try {
+    decideLoss(at, {});
+  } catch (...) {
+  }
+}
+
+void BarrierTree::relayRound(int64_t sequence) {
+  const std::size_t top = levels_.size() - 1;
+  const auto forever = Clock::now() + kEngineHorizon;
+  const auto at = [](std::size_t level, auto&& step) {
+    try {
+      step();
+    } catch (const EngineStopping&) {
+      throw;
+    } catch (const OtherLevelAlarm&) {
+      throw;
+    } catch (...) {
+      throw EngineAt{level};
+    }
+  };
+  const auto inKey = relayInKey(outer_.prefix, sequence);
+  at(0, [&] {
+    awaitKey(0, inKey);
+  });
+  for (std::size_t i = 1; i <= top; ++i) {
+    at(i, [&] {
+      BarrierAccess::arriveUntil(*levels_[i].barrier, forever);
+      if (i < top) {
+        awaitKey(i, inKey);
+      }
+    });
+  }
+  at(top, [&] {
+    BarrierAccess::waitUntil(*levels_[top].barrier, forever);
+  });
+  const auto outKey = relayOutKey(outer_.prefix, sequence);
+  for (std::size_t i = top; i-- > 0;) {
+    at(i, [&] {
+      auto& relay = *levels_[i].relay;
+      relay.set(outKey, "1");
+      relay.flush(Clock::now() + outer_.stallLimit());
+      if (i > 0) {
+        // This rank's own arrival there, released by the line above.
+        BarrierAccess::waitUntil(*levels_[i].barrier, forever);
+      }
+    });
+  }
+}
+
+void BarrierTree::awaitKey(std::size_t level, const std::string& key) {
+  auto& relay = *levels_[level].relay;
+  relay.startWait(key, Clock::now() + outer_.stallLimit());
+  while (!relay.awaitRelease(Clock::now() + kEngineSlice, -1)) {
+    if (engineStopping_) {
+      throw EngineStopping{};
+    }
+    checkOtherLevels(levels_.size());
+  }
+}
+
 std::string BarrierTree::releaseKey() const {
   std::string key = outer_.prefix;
-  appendDecimal(key, sequence_);
+  appendDecimal(key, sequence());
   key.append(
       outer_.protocolKind == Protocol::kTorch ? "/last_member" : "/barrier");
   return key;
@@ -719,7 +835,7 @@ void BarrierTree::carryVerdict(
   }
 }
 
-void BarrierTree::lose(std::size_t index, const std::string& detail) {
+Alarm BarrierTree::decideLoss(std::size_t index, const std::string& detail) {
   const Level& level = levels_[index];
   const auto alarm = BarrierAccess::alarm(*level.barrier);
   std::string verdict;
@@ -739,10 +855,9 @@ void BarrierTree::lose(std::size_t index, const std::string& detail) {
     gone = index;
   } else if (!outer_.peerTimeout) {
     // Without liveness nobody declares ranks lost (as flat, where only the
-    // store's own host can be): this store's host is gone for this rank.
-    endWith(treeError(
-        Alarm{Alarm::Kind::kStoreGone, {}, {}, detail},
-        {level.store.members.front()}));
+    // store's own host can be): this store's host is gone for this rank,
+    // and for this rank only.
+    return Alarm{Alarm::Kind::kStoreGone, {}, {}, detail};
   } else {
     // The rank hosting this store is gone or frozen, and with it the way
     // to the root of everything below it: its whole subtree is lost to the
@@ -760,22 +875,21 @@ void BarrierTree::lose(std::size_t index, const std::string& detail) {
     gone = levels_.back().root ? std::optional(levels_.size() - 1) : gone;
   }
   carryVerdict(verdict, gone);
+  return decided;
+}
+
+void BarrierTree::lose(std::size_t index, const std::string& detail) {
+  const Alarm verdict = decideLoss(index, detail);
+  if (!verdict.decided) {
+    endWith(treeError(verdict, {levels_[index].store.members.front()}));
+  }
   endWith(treeError(
-      decided,
+      verdict,
       outer_.ownsStore ? std::vector<int64_t>{0} : std::vector<int64_t>{}));
 }
 
 void BarrierTree::endWith(std::exception_ptr error) {
   lost_ = std::move(error);
-  // Every store this rank hosts stays up, if it is destroyed now, until its
-  // members have the verdict too (close.cpp).
-  for (auto& each : levels_) {
-    BarrierState& state = BarrierAccess::state(*each.barrier);
-    if (!state.lost) {
-      state.lost = lost_;
-      state.phase = Phase::kLost;
-    }
-  }
   std::rethrow_exception(lost_);
 }
 
@@ -790,9 +904,9 @@ std::exception_ptr BarrierTree::treeError(
             outer_.rank,
             outer_.worldSize,
             outer_.prefix,
-            sequence_,
+            sequence(),
             verdict.detail),
-        sequence_,
+        sequence(),
         std::move(storeHost)));
   }
   const auto limit = outer_.peerTimeout.value_or(std::chrono::milliseconds(0));
@@ -805,12 +919,12 @@ std::exception_ptr BarrierTree::treeError(
           outer_.rank,
           outer_.worldSize,
           key,
-          sequence_,
+          sequence(),
           encodeRanks(verdict.lostRanks),
           describeSeconds(limit),
           encodeRanks(verdict.missingRanks)),
       key,
-      sequence_,
+      sequence(),
       limit,
       verdict.missingRanks,
       verdict.lostRanks));
@@ -824,32 +938,28 @@ std::vector<int64_t> BarrierTree::missingBelow(
       connection->multiGet({treeRecordKey(outer_.prefix)}, deadline).front());
   RoundShape shape;
   int64_t worldSize = static_cast<int64_t>(store.members.size());
-  int64_t round = 2 * sequence_;
+  const int64_t round = sequence();
   const bool torchKeys = root && outer_.protocolKind == Protocol::kTorch;
   if (torchKeys) {
     worldSize = outer_.worldSize;
     shape.members = rootArrivers(store, outer_.worldSize);
   }
-  if (root) {
-    round = sequence_;
+  // A member arrives at a store only once everything below it has: where
+  // all have arrived (`in` is set), nobody below is missing.
+  if (!root &&
+      connection->check({relayInKey(outer_.prefix, round)}, deadline)) {
+    return {};
   }
-  const auto protocol = makeRoundProtocol(
-      torchKeys ? Protocol::kTorch : Protocol::kNative,
-      -1,
-      worldSize,
-      outer_.prefix,
-      shape);
+  const auto protocol = root ? makeRoundProtocol(
+                                   torchKeys ? Protocol::kTorch
+                                             : Protocol::kNative,
+                                   -1,
+                                   worldSize,
+                                   outer_.prefix,
+                                   shape)
+                             : makeRelayProtocol(
+                                   -1, worldSize, outer_.prefix, shape);
   RankKeyCache cache;
-  if (!root) {
-    // A native rank writes its `rank{r}` key only once its round is slow:
-    // a member already waiting in the release round (2s+1) shows that the
-    // arrival round (2s) completed here, with everyone below.
-    const auto behindRelease =
-        protocol->missingRanks(*connection, cache, round + 1, deadline);
-    if (behindRelease.size() < store.members.size()) {
-      return {};
-    }
-  }
   const auto missing =
       protocol->missingRanks(*connection, cache, round, deadline);
   std::vector<int64_t> ranks;
@@ -916,9 +1026,7 @@ void BarrierTree::throwTimeout(
   }
   // Every store this rank hosts stays up a little if it is destroyed now:
   // the others are timing out too, and walk the tree to name the missing.
-  for (auto& level : levels_) {
-    BarrierAccess::state(*level.barrier).timedOut = true;
-  }
+  timedOut_ = true;
   const auto key = releaseKey();
   throw BarrierTimeoutError(
       fmt::format(
@@ -928,14 +1036,14 @@ void BarrierTree::throwTimeout(
           outer_.rank,
           outer_.worldSize,
           key,
-          sequence_,
+          sequence(),
           missing ? fmt::format("missing ranks: [{}]", encodeRanks(*missing))
                   : fmt::format(
                         "missing ranks unknown: the tree's stores did not "
                         "say within {}",
                         describeSeconds(kDiagnosisBudget))),
       key,
-      sequence_,
+      sequence(),
       outer_.timeout,
       missing.value_or(std::vector<int64_t>{}));
 }
@@ -1045,7 +1153,13 @@ bool joinTree(
 }
 
 void BarrierTree::close(Clock::time_point deadline) {
+  // Every round this rank's caller took part in is released once its
+  // close() runs, and so was every store this rank leads: the engine has
+  // nothing left to relay.
+  stopEngine();
+  markLevels();
   for (auto& level : levels_) {
+    level.relay.reset();
     BarrierAccess::state(*level.barrier).interruptCheck = userCheck_;
   }
   for (auto& level : levels_) {

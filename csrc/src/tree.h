@@ -1,21 +1,22 @@
-// A barrier over a tree of stores, composed of the flat round as MPICH's
-// node-aware barrier composes its own (barrier_intra_smp.c): each rank takes
-// part in the rounds of the stores it meets at, bottom up, and the release
-// comes back down through the same stores:
+// A barrier over a tree of stores, as MPICH's node-aware barrier
+// (barrier_intra_smp.c) composes its own, with each rank's worker as its
+// progress engine (as NCCL's proxy thread advances communication while the
+// application computes):
 //
-//   host store:   everyone on the host arrives      (round 2s)
-//   group stores: the leaders arrive, level by level (round 2s)
-//   root:         the top leaders count their subtrees in (round s)
-//   group stores: the release, level by level down   (round 2s+1)
-//   host store:   the release to the host's ranks    (round 2s+1)
+//   every rank's caller   arrives at its host store and waits for its `out`
+//   a leader's worker     waits for its store's `in` (all members arrived),
+//                         arrives at the store above, and so on to the root
+//   the root              releases as a flat round does (torch's keys)
+//   the leader's worker   sets `out` at each store it leads, top down
+//   on a verdict          it decides it at the root and carries it to them
 //
-// Each step is a TCPStoreBarrier of its own on its store, with its own
-// liveness, so no store serves more than its members. What the tree adds:
-// the plan (tree_plan.h), one deadline for all the steps, and verdicts that
-// cross stores: a loss seen at any store is decided once at the root and
-// carried to every store.
+// A caller does at its host store exactly what a flat rank does at rank 0's:
+// arrive(), wait() and `released` mean what they mean flat, whatever any
+// leader's caller does meanwhile. Each store is a TCPStoreBarrier of its own
+// with its own liveness, so no store serves more than its members.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <exception>
 #include <functional>
@@ -23,6 +24,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <tcpstore_barrier/tcpstore_barrier.h>
@@ -102,13 +104,12 @@ class BarrierTree {
   void arrive(Clock::time_point deadline);
   void wait(Clock::time_point deadline);
   bool released();
-  // The first step's halves, for Python's arrive().
+  // arrive()'s halves, for Python's arrive(): neither runs the loss path
+  // (it asks the root), which waits for arrive() without the GIL.
   void sendArrival();
   bool arrivalAnswered(std::chrono::milliseconds patience);
 
-  int64_t sequence() const noexcept {
-    return sequence_;
-  }
+  int64_t sequence() const noexcept;
   int64_t levels() const noexcept {
     return static_cast<int64_t>(levels_.size());
   }
@@ -128,22 +129,39 @@ class BarrierTree {
     // Where its members reach it, as published (this rank hosting it).
     std::string published;
     std::unique_ptr<TCPStoreBarrier> barrier;
+    // A store this rank leads: the worker's connection that waits for its
+    // rounds' `in` and sets their `out`.
+    std::unique_ptr<StoreConnection> relay;
   };
 
-  // Runs `step` on the current step's barrier, turning what a level
-  // raises into the tree's error.
-  template <typename Step>
-  void runStep(Step&& step, Clock::time_point deadline);
-  void runSteps(Clock::time_point deadline);
-  Level& currentLevel() {
-    return levels_[steps_[step_]];
+  // Runs `call` on the host store's barrier, turning what it raises into
+  // the tree's error.
+  template <typename Call>
+  void callHost(Call&& call, Clock::time_point deadline);
+  TCPStoreBarrier& host() {
+    return *levels_.front().barrier;
   }
   void installChecks();
-  // Throws for the first level other than `waiting` that has a verdict.
+  // Throws OtherLevelAlarm for the first level other than `waiting` that
+  // has a verdict.
   void checkOtherLevels(std::size_t waiting) const;
-  // A loss learnt at `level`: decided at the root, carried to every store
-  // of this rank, raised.
+  bool anyAlarm() const;
+
+  // The progress engine: the worker's loop, one round of it, and a wait on
+  // a key of a store this rank leads.
+  void runEngine() noexcept;
+  void relayRound(int64_t sequence);
+  void awaitKey(std::size_t level, const std::string& key);
+  void stopEngine() noexcept;
+  // Runs after the engine has stopped: what the caller learnt (a verdict,
+  // a timeout) marks every level, for close() and the linger.
+  void markLevels();
+
+  // A loss learnt at `level`: decided at the root and carried to every
+  // store of this rank; returns the verdict as the root holds it.
   // `detail`: what the level's store failure said, if it failed.
+  Alarm decideLoss(std::size_t level, const std::string& detail);
+  // The caller's end of a loss: decided, carried, raised.
   [[noreturn]] void lose(std::size_t level, const std::string& detail = {});
   [[noreturn]] void throwTimeout(
       std::size_t level,
@@ -164,20 +182,24 @@ class BarrierTree {
   // `storeHost` lost (rank 0 for the root of a store this library made).
   std::exception_ptr treeError(
       const Alarm& verdict, std::vector<int64_t> storeHost) const;
-  // Marks every level lost with `error` and raises it.
+  // Remembers `error` for every later call, and raises it.
   [[noreturn]] void endWith(std::exception_ptr error);
   void checkUsable() const;
 
   BarrierState& outer_;
   // The address this rank reaches rank 0's store from.
   std::string localAddress_;
+  // Bottom up: the host store first, the root (if this rank meets there)
+  // last. A rank leads every level but its last.
   std::vector<Level> levels_;
-  // Indices into levels_, in the order of a round's steps.
-  std::vector<std::size_t> steps_;
-  std::size_t step_ = 0;
-  int64_t sequence_ = 0;
+  // The caller thread's: set by close() or an error, read by every call.
   std::function<void()> userCheck_;
   std::exception_ptr lost_;
+  bool timedOut_ = false;
+  // The engine's thread, on a rank that leads a store; it owns the
+  // barriers of levels_[1...] and every level's `relay`.
+  std::atomic<bool> engineStopping_{false};
+  std::thread engine_;
 };
 
 } // namespace tcpstore_barrier::detail
