@@ -20,9 +20,16 @@ Parts, from a bench run of flat ``ours`` and ``native`` at small world sizes
 A round at a store with m members takes its round trips plus the server's
 CPU for the round (the server serializes the requests; the last arrival's
 reply, or the release, comes after all of them): native, one round trip;
-torch's keys, two (the add's reply, then the set that releases). A tree (m ranks a host, fan-in F): 2 rounds at the host
-store, 2 at each of ceil(log_F(hosts)) - 1 group levels, 1 at the root,
-whose T <= F members are the top leaders. That is the critical path on a
+torch's keys, two (the add's reply, then the set that releases). A tree (m
+ranks a host, fan-in F) runs a relay round at each store below the root
+(tree.h): on the way up, the last member's add comes back (a round trip)
+and its set of `in` reaches the leader's worker (one more), which climbs;
+on the way down, the worker's set of `out` reaches the members (one more):
+three round trips a store, ceil(log_F(hosts)) of them on the path (the host
+store and the group levels), and a flat round at the root, whose T <= F
+members are the top leaders. A relay round's server CPU is two requests a
+member (the add and the wait) where torch's keys take three: 2/3 of the
+measured torch's-keys cost. That is the critical path on a
 cluster, every store on its own host's CPUs ("cluster"). On the bench's
 machine all stores and ranks share its CPUs: a round takes at least their
 total CPU work divided by the CPUs ("machine"), which is what the real runs
@@ -142,6 +149,21 @@ def round_us(parts: Parts, members: int, native: bool) -> float:
     return (1 if native else 2) * parts.rtt + server_us(parts, members, native)
 
 
+#: A relay round's round trips on the critical path, and its requests a
+#: member (see the module's docstring).
+RELAY_TRIPS = 3
+RELAY_REQUESTS = 2
+
+
+def relay_server_us(parts: Parts, members: int) -> float:
+    return server_us(parts, members, False) * RELAY_REQUESTS / 3
+
+
+def relay_round_us(parts: Parts, members: int) -> float:
+    """A relay round at a store below the root: up and back down."""
+    return RELAY_TRIPS * parts.rtt + relay_server_us(parts, members)
+
+
 @dataclass(frozen=True)
 class Prediction:
     cluster_us: float
@@ -167,12 +189,14 @@ def predict(
     else:
         tree = plan(world_size, ranks_per_host, fan_in)
         root_requests = tree.root_members if native else 3 * tree.root_members
-        cluster = sum(2 * round_us(parts, m, True) for m in tree.path)
+        cluster = sum(relay_round_us(parts, m) for m in tree.path)
         cluster += round_us(parts, tree.root_members, native)
         root_server = server_us(parts, tree.root_members, native)
-        below = 2 * sum(tree.stores_below)
+        # Each member's add and wait, the last one's `in`, the leader's wait
+        # for `in` and its `out`.
+        below = sum(RELAY_REQUESTS * m + 3 for m in tree.stores_below)
         all_requests = root_requests + below
-        below_server = sum(2 * server_us(parts, m, True) for m in tree.stores_below)
+        below_server = sum(relay_server_us(parts, m) for m in tree.stores_below)
         rank_requests = all_requests / world_size
     client = world_size * (
         parts.client_fixed + parts.client_per_request * rank_requests

@@ -143,9 +143,10 @@ def test_requests_per_round_are_counted_from_each_protocol():
         == count("ours", protocol="native")
         == {"root": 1024, "all": 1024}
     )
-    # A tree: its 8 top leaders at the root; below it, two native rounds at
-    # each host store (8 members) and group store (16 members).
-    below = 2 * (128 * 8 + 8 * 16)
+    # A tree: its 8 top leaders at the root; below it, a relay round at each
+    # host store (8 members) and group store (16 members): each member's add
+    # and wait, and three of the leader's and last member's.
+    below = 128 * (2 * 8 + 3) + 8 * (2 * 16 + 3)
     assert count("tree") == {"root": 24, "all": 24 + below}
     assert count("native-tree") == {"root": 8, "all": 8 + below}
 

@@ -97,13 +97,18 @@ def test_a_leaders_split_phase_holds_nobody_back(shape):
     last_arrival = max(result["arrived_at"] for result in results)
     others = [r for r in range(len(results)) if r != leader]
     late = {r: results[r]["left_at"] - last_arrival for r in others}
-    report_figure(f"split phase ({shape}): slowest release after the last arrival", max(late.values()))
+    report_figure(
+        f"split phase ({shape}): slowest release after the last arrival",
+        max(late.values()),
+    )
     assert max(late.values()) < RELEASE_SLACK, (
         f"released after the last arrival by {late} s while rank {leader}'s "
         f"caller worked {WORK} s"
     )
     released_at = results[leader]["released_at"]
-    assert released_at is not None, "`released` never became true while the leader worked"
+    assert released_at is not None, (
+        "`released` never became true while the leader worked"
+    )
     assert released_at - last_arrival < RELEASE_SLACK
 
 
@@ -151,13 +156,13 @@ def test_a_member_that_timed_out_and_never_calls_again_holds_nobody_back():
 # (0, 2) and (4, 6), root (0, 4): rank 7's loss climbs from host (6, 7)
 # to the root and comes down through group (0, 2) and host (2, 3).
 IDLE_LEADER = {
-    "2 levels": (
-        ((0, 1), (2, 3), (4, 5)), ((0, 1), (2, 3), (4,), (5,)), 2, 5, 3
-    ),
+    "2 levels": (((0, 1), (2, 3), (4, 5)), ((0, 1), (2, 3), (4,), (5,)), 2, 5, 3),
     "3 levels": (
         ((0, 1), (2, 3), (4, 5), (6, 7)),
         ((0, 1), (2, 3), (4, 5), (6,), (7,)),
-        2, 7, 3,
+        2,
+        7,
+        3,
     ),
 }
 IDLE = 15.0
@@ -213,3 +218,185 @@ def test_a_loss_reaches_the_members_of_a_leader_between_calls(shape):
     }
     assert len(lost) == 1, lost
 
+
+# --- shapes the tree suite does not build --------------------------------------
+
+# name: (world size, each rank's host, fan-in, peer timeout). Ranks are threads
+# of the test's process.
+SHAPES = {
+    "world size 1": (1, lambda r: "h0", 2, 5.0),
+    "world size 2, one host": (2, lambda r: "h0", 2, 5.0),
+    "world size 2, two hosts": (2, lambda r: f"h{r}", 2, 5.0),
+    # Ranks dealt to hosts in turn: a host's ranks are not contiguous.
+    "cyclic placement": (9, lambda r: f"h{r % 3}", 2, 5.0),
+    "liveness off": (6, lambda r: f"h{r // 2}", 2, None),
+    # A host of more than 64 ranks has one store per 64.
+    "a host of 70 ranks": (70, lambda r: "h0", 2, 5.0),
+    # 66 hosts of one rank under a fan-in above 64: two group stores.
+    "fan-in 65": (66, lambda r: f"h{r}", 65, 5.0),
+}
+SHAPE_ROUNDS = 5
+
+
+def shape_rank(rank, world_size, port, shape):
+    _, host, fan_in, peer_timeout = SHAPES[shape]
+    from tcpstore_barrier import TCPStoreBarrier
+
+    barrier = TCPStoreBarrier(
+        global_rank=rank, global_world_size=world_size, barrier_prefix=PREFIX,
+        timeout_barrier_init_secs=60, use_checkpoint_barrier_tcpstore_libuv=True,
+        tcpstore_port=port, master_address="127.0.0.1", timeout_secs=60,
+        topology="tree", host=host(rank), tree_fan_in=fan_in,
+        peer_timeout_secs=peer_timeout,
+    )  # fmt: skip
+    stamps, released = [], []
+    for s in range(SHAPE_ROUNDS):
+        # The last rank enters each round late, by turns through arrive().
+        late = rank == (world_size - 1 - s) % world_size
+        if late:
+            time.sleep(0.05)
+        entered = time.monotonic()
+        if s % 2:
+            # Split phase: `released` turns true by itself once the round
+            # has released, as flat.
+            barrier.arrive()
+            until = time.monotonic() + 10
+            while not barrier.released and time.monotonic() < until:
+                time.sleep(0.002)
+            released.append(barrier.released)
+            barrier.wait()
+        else:
+            barrier.execute_barrier()
+        stamps.append((entered, time.monotonic()))
+    result = {
+        "stamps": stamps, "sequence": barrier.sequence,
+        "levels": barrier.tree_levels, "released": released,
+    }  # fmt: skip
+    barrier.close()
+    return result
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_every_shape_releases_each_round_only_once_all_have_entered(shape):
+    from support.barriers import assert_no_early_release
+    from support.launch import run_ranks
+
+    world = SHAPES[shape][0]
+    results = run_ranks(
+        shape_rank, world, free_port(), shape, threads=True, timeout=120
+    )
+    assert all(r["sequence"] == SHAPE_ROUNDS for r in results)
+    assert all(all(r["released"]) for r in results), "`released` stayed false"
+    assert_no_early_release([r["stamps"] for r in results])
+    if world > 2:
+        assert max(r["levels"] for r in results) >= 2
+
+
+# --- agreement: a slow root, and two losses at once ----------------------------
+
+# Hosts (0, 1) (2, 3) (4, 5) with a fan-in of 2: group (0, 2) at rank 0's
+# process, rank 4 at the root. Each tuple of processes below is (processes,
+# strikes): strikes are (process, signal, after s).
+AGREEMENT_HOSTS = ((0, 1), (2, 3), (4, 5))
+AGREEMENT = {
+    # Rank 2, the leader of host (2, 3), dies while rank 0's process (the
+    # root's and group (0, 2)'s host) is frozen for 1.5 s, less than the
+    # peer timeout: a slow root, not a lost one. Rank 3 loses its host store
+    # at once and must wait for the root to decide.
+    "a leader dies while the root stalls": (
+        ((0, 1), (2,), (3,), (4, 5)),
+        ((0, signal.SIGSTOP, 0.0), (1, signal.SIGKILL, 0.0), (0, signal.SIGCONT, 1.5)),
+        5.0,
+        [[2, 3]],
+    ),
+    # Ranks 3 and 5, in two subtrees, die together: the first loss decided at
+    # the root is the verdict (either), named the same by every survivor.
+    "two subtrees at once": (
+        ((0, 1), (2,), (3,), (4,), (5,)),
+        ((2, signal.SIGKILL, 0.0), (4, signal.SIGKILL, 0.0)),
+        2.0,
+        [[3], [5], [3, 5]],
+    ),
+}
+
+
+def agreement_rank(rank, world_size, port, peer_timeout, doomed, ready):
+    barrier = tree_rank(
+        rank, world_size, port, AGREEMENT_HOSTS, peer_timeout=peer_timeout
+    )
+    barrier.execute_barrier()
+    with ready.get_lock():
+        ready.value += 1
+    if rank in doomed:
+        time.sleep(60)
+        raise AssertionError(f"rank {rank} outlived its fault")
+    outcome = timed_round(barrier)
+    barrier.close()
+    return outcome
+
+
+@pytest.mark.parametrize("name", list(AGREEMENT))
+def test_every_survivor_raises_one_verdict(name):
+    groups, strikes, peer_timeout, verdicts = AGREEMENT[name]
+    world = sum(len(group) for group in groups)
+    killed = {p for p, signum, _ in strikes if signum == signal.SIGKILL}
+    doomed = [rank for p in killed for rank in groups[p]]
+    ready = CONTEXT.Value("i", 0)
+    with start_rank_groups(
+        agreement_rank, groups, free_port(), peer_timeout, doomed, ready
+    ) as processes:
+        deadline = time.monotonic() + 60
+        while ready.value < world:
+            assert time.monotonic() < deadline, "round 0 never completed"
+            time.sleep(0.01)
+        time.sleep(0.3)
+        start = time.monotonic()
+        for process, signum, after in sorted(strikes, key=lambda s: s[2]):
+            time.sleep(max(0.0, start + after - time.monotonic()))
+            processes.signal(process, signum)
+        alive = [i for i in range(len(groups)) if i not in killed]
+        reports = processes.results(alive, timeout=60)
+    results = by_rank(reports, world)
+    outcomes = {rank: result["error"] for rank, result in enumerate(results) if result}
+    kinds = {rank: error and error["type"] for rank, error in outcomes.items()}
+    assert set(kinds.values()) == {"PeerLostError"}, kinds
+    named = {tuple(error["lost_ranks"]) for error in outcomes.values()}
+    assert len(named) == 1, f"survivors named different ranks: {outcomes}"
+    assert list(named.pop()) in verdicts
+
+
+# --- a timeout names the same missing ranks on every rank ----------------------
+
+WIDE = 64
+ABSENT = 45
+
+
+def absent_leaf_rank(rank, world_size, port):
+    from tcpstore_barrier import TCPStoreBarrier
+
+    barrier = TCPStoreBarrier(
+        global_rank=rank, global_world_size=world_size, barrier_prefix=PREFIX,
+        timeout_barrier_init_secs=60, use_checkpoint_barrier_tcpstore_libuv=True,
+        tcpstore_port=port, master_address="127.0.0.1", timeout_secs=4,
+        topology="tree", host=f"h{rank // 2}", tree_fan_in=FAN_IN,
+    )  # fmt: skip
+    barrier.execute_barrier()
+    if rank == ABSENT:
+        time.sleep(8)
+        barrier.close()
+        return None
+    outcome = timed_round(barrier)
+    barrier.close()
+    return outcome
+
+
+def test_every_rank_that_times_out_names_the_same_missing_ranks():
+    from support.launch import run_ranks
+
+    results = run_ranks(absent_leaf_rank, WIDE, free_port(), threads=True, timeout=120)
+    named = {
+        rank: r["error"] and (r["error"]["type"], tuple(r["error"]["missing_ranks"]))
+        for rank, r in enumerate(results)
+        if rank != ABSENT
+    }
+    assert set(named.values()) == {("BarrierTimeoutError", (ABSENT,))}, named

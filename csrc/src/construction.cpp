@@ -109,15 +109,16 @@ void startRounds(
     BarrierState& state,
     std::optional<StoreAddress> address,
     Clock::time_point deadline) {
-  state.protocol = state.relayRounds
-      ? makeRelayProtocol(
-            state.rank, state.worldSize, state.prefix, state.shape)
-      : makeRoundProtocol(
-            state.protocolKind,
-            state.rank,
-            state.worldSize,
-            state.prefix,
-            state.shape);
+  state.protocol =
+      state.relayRounds
+          ? makeRelayProtocol(
+                state.rank, state.worldSize, state.prefix, state.shape)
+          : makeRoundProtocol(
+                state.protocolKind,
+                state.rank,
+                state.worldSize,
+                state.prefix,
+                state.shape);
   // Deleting finished rounds goes round the ranks that arrive at this store.
   const auto arrivers = state.shape.memberRanks(state.worldSize);
   state.turns.count = static_cast<int64_t>(arrivers.size());

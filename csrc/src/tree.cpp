@@ -26,11 +26,10 @@ constexpr std::string_view kTreeInfix = "/tree/";
 // deadline plus a second.
 constexpr std::chrono::milliseconds kDiagnosisBudget{900};
 constexpr std::chrono::milliseconds kMinDiagnosis{100};
-// A verdict's trip to the root, and to each store this rank meets at; a
-// store that does not even accept a connection within kCarryConnect (its
-// host is gone too) is passed over: the others still need the verdict.
-constexpr std::chrono::milliseconds kVerdictBudget{1000};
-constexpr std::chrono::milliseconds kCarryConnect{300};
+// A verdict's trip to the root, and to each store this rank meets at, is
+// bounded by the silence liveness allows a store (BarrierState::
+// stallLimit()), never by a constant of ours: a root that stalls for less
+// is slow, not lost, and still decides the one verdict.
 // How long a member tries to reach its store while joining before the tree
 // is given up (auto) or fails (tree): its leader listens before it
 // publishes the address, so what is refused or unanswered that long is not
@@ -60,6 +59,7 @@ struct EngineAt {
 // it looks for a stop or a verdict between slices.
 constexpr std::chrono::hours kEngineHorizon{24 * 365 * 10};
 constexpr std::chrono::milliseconds kEngineSlice{50};
+constexpr std::string_view kReleased = "1";
 
 std::string treeKey(
     const std::string& prefix, std::string_view what, int64_t id) {
@@ -726,44 +726,57 @@ void BarrierTree::relayRound(int64_t sequence) {
       throw EngineAt{level};
     }
   };
+  // Every `in` this round will need is asked for at once, so that climbing
+  // a level costs its arrival and nothing more.
   const auto inKey = relayInKey(outer_.prefix, sequence);
-  at(0, [&] {
-    awaitKey(0, inKey);
-  });
-  for (std::size_t i = 1; i <= top; ++i) {
+  for (std::size_t i = 0; i < top; ++i) {
     at(i, [&] {
-      BarrierAccess::arriveUntil(*levels_[i].barrier, forever);
-      if (i < top) {
-        awaitKey(i, inKey);
+      levels_[i].relay->startWait(inKey, Clock::now() + silenceLimit());
+    });
+  }
+  for (std::size_t i = 0; i < top; ++i) {
+    at(i, [&] {
+      if (i > 0) {
+        BarrierAccess::arriveUntil(*levels_[i].barrier, forever);
       }
+      awaitRelease(i);
     });
   }
   at(top, [&] {
-    BarrierAccess::waitUntil(*levels_[top].barrier, forever);
+    BarrierAccess::executeUntil(*levels_[top].barrier, forever);
   });
+  // The release, top down; then this rank's own arrivals at the stores it
+  // leads, which it has just released.
   const auto outKey = relayOutKey(outer_.prefix, sequence);
   for (std::size_t i = top; i-- > 0;) {
     at(i, [&] {
       auto& relay = *levels_[i].relay;
-      relay.set(outKey, "1");
-      relay.flush(Clock::now() + outer_.stallLimit());
-      if (i > 0) {
-        // This rank's own arrival there, released by the line above.
-        BarrierAccess::waitUntil(*levels_[i].barrier, forever);
-      }
+      relay.set(outKey, kReleased);
+      relay.flush(Clock::now() + silenceLimit());
+    });
+  }
+  for (std::size_t i = 1; i < top; ++i) {
+    at(i, [&] {
+      BarrierAccess::waitUntil(*levels_[i].barrier, forever);
     });
   }
 }
 
-void BarrierTree::awaitKey(std::size_t level, const std::string& key) {
+void BarrierTree::awaitRelease(std::size_t level) {
   auto& relay = *levels_[level].relay;
-  relay.startWait(key, Clock::now() + outer_.stallLimit());
   while (!relay.awaitRelease(Clock::now() + kEngineSlice, -1)) {
     if (engineStopping_) {
       throw EngineStopping{};
     }
     checkOtherLevels(levels_.size());
   }
+}
+
+std::chrono::milliseconds BarrierTree::silenceLimit() const {
+  // Every store of a tree has at most a fan-in (or 64) of members, so
+  // liveness allows each the peer timeout itself.
+  return outer_.peerTimeout.value_or(
+      std::max(outer_.timeout, std::chrono::milliseconds(1000)));
 }
 
 std::string BarrierTree::releaseKey() const {
@@ -791,9 +804,8 @@ std::optional<std::string> BarrierTree::decideAtRoot(
   // stands, and every rank raises what the root holds. Its members are
   // told at once, so that the verdict starts down every branch.
   try {
-    const auto deadline = Clock::now() + kVerdictBudget;
-    auto root =
-        openWireConnection(*outer_.address, deadline, outer_.stallLimit());
+    const auto deadline = Clock::now() + silenceLimit();
+    auto root = openWireConnection(*outer_.address, deadline, silenceLimit());
     std::vector<int64_t> rootMembers =
         levels_.back().root
             ? levels_.back().store.members
@@ -822,13 +834,13 @@ void BarrierTree::carryVerdict(
     }
     try {
       auto store = openWireConnection(
-          *levels_[i].address, Clock::now() + kCarryConnect, kVerdictBudget);
+          *levels_[i].address, Clock::now() + silenceLimit(), silenceLimit());
       declareVerdict(
           *store,
           outer_.prefix,
           levelMembers(levels_[i]),
           verdict,
-          Clock::now() + kVerdictBudget);
+          Clock::now() + silenceLimit());
     } catch (const std::exception&) {
       // That store is gone too; its members learn from it being gone.
     }
@@ -950,15 +962,14 @@ std::vector<int64_t> BarrierTree::missingBelow(
       connection->check({relayInKey(outer_.prefix, round)}, deadline)) {
     return {};
   }
-  const auto protocol = root ? makeRoundProtocol(
-                                   torchKeys ? Protocol::kTorch
-                                             : Protocol::kNative,
-                                   -1,
-                                   worldSize,
-                                   outer_.prefix,
-                                   shape)
-                             : makeRelayProtocol(
-                                   -1, worldSize, outer_.prefix, shape);
+  const auto protocol =
+      root ? makeRoundProtocol(
+                 torchKeys ? Protocol::kTorch : Protocol::kNative,
+                 -1,
+                 worldSize,
+                 outer_.prefix,
+                 shape)
+           : makeRelayProtocol(-1, worldSize, outer_.prefix, shape);
   RankKeyCache cache;
   const auto missing =
       protocol->missingRanks(*connection, cache, round, deadline);

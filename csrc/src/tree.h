@@ -147,11 +147,11 @@ class BarrierTree {
   void checkOtherLevels(std::size_t waiting) const;
   bool anyAlarm() const;
 
-  // The progress engine: the worker's loop, one round of it, and a wait on
-  // a key of a store this rank leads.
+  // The progress engine: the worker's loop, one round of it, and the wait
+  // for the `in` it asked for at a store this rank leads.
   void runEngine() noexcept;
   void relayRound(int64_t sequence);
-  void awaitKey(std::size_t level, const std::string& key);
+  void awaitRelease(std::size_t level);
   void stopEngine() noexcept;
   // Runs after the engine has stopped: what the caller learnt (a verdict,
   // a timeout) marks every level, for close() and the linger.
@@ -178,6 +178,9 @@ class BarrierTree {
   // The alive counters at a level's store (the root's: its members').
   std::vector<int64_t> levelMembers(const Level& level) const;
   std::string releaseKey() const;
+  // How long a store of the tree may leave a request unanswered before it
+  // is taken for lost.
+  std::chrono::milliseconds silenceLimit() const;
   // The error a verdict raises from this tree; a store's failure names
   // `storeHost` lost (rank 0 for the root of a store this library made).
   std::exception_ptr treeError(

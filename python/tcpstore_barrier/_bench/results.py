@@ -136,7 +136,8 @@ def requests_per_round(
     per arriver, a wait per arriver but the last, whose set releases (torch's
     class also waits after its set); the native protocol one BARRIER per
     arriver. A tree's arrivers at the root are its top leaders; each store
-    below has two native rounds (arrival, release)."""
+    below runs a relay round: each member's add and wait, the last one's
+    set of `in`, its leader's wait for `in` and set of `out`."""
     native = contender in ("native", "native-tree") or (
         contender in ("ours", "ours-noliveness", "tree") and protocol == "native"
     )
@@ -144,7 +145,10 @@ def requests_per_round(
     below = 0
     if contender in ("tree", "native-tree"):
         arrivers = tree_root_members(world_size, ranks_per_host, fan_in)
-        below = 2 * sum(tree_stores(world_size, ranks_per_host, fan_in))
+        below = sum(
+            2 * members + 3
+            for members in tree_stores(world_size, ranks_per_host, fan_in)
+        )
     root = arrivers if native else 3 * arrivers + (contender == "torch")
     return {"root": root, "all": root + below}
 
