@@ -74,8 +74,8 @@ struct BarrierState {
   std::optional<std::chrono::milliseconds> peerTimeout;
   Protocol protocolKind = Protocol::kTorch;
   // A store below a tree's root: its rounds are released by its leader's
-  // worker (makeRelayProtocol), not by their last arriver.
-  bool relayRounds = false;
+  // worker (makeRelayProtocol), once this many arrivals have come.
+  int64_t relayArrivals = 0;
   bool usesLibUV = false;
   // Created by this object (not from_store): close() does the handshake.
   bool ownsStore = false;
@@ -190,7 +190,7 @@ struct LevelSpec {
   std::chrono::milliseconds timeout{0};
   std::optional<std::chrono::milliseconds> peerTimeout;
   Protocol protocol = Protocol::kNative;
-  bool relayRounds = false;
+  int64_t relayArrivals = 0;
   RoundShape shape;
   StoreAddress address;
   // Set on the rank that hosts the level's store.

@@ -135,6 +135,15 @@ class C10dConnection final : public StoreConnection {
         "protocol 'native' needs a TCPStore (or a PrefixStore over one)");
   }
 
+  void startBarrierThenWait(
+      std::string_view,
+      int64_t,
+      std::string_view,
+      Clock::time_point) override {
+    throw std::invalid_argument(
+        "a tree of stores needs a TCPStore (or a PrefixStore over one)");
+  }
+
   bool awaitRelease(Clock::time_point until, int alarmFd) override {
     // Polled with check(): stores report an elapsed wait() only as an error,
     // which cannot be told from a failing store, and FileStore's wait()

@@ -110,9 +110,13 @@ void startRounds(
     std::optional<StoreAddress> address,
     Clock::time_point deadline) {
   state.protocol =
-      state.relayRounds
+      state.relayArrivals > 0
           ? makeRelayProtocol(
-                state.rank, state.worldSize, state.prefix, state.shape)
+                state.rank,
+                state.worldSize,
+                state.prefix,
+                state.shape,
+                state.relayArrivals)
           : makeRoundProtocol(
                 state.protocolKind,
                 state.rank,
@@ -476,7 +480,7 @@ std::unique_ptr<TCPStoreBarrier> openLevel(
   state.initTimeout = spec.timeout;
   state.peerTimeout = spec.peerTimeout;
   state.protocolKind = spec.protocol;
-  state.relayRounds = spec.relayRounds;
+  state.relayArrivals = spec.relayArrivals;
   state.shape = std::move(spec.shape);
   state.ownsStore = true;
   state.hostsStore = static_cast<bool>(spec.server);

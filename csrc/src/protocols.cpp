@@ -16,7 +16,6 @@ constexpr std::string_view kReleasedValue = "<val_ignored>";
 constexpr std::string_view kServerBarrierSuffix = "/barrier";
 // A relay round's keys (RelayProtocol).
 constexpr std::string_view kRelayArrivedSuffix = "/arrived";
-constexpr std::string_view kRelayInSuffix = "/in";
 constexpr std::string_view kRelayOutSuffix = "/out";
 
 class TorchKeysProtocol final : public RoundProtocol {
@@ -154,14 +153,23 @@ class ServerBarrierProtocol final : public RoundProtocol {
   }
 };
 
-// A store below a tree's root: its members count themselves in, and the
-// last to arrive says so under `in`; the store's leader, whose worker waits
-// on `in`, climbs the tree and sets `out` once the root has released, as
-// MPICH broadcasts a release down its tree. A release is a key set, so a
-// member that stopped calling holds nobody back.
+// A store below a tree's root: its members join the server-side barrier on
+// `arrived`, then wait for `out`. The store's leader's worker
+// joins that barrier too (as its arrival, or, at the store where its own
+// caller is a member, once more): the barrier's answer tells it that every
+// member has arrived, and it climbs the tree and sets `out` once the root
+// has released, as MPICH broadcasts a release down its tree. A release is a
+// key set, so a member that stopped calling holds nobody back.
 class RelayProtocol final : public RoundProtocol {
  public:
-  using RoundProtocol::RoundProtocol;
+  RelayProtocol(
+      int64_t rank,
+      int64_t worldSize,
+      std::string prefix,
+      RoundShape shape,
+      int64_t arrivals)
+      : RoundProtocol(rank, worldSize, std::move(prefix), std::move(shape)),
+        arrivals_(arrivals) {}
 
   void sendArrival(
       StoreConnection& connection,
@@ -171,26 +179,18 @@ class RelayProtocol final : public RoundProtocol {
     round.sequenceText.clear();
     appendDecimal(round.sequenceText, sequence);
     assignRoundKey(round.countKey, round, kRelayArrivedSuffix);
-    assignRoundKey(round.inKey, round, kRelayInSuffix);
     assignRoundKey(round.releaseKey, round, kRelayOutSuffix);
-    connection.sendAdd(round.countKey, 1, deadline);
+    connection.startBarrierThenWait(
+        round.countKey, arrivals_, round.releaseKey, deadline);
   }
 
-  bool arrivalAnswered(
-      StoreConnection& connection, Clock::time_point until) const override {
-    return connection.replyReady(until);
+  bool arrivalAnswered(StoreConnection&, Clock::time_point) const override {
+    return true;
   }
 
   Arrival finishArrival(
-      StoreConnection& connection,
-      const RoundKeys& round,
-      Clock::time_point deadline) const override {
-    const int64_t order = connection.readAdd(deadline);
-    if (order == worldSize_) {
-      connection.set(round.inKey, kReleasedValue);
-    }
-    connection.startWait(round.releaseKey, deadline);
-    return {false, order};
+      StoreConnection&, const RoundKeys&, Clock::time_point) const override {
+    return {false, 0};
   }
 
   void noteSlowRound(
@@ -208,7 +208,8 @@ class RelayProtocol final : public RoundProtocol {
         cache,
         sequence,
         roundKey(sequence, kRelayArrivedSuffix),
-        deadline);
+        deadline,
+        arrivals_ - worldSize_);
   }
 
   std::string releaseKey(int64_t sequence) const override {
@@ -218,7 +219,6 @@ class RelayProtocol final : public RoundProtocol {
   std::vector<std::string> roundKeys(int64_t sequence) const override {
     return {
         roundKey(sequence, kRelayArrivedSuffix),
-        roundKey(sequence, kRelayInSuffix),
         roundKey(sequence, kRelayOutSuffix)};
   }
 
@@ -235,6 +235,11 @@ class RelayProtocol final : public RoundProtocol {
     }
     connection.deleteEach(keys, deadline);
   }
+
+ private:
+  // What completes the barrier on `arrived`: the members, and the leader's
+  // worker once more where the leader's caller is a member.
+  const int64_t arrivals_;
 };
 
 } // namespace
@@ -371,7 +376,8 @@ std::vector<int64_t> RoundProtocol::ranksBehindCount(
     RankKeyCache& cache,
     int64_t sequence,
     const std::string& countKey,
-    Clock::time_point deadline) const {
+    Clock::time_point deadline,
+    int64_t uncounted) const {
   // A native rank writes its `rank{r}` key only once its round has been
   // slow, so one that arrived just now may not have written it yet: the
   // round's count says how many arrived, and the keys catch up within
@@ -382,7 +388,8 @@ std::vector<int64_t> RoundProtocol::ranksBehindCount(
       return int64_t{0};
     }
     return parseDecimal(connection.multiGet(count, deadline).front())
-        .value_or(0);
+               .value_or(0) -
+        uncounted;
   };
   auto missing = ranksBehind(connection, cache, sequence, deadline);
   const auto giveUp =
@@ -450,15 +457,16 @@ std::unique_ptr<RoundProtocol> makeRelayProtocol(
     int64_t rank,
     int64_t worldSize,
     const std::string& prefix,
-    RoundShape shape) {
+    RoundShape shape,
+    int64_t arrivals) {
   return std::make_unique<RelayProtocol>(
-      rank, worldSize, prefix, std::move(shape));
+      rank, worldSize, prefix, std::move(shape), arrivals);
 }
 
-std::string relayInKey(const std::string& prefix, int64_t sequence) {
+std::string relayArrivedKey(const std::string& prefix, int64_t sequence) {
   std::string key = prefix;
   appendDecimal(key, sequence);
-  key.append(kRelayInSuffix);
+  key.append(kRelayArrivedSuffix);
   return key;
 }
 

@@ -56,8 +56,6 @@ struct RoundKeys {
   // What releases the round: torch's `last_member`, native's `barrier`, a
   // relay round's `out`.
   std::string releaseKey;
-  // A relay round's `in`: every member has arrived.
-  std::string inKey;
 };
 
 // Which `rank{r}` keys exist. They are never deleted, so a key seen once
@@ -140,13 +138,15 @@ class RoundProtocol {
       int64_t sequence,
       Clock::time_point deadline) const;
   // The same, read until it agrees with the number of ranks that
-  // `countKey` says have arrived (for at most 300 ms).
+  // `countKey` says have arrived (for at most 300 ms); `uncounted` of its
+  // arrivals are no member's.
   std::vector<int64_t> ranksBehindCount(
       StoreConnection& connection,
       RankKeyCache& cache,
       int64_t sequence,
       const std::string& countKey,
-      Clock::time_point deadline) const;
+      Clock::time_point deadline,
+      int64_t uncounted = 0) const;
   std::string roundKey(int64_t sequence, std::string_view suffix) const;
   // `{prefix}{s}{suffix}` into `key`, reusing its storage.
   void assignRoundKey(
@@ -169,15 +169,17 @@ std::unique_ptr<RoundProtocol> makeRoundProtocol(
     RoundShape shape = {});
 
 // A round at a store below a tree's root (RelayProtocol in protocols.cpp):
-// members add themselves to `{prefix}{s}/arrived`, the last sets
-// `{prefix}{s}/in`, and the store's leader sets `{prefix}{s}/out` once the
-// tree has released the round.
+// members join the server-side barrier on `{prefix}{s}/arrived`, which
+// `arrivals` requests complete (the members, and the leader's worker once
+// more where its caller is a member), and wait for `{prefix}{s}/out`, which
+// the store's leader sets once the tree has released the round.
 std::unique_ptr<RoundProtocol> makeRelayProtocol(
     int64_t rank,
     int64_t worldSize,
     const std::string& prefix,
-    RoundShape shape);
-std::string relayInKey(const std::string& prefix, int64_t sequence);
+    RoundShape shape,
+    int64_t arrivals);
+std::string relayArrivedKey(const std::string& prefix, int64_t sequence);
 std::string relayOutKey(const std::string& prefix, int64_t sequence);
 
 // Decimal text of `value`, and its parse (nullopt unless all digits).

@@ -168,6 +168,15 @@ std::vector<int64_t> rootArrivers(const TreeStore& root, int64_t worldSize) {
   return arrivers;
 }
 
+// What completes a relay round's barrier at a store below the root
+// (makeRelayProtocol): its members, and its leader's worker once more at
+// the store where the leader's own caller is a member (the leader leads no
+// store below it).
+int64_t relayArrivals(const TreeStore& store) {
+  return static_cast<int64_t>(store.members.size()) +
+      (store.children.front() < 0 ? 1 : 0);
+}
+
 // Rank 0 gathers every joiner's host and publishes the plan: each store's
 // record, and each rank's list of stores.
 void publishPlan(
@@ -392,7 +401,7 @@ BarrierTree::BarrierTree(
     } else {
       spec.rank = level.localRank;
       spec.worldSize = static_cast<int64_t>(members.size());
-      spec.relayRounds = true;
+      spec.relayArrivals = relayArrivals(level.store);
       // Whether every member reached its stores is settled at the root,
       // below, before any level counts its members.
       spec.awaitMembers = false;
@@ -714,7 +723,6 @@ void BarrierTree::runEngine() noexcept {
 
 void BarrierTree::relayRound(int64_t sequence) {
   const std::size_t top = levels_.size() - 1;
-  const auto forever = Clock::now() + kEngineHorizon;
   const auto at = [](std::size_t level, auto&& step) {
     try {
       step();
@@ -726,49 +734,65 @@ void BarrierTree::relayRound(int64_t sequence) {
       throw EngineAt{level};
     }
   };
-  // Every `in` this round will need is asked for at once, so that climbing
-  // a level costs its arrival and nothing more.
-  const auto inKey = relayInKey(outer_.prefix, sequence);
+  // Up: the barrier's answer at each store this rank leads says that all
+  // its members have arrived; joining it at the store above is this rank's
+  // arrival there.
+  const auto arrivedKey = relayArrivedKey(outer_.prefix, sequence);
   for (std::size_t i = 0; i < top; ++i) {
     at(i, [&] {
-      levels_[i].relay->startWait(inKey, Clock::now() + silenceLimit());
-    });
-  }
-  for (std::size_t i = 0; i < top; ++i) {
-    at(i, [&] {
+      BarrierState& state = BarrierAccess::state(*levels_[i].barrier);
       if (i > 0) {
-        BarrierAccess::arriveUntil(*levels_[i].barrier, forever);
+        state.liveness->enterRound(state.sequence, /*watcher=*/true);
       }
-      awaitRelease(i);
+      levels_[i].relay->startServerBarrier(
+          arrivedKey, relayArrivals(levels_[i].store), deadlineFromNow());
+      awaitRelay(i, sequence);
     });
   }
   at(top, [&] {
-    BarrierAccess::executeUntil(*levels_[top].barrier, forever);
+    BarrierAccess::executeUntil(
+        *levels_[top].barrier, Clock::now() + kEngineHorizon);
   });
-  // The release, top down; then this rank's own arrivals at the stores it
-  // leads, which it has just released.
+  // Down: the release at every store this rank leads, top down; then the
+  // rounds of the stores it led above its host store are over.
   const auto outKey = relayOutKey(outer_.prefix, sequence);
   for (std::size_t i = top; i-- > 0;) {
     at(i, [&] {
       auto& relay = *levels_[i].relay;
       relay.set(outKey, kReleased);
-      relay.flush(Clock::now() + silenceLimit());
+      relay.flush(deadlineFromNow());
     });
   }
   for (std::size_t i = 1; i < top; ++i) {
-    at(i, [&] {
-      BarrierAccess::waitUntil(*levels_[i].barrier, forever);
-    });
+    BarrierState& state = BarrierAccess::state(*levels_[i].barrier);
+    state.liveness->leaveRound();
+    deleteFinishedRounds(state);
+    ++state.sequence;
   }
 }
 
-void BarrierTree::awaitRelease(std::size_t level) {
+Clock::time_point BarrierTree::deadlineFromNow() const {
+  return Clock::now() + silenceLimit();
+}
+
+void BarrierTree::awaitRelay(std::size_t level, int64_t sequence) {
   auto& relay = *levels_[level].relay;
+  bool slowNoted = level == 0;
   while (!relay.awaitRelease(Clock::now() + kEngineSlice, -1)) {
     if (engineStopping_) {
       throw EngineStopping{};
     }
     checkOtherLevels(levels_.size());
+    if (!slowNoted) {
+      // This rank's arrival, as a caller's says so once its round is slow:
+      // a timeout names the members whose `rank{m}` key is behind.
+      RoundKeys round;
+      appendDecimal(round.sequenceText, sequence);
+      BarrierAccess::state(*levels_[level].barrier)
+          .protocol->noteSlowRound(relay, round);
+      relay.flush(deadlineFromNow());
+      slowNoted = true;
+    }
   }
 }
 
@@ -957,10 +981,15 @@ std::vector<int64_t> BarrierTree::missingBelow(
     shape.members = rootArrivers(store, outer_.worldSize);
   }
   // A member arrives at a store only once everything below it has: where
-  // all have arrived (`in` is set), nobody below is missing.
-  if (!root &&
-      connection->check({relayInKey(outer_.prefix, round)}, deadline)) {
-    return {};
+  // all have arrived, nobody below is missing.
+  if (!root) {
+    const std::vector<std::string> arrived{
+        relayArrivedKey(outer_.prefix, round)};
+    if (connection->check(arrived, deadline) &&
+        parseDecimal(connection->multiGet(arrived, deadline).front())
+                .value_or(0) >= relayArrivals(store)) {
+      return {};
+    }
   }
   const auto protocol =
       root ? makeRoundProtocol(
@@ -969,7 +998,12 @@ std::vector<int64_t> BarrierTree::missingBelow(
                  worldSize,
                  outer_.prefix,
                  shape)
-           : makeRelayProtocol(-1, worldSize, outer_.prefix, shape);
+           : makeRelayProtocol(
+                                   -1,
+                                   worldSize,
+                                   outer_.prefix,
+                                   shape,
+                                   relayArrivals(store));
   RankKeyCache cache;
   const auto missing =
       protocol->missingRanks(*connection, cache, round, deadline);

@@ -148,10 +148,11 @@ class BarrierTree {
   bool anyAlarm() const;
 
   // The progress engine: the worker's loop, one round of it, and the wait
-  // for the `in` it asked for at a store this rank leads.
+  // for the barrier it joined at a store this rank leads.
   void runEngine() noexcept;
   void relayRound(int64_t sequence);
-  void awaitRelease(std::size_t level);
+  void awaitRelay(std::size_t level, int64_t sequence);
+  Clock::time_point deadlineFromNow() const;
   void stopEngine() noexcept;
   // Runs after the engine has stopped: what the caller learnt (a verdict,
   // a timeout) marks every level, for close() and the linger.
