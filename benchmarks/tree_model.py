@@ -22,14 +22,14 @@ CPU for the round (the server serializes the requests; the last arrival's
 reply, or the release, comes after all of them): native, one round trip;
 torch's keys, two (the add's reply, then the set that releases). A tree (m
 ranks a host, fan-in F) runs a relay round at each store below the root
-(tree.h): on the way up, the last member's add comes back (a round trip)
-and its set of `in` reaches the leader's worker (one more), which climbs;
-on the way down, the worker's set of `out` reaches the members (one more):
-three round trips a store, ceil(log_F(hosts)) of them on the path (the host
-store and the group levels), and a flat round at the root, whose T <= F
-members are the top leaders. A relay round's server CPU is two requests a
-member (the add and the wait) where torch's keys take three: 2/3 of the
-measured torch's-keys cost. That is the critical path on a
+(tree.h): on the way up, the last member's request to the store's
+server-side barrier reaches the leader's worker (a round trip), which
+climbs; on the way down, the worker's set of `out` reaches the members
+(one more): two round trips a store, ceil(log_F(hosts)) of them on the path
+(the host store and the group levels), and a flat round at the root, whose
+T <= F members are the top leaders. A relay round's server CPU is two
+requests a member (the barrier and the wait) where torch's keys take three:
+2/3 of the measured torch's-keys cost. That is the critical path on a
 cluster, every store on its own host's CPUs ("cluster"). On the bench's
 machine all stores and ranks share its CPUs: a round takes at least their
 total CPU work divided by the CPUs ("machine"), which is what the real runs
@@ -151,7 +151,7 @@ def round_us(parts: Parts, members: int, native: bool) -> float:
 
 #: A relay round's round trips on the critical path, and its requests a
 #: member (see the module's docstring).
-RELAY_TRIPS = 3
+RELAY_TRIPS = 2
 RELAY_REQUESTS = 2
 
 
@@ -192,9 +192,9 @@ def predict(
         cluster = sum(relay_round_us(parts, m) for m in tree.path)
         cluster += round_us(parts, tree.root_members, native)
         root_server = server_us(parts, tree.root_members, native)
-        # Each member's add and wait, the last one's `in`, the leader's wait
-        # for `in` and its `out`.
-        below = sum(RELAY_REQUESTS * m + 3 for m in tree.stores_below)
+        # Each member's barrier and wait, the leader's `out`, and (at a host
+        # store) its worker's barrier besides its caller's.
+        below = sum(RELAY_REQUESTS * m + 2 for m in tree.stores_below)
         all_requests = root_requests + below
         below_server = sum(relay_server_us(parts, m) for m in tree.stores_below)
         rank_requests = all_requests / world_size

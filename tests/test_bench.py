@@ -144,9 +144,10 @@ def test_requests_per_round_are_counted_from_each_protocol():
         == {"root": 1024, "all": 1024}
     )
     # A tree: its 8 top leaders at the root; below it, a relay round at each
-    # host store (8 members) and group store (16 members): each member's add
-    # and wait, and three of the leader's and last member's.
-    below = 128 * (2 * 8 + 3) + 8 * (2 * 16 + 3)
+    # host store (8 members) and group store (16 members): each member's
+    # barrier and wait, the leader's `out`, and at a host store its worker's
+    # barrier besides its caller's.
+    below = 128 * (2 * 8 + 2) + 8 * (2 * 16)
     assert count("tree") == {"root": 24, "all": 24 + below}
     assert count("native-tree") == {"root": 8, "all": 8 + below}
 

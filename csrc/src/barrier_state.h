@@ -115,6 +115,8 @@ struct BarrierState {
   // busy.
   std::unique_ptr<StoreConnection> diagnosis;
   RankKeyCache diagnosisRankKeys;
+  // A store of a tree: the worker's wait for a verdict (Liveness).
+  std::unique_ptr<StoreConnection> verdictWatch;
   std::unique_ptr<Liveness> liveness;
   DeleteQueue deletes;
   // Last, so that it stops first: its thread uses everything above.

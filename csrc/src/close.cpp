@@ -166,6 +166,7 @@ void stopWorker(BarrierState& state) {
 
 void releaseStore(BarrierState& state) {
   state.diagnosis.reset();
+  state.verdictWatch.reset();
   state.background.reset();
   state.connection.reset();
   state.store.reset();

@@ -153,15 +153,30 @@ void startRounds(
   state.liveness->announce(*state.connection, deadline);
   auto* liveness = state.liveness.get();
   auto* background = state.background.get();
-  state.worker = std::make_unique<Worker>(
-      liveness->interval(),
-      liveness->enabled() ? std::function<void()>([liveness] {
-        liveness->tick();
-      })
-                          : nullptr,
-      [background] {
-        background->abort();
-      });
+  auto tick = liveness->enabled() ? std::function<void()>([liveness] {
+    liveness->tick();
+  })
+                                  : nullptr;
+  const auto interrupt = [background] {
+    background->abort();
+  };
+  if (!state.shape.flat() && liveness->enabled() && state.address) {
+    // A store of a tree: a verdict carried here wakes this rank at once.
+    state.verdictWatch =
+        openWireConnection(*state.address, deadline, state.stallLimit());
+    liveness->watchVerdicts(*state.verdictWatch, deadline);
+    state.worker = std::make_unique<Worker>(
+        liveness->interval(),
+        std::move(tick),
+        interrupt,
+        state.verdictWatch->pollFd(),
+        [liveness] {
+          return liveness->verdictSet();
+        });
+    return;
+  }
+  state.worker =
+      std::make_unique<Worker>(liveness->interval(), std::move(tick), interrupt);
 }
 
 } // namespace

@@ -27,8 +27,6 @@ constexpr std::string_view kLostField = "lost=";
 constexpr std::string_view kMissingField = "missing=";
 constexpr std::string_view kDecidedField = "decided";
 constexpr std::string_view kRootLostField = "root-lost";
-// A tree's stores beat at least this often (see LivenessTiming).
-constexpr std::chrono::milliseconds kQuickInterval{250};
 
 } // namespace
 
@@ -134,15 +132,11 @@ std::string declareVerdict(
 }
 
 LivenessTiming::LivenessTiming(
-    std::optional<std::chrono::milliseconds> peerTimeout,
-    int64_t worldSize,
-    bool quick) {
+    std::optional<std::chrono::milliseconds> peerTimeout, int64_t worldSize) {
   if (peerTimeout) {
     const auto fair =
         std::chrono::milliseconds(worldSize * 1000 / kHeartbeatsPerSecond);
-    const auto beat =
-        quick ? std::min(*peerTimeout / 5, kQuickInterval) : *peerTimeout / 5;
-    interval = std::max(beat, fair);
+    interval = std::max(*peerTimeout / 5, fair);
     silenceLimit = std::max(
         *peerTimeout,
         std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -163,8 +157,7 @@ Liveness::Liveness(
       enabled_(peerTimeout.has_value()),
       timing_(
           peerTimeout,
-          static_cast<int64_t>(protocol.shape().memberRanks(worldSize).size()),
-          !protocol.shape().flat()),
+          static_cast<int64_t>(protocol.shape().memberRanks(worldSize).size())),
       protocol_(protocol),
       connection_(connection),
       ownAliveKey_(aliveKey(rank)),
@@ -238,6 +231,31 @@ void Liveness::tick() {
             {},
             e.what()});
   }
+}
+
+void Liveness::watchVerdicts(
+    StoreConnection& watch, Clock::time_point deadline) {
+  verdictWatch_ = &watch;
+  watch.startWait(lostKeyOf(prefix_), deadline);
+}
+
+bool Liveness::verdictSet() {
+  const auto deadline = Clock::now() + timing_.silenceLimit;
+  try {
+    if (!verdictWatch_->awaitRelease(Clock::now(), -1)) {
+      return true;
+    }
+    readDeclaredLoss(deadline);
+  } catch (const StoreUnavailable& e) {
+    // The store's host is gone: as a heartbeat would find, only sooner.
+    raise(
+        Alarm{
+            e.silent() ? Alarm::Kind::kStoreSilent : Alarm::Kind::kStoreGone,
+            {},
+            {},
+            e.what()});
+  }
+  return false;
 }
 
 void Liveness::readDeclaredLoss(Clock::time_point deadline) {

@@ -71,14 +71,9 @@ class SilenceTracker {
 
 // The heartbeat's period and the silence allowed, for a peer timeout (nullopt:
 // liveness off, both zero) and a world size.
-// A store of a tree (`quick`) has at most a fan-in of members, so its ranks
-// can beat more often: a verdict crosses each level of the tree within one
-// beat.
 struct LivenessTiming {
   LivenessTiming(
-      std::optional<std::chrono::milliseconds> peerTimeout,
-      int64_t worldSize,
-      bool quick = false);
+      std::optional<std::chrono::milliseconds> peerTimeout, int64_t worldSize);
   std::chrono::milliseconds interval{0};
   std::chrono::milliseconds silenceLimit{0};
 };
@@ -117,6 +112,14 @@ class Liveness {
   // One heartbeat, and the round's watch; on the worker thread.
   void tick();
 
+  // In a tree: waits on `watch` (a connection of its own) for the store's
+  // `{prefix}/lost`, so that a verdict carried to the store raises the
+  // alarm at once, not at the next heartbeat. verdictSet() runs on the
+  // worker thread once `watch` has a reply; false once nothing more is
+  // awaited.
+  void watchVerdicts(StoreConnection& watch, Clock::time_point deadline);
+  bool verdictSet();
+
   void enterRound(int64_t sequence, bool watcher);
   void leaveRound();
 
@@ -152,6 +155,7 @@ class Liveness {
   const LivenessTiming timing_;
   const RoundProtocol& protocol_;
   StoreConnection& connection_;
+  StoreConnection* verdictWatch_ = nullptr;
   std::string ownAliveKey_;
   UniqueFd alarmFd_;
 

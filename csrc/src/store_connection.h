@@ -116,6 +116,10 @@ class StoreConnection {
   virtual const std::string& describe() const = 0;
 
   // The address this host uses to reach the store; empty if unknown.
+  // A descriptor that becomes readable when a reply arrives; -1 if none.
+  virtual int pollFd() const noexcept {
+    return -1;
+  }
   virtual std::string localAddress() const {
     return {};
   }

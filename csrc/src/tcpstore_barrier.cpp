@@ -292,8 +292,7 @@ std::chrono::milliseconds BarrierState::stallLimit() const {
   if (peerTimeout) {
     return LivenessTiming(
                peerTimeout,
-               static_cast<int64_t>(shape.memberRanks(worldSize).size()),
-               !shape.flat())
+               static_cast<int64_t>(shape.memberRanks(worldSize).size()))
         .silenceLimit;
   }
   return std::max(timeout, std::chrono::milliseconds(1000));

@@ -4,8 +4,9 @@
 // application computes):
 //
 //   every rank's caller   arrives at its host store and waits for its `out`
-//   a leader's worker     waits for its store's `in` (all members arrived),
-//                         arrives at the store above, and so on to the root
+//   a leader's worker     joins its store's barrier, whose answer says that
+//                         all members arrived, arrives at the store above,
+//                         and so on to the root
 //   the root              releases as a flat round does (torch's keys)
 //   the leader's worker   sets `out` at each store it leads, top down
 //   on a verdict          it decides it at the root and carries it to them

@@ -267,6 +267,10 @@ class WireConnection final : public StoreConnection {
     return description_;
   }
 
+  int pollFd() const noexcept override {
+    return fd_.get();
+  }
+
   std::string localAddress() const override {
     return tcpstore_barrier::localAddress(fd_.get());
   }

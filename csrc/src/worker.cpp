@@ -1,12 +1,23 @@
 #include "worker.h"
 
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <utility>
 
 namespace tcpstore_barrier {
 namespace {
 
 constexpr std::chrono::milliseconds kGracefulStop{200};
+
+// Wakes the thread's poll.
+void wake(int fd) noexcept {
+  const uint64_t one = 1;
+  [[maybe_unused]] const auto written = ::write(fd, &one, sizeof(one));
+}
 
 // Jobs report their outcome through their own state; a job that throws
 // (housekeeping on a store that is gone) has nothing left to tell.
@@ -23,9 +34,20 @@ Worker::Worker(
     std::chrono::milliseconds interval,
     std::function<void()> tick,
     std::function<void()> interrupt)
+    : Worker(interval, std::move(tick), std::move(interrupt), -1, nullptr) {}
+
+Worker::Worker(
+    std::chrono::milliseconds interval,
+    std::function<void()> tick,
+    std::function<void()> interrupt,
+    int fd,
+    std::function<bool()> onReadable)
     : interval_(interval),
       tick_(std::move(tick)),
       interrupt_(std::move(interrupt)),
+      watchedFd_(fd),
+      onReadable_(std::move(onReadable)),
+      wakeFd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
       thread_(&Worker::run, this) {}
 
 Worker::~Worker() {
@@ -38,7 +60,7 @@ void Worker::stop() {
   }
   std::unique_lock<std::mutex> lock(mutex_);
   stopping_ = true;
-  changed_.notify_all();
+  wake(wakeFd_.get());
   // A job or tick in flight normally ends within microseconds: let it, so
   // that no request is cut off with its reply on the way (the store's
   // server would log a failed write). One stuck on a silent store is
@@ -65,7 +87,7 @@ void Worker::postAt(std::function<void()> job, Clock::time_point notBefore) {
     std::lock_guard<std::mutex> lock(mutex_);
     jobs_.push_back(Job{std::move(job), notBefore});
   }
-  changed_.notify_all();
+  wake(wakeFd_.get());
 }
 
 void Worker::run() {
@@ -90,15 +112,9 @@ void Worker::run() {
       wake = std::min(wake, job->notBefore);
     }
     if (due == jobs_.end()) {
-      const std::size_t waiting = jobs_.size();
-      const auto changed = [&] {
-        return stopping_ || jobs_.size() != waiting;
-      };
-      if (wake == Clock::time_point::max()) {
-        changed_.wait(lock, changed);
-      } else {
-        changed_.wait_until(lock, wake, changed);
-      }
+      lock.unlock();
+      sleepUntil(wake);
+      lock.lock();
       continue;
     }
     auto job = std::move(due->run);
@@ -109,6 +125,34 @@ void Worker::run() {
   }
   stopped_ = true;
   changed_.notify_all();
+}
+
+void Worker::sleepUntil(Clock::time_point wake) {
+  pollfd fds[2] = {{wakeFd_.get(), POLLIN, 0}, {watchedFd_, POLLIN, 0}};
+  const int count = watchedFd_ >= 0 ? 2 : 1;
+  int timeout = -1;
+  if (wake != Clock::time_point::max()) {
+    const auto left =
+        std::chrono::ceil<std::chrono::milliseconds>(wake - Clock::now());
+    timeout = static_cast<int>(std::clamp<int64_t>(left.count(), 0, 1 << 30));
+  }
+  if (::poll(fds, count, timeout) <= 0) {
+    return;
+  }
+  if ((fds[0].revents & POLLIN) != 0) {
+    uint64_t posts = 0;
+    [[maybe_unused]] const auto read = ::read(wakeFd_.get(), &posts, sizeof(posts));
+  }
+  if (count == 2 && fds[1].revents != 0) {
+    bool watching = false;
+    try {
+      watching = onReadable_();
+    } catch (...) {
+    }
+    if (!watching) {
+      watchedFd_ = -1;
+    }
+  }
 }
 
 } // namespace tcpstore_barrier

@@ -1,5 +1,6 @@
-// A background thread that runs posted jobs in order, and a periodic tick
-// between them. It knows nothing of barriers: liveness gives it the tick,
+// A background thread that runs posted jobs in order, a periodic tick
+// between them, and a callback whenever a watched descriptor is readable.
+// It knows nothing of barriers: liveness gives it the tick and the watch,
 // housekeeping gives it jobs.
 #pragma once
 
@@ -10,6 +11,8 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+
+#include "sockets.h"
 
 namespace tcpstore_barrier {
 
@@ -23,6 +26,14 @@ class Worker {
       std::chrono::milliseconds interval,
       std::function<void()> tick,
       std::function<void()> interrupt);
+  // Also runs `onReadable` whenever `fd` is readable, until it returns
+  // false (it must read what made `fd` readable).
+  Worker(
+      std::chrono::milliseconds interval,
+      std::function<void()> tick,
+      std::function<void()> interrupt,
+      int fd,
+      std::function<bool()> onReadable);
   // Stops and joins the thread; idempotent. Owners stop it before they
   // release what its jobs use: a job may still read its owner's members
   // (the worker's own pointer among them) until the thread has joined.
@@ -38,10 +49,16 @@ class Worker {
 
  private:
   void run();
+  // Sleeps until `wake`, a post, a stop, or the watched descriptor.
+  void sleepUntil(Clock::time_point wake);
 
   std::chrono::milliseconds interval_;
   std::function<void()> tick_;
   std::function<void()> interrupt_;
+  int watchedFd_ = -1;
+  std::function<bool()> onReadable_;
+  // Written on every post and on stop, so that the thread's poll wakes.
+  UniqueFd wakeFd_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   struct Job {

@@ -128,6 +128,26 @@ def tree_stores(world_size: int, ranks_per_host: int, fan_in: int) -> list[int]:
     return stores
 
 
+def relay_requests(world_size: int, ranks_per_host: int, fan_in: int) -> int:
+    """Requests of a round at a tree's stores below the root: a member's
+    barrier and wait, the leader's `out`, and its worker's barrier where its
+    own caller is a member (a store of hosts' ranks, or of hosts of one);
+    elsewhere the worker's barrier is the leader's arrival."""
+    hosts, members = divmod(world_size, ranks_per_host)
+    sizes = [ranks_per_host] * hosts + ([members] if members else [])
+    bottom = [m for m in sizes if m > 1]
+    requests = sum(2 * m + 2 for m in bottom)
+    callers_meet_in_groups = not bottom
+    nodes = len(sizes)
+    while nodes > fan_in:
+        groups, last = divmod(nodes, fan_in)
+        level = [fan_in] * groups + ([last] if last > 1 else [])
+        requests += sum(2 * m + (2 if callers_meet_in_groups else 0) for m in level)
+        callers_meet_in_groups = False
+        nodes = groups + (1 if last else 0)
+    return requests
+
+
 def requests_per_round(
     contender: str, world_size: int, protocol: str, ranks_per_host: int, fan_in: int
 ) -> dict[str, int]:
@@ -136,8 +156,7 @@ def requests_per_round(
     per arriver, a wait per arriver but the last, whose set releases (torch's
     class also waits after its set); the native protocol one BARRIER per
     arriver. A tree's arrivers at the root are its top leaders; each store
-    below runs a relay round: each member's add and wait, the last one's
-    set of `in`, its leader's wait for `in` and set of `out`."""
+    below runs a relay round (relay_requests)."""
     native = contender in ("native", "native-tree") or (
         contender in ("ours", "ours-noliveness", "tree") and protocol == "native"
     )
@@ -145,10 +164,7 @@ def requests_per_round(
     below = 0
     if contender in ("tree", "native-tree"):
         arrivers = tree_root_members(world_size, ranks_per_host, fan_in)
-        below = sum(
-            2 * members + 3
-            for members in tree_stores(world_size, ranks_per_host, fan_in)
-        )
+        below = relay_requests(world_size, ranks_per_host, fan_in)
     root = arrivers if native else 3 * arrivers + (contender == "torch")
     return {"root": root, "all": root + below}
 
