@@ -1,4 +1,4 @@
-"""Every call has a deadline that holds (README, "Deadlines"): construction
+"""Every call has a deadline that holds (docs/deadlines-and-shutdown.md): construction
 by timeout_barrier_init_secs, close() by timeout_secs, each plus about a
 second at most.
 

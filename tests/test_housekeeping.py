@@ -146,7 +146,7 @@ def test_each_finished_rounds_keys_are_deleted_once_not_once_per_rank(topology):
 BOUND_WORLD, RANKS_PER_HOST = 24, 6
 BOUND_ROUNDS = 200
 BOUND_PREFIX = "bound"
-# The README's bound once quiet: at most 3 x m + 70 keys of the barrier in a
+# docs/trees.md's bound once quiet: at most 3 x m + 70 keys of the barrier in a
 # store where m ranks arrive (at the root: its top leaders): each member's
 # `alive`, `rank` and `below` keys, the store's record, a batch of rounds.
 HOST_STORES, HOST_MEMBERS = 4, RANKS_PER_HOST

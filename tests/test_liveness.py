@@ -206,7 +206,7 @@ def mixed_with_torch(rank, world_size, port, torch_rank, late, timeout):
 # --- a peer killed ------------------------------------------------------------
 
 
-# How a loss is found (see README, "Liveness"): every rank's worker adds 1 to
+# How a loss is found (see docs/liveness.md): every rank's worker adds 1 to
 # its counter every interval (peer timeout / 5 at this size: 1 s by default);
 # a watcher reads the missing ranks' counters once per interval and declares a
 # rank lost once its counter has not moved for the silence limit (the peer

@@ -39,7 +39,7 @@ from support.launch import CONTEXT, run_ranks
 from tcpstore_barrier import TCPStoreBarrier
 
 PREFIX = "shards"
-# How late an error may come past its limit: the README's "deadline plus
+# How late an error may come past its limit: docs/deadlines-and-shutdown.md's "deadline plus
 # about a second".
 SLACK = 1.0
 # A FileStore's wait lasts at least a second, however short it is asked to
@@ -269,7 +269,7 @@ def test_barrier_is_lost_after_a_store_failure_every_later_call_raises_it_at_onc
 
 PEER_TIMEOUT = 1.0
 VICTIM = 2
-# README, "Liveness": a rank beats every interval; a watcher reads a missing
+# docs/liveness.md: a rank beats every interval; a watcher reads a missing
 # rank's counter once an interval and declares it lost once it has not moved
 # for the silence allowed. So a watcher declares the loss at most an
 # interval (its next read) + the silence + an interval (the read that finds

@@ -136,10 +136,7 @@ class C10dConnection final : public StoreConnection {
   }
 
   void startBarrierThenWait(
-      std::string_view,
-      int64_t,
-      std::string_view,
-      Clock::time_point) override {
+      std::string_view, int64_t, std::string_view, Clock::time_point) override {
     throw std::invalid_argument(
         "a tree of stores needs a TCPStore (or a PrefixStore over one)");
   }

@@ -109,20 +109,18 @@ void startRounds(
     BarrierState& state,
     std::optional<StoreAddress> address,
     Clock::time_point deadline) {
-  state.protocol =
-      state.relayArrivals > 0
-          ? makeRelayProtocol(
-                state.rank,
-                state.worldSize,
-                state.prefix,
-                state.shape,
-                state.relayArrivals)
-          : makeRoundProtocol(
-                state.protocolKind,
-                state.rank,
-                state.worldSize,
-                state.prefix,
-                state.shape);
+  state.protocol = state.relayArrivals > 0 ? makeRelayProtocol(
+                                                 state.rank,
+                                                 state.worldSize,
+                                                 state.prefix,
+                                                 state.shape,
+                                                 state.relayArrivals)
+                                           : makeRoundProtocol(
+                                                 state.protocolKind,
+                                                 state.rank,
+                                                 state.worldSize,
+                                                 state.prefix,
+                                                 state.shape);
   // Deleting finished rounds goes round the ranks that arrive at this store.
   const auto arrivers = state.shape.memberRanks(state.worldSize);
   state.turns.count = static_cast<int64_t>(arrivers.size());
@@ -175,8 +173,8 @@ void startRounds(
         });
     return;
   }
-  state.worker =
-      std::make_unique<Worker>(liveness->interval(), std::move(tick), interrupt);
+  state.worker = std::make_unique<Worker>(
+      liveness->interval(), std::move(tick), interrupt);
 }
 
 } // namespace

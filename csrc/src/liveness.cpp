@@ -11,7 +11,7 @@ namespace {
 
 // A heartbeat that arrives alone costs the store's one server thread 20-30
 // us (it wakes up for it): at this rate heartbeats take under 1% of it,
-// however many ranks there are (see README, "Liveness").
+// however many ranks there are (see docs/liveness.md).
 constexpr int64_t kHeartbeatsPerSecond = 300;
 // A live rank beats at least twice within the silence allowed.
 constexpr double kBeatsPerSilence = 2.5;

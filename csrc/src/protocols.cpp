@@ -389,7 +389,7 @@ std::vector<int64_t> RoundProtocol::ranksBehindCount(
     }
     return parseDecimal(connection.multiGet(count, deadline).front())
                .value_or(0) -
-        uncounted;
+           uncounted;
   };
   auto missing = ranksBehind(connection, cache, sequence, deadline);
   const auto giveUp =

@@ -174,7 +174,7 @@ std::vector<int64_t> rootArrivers(const TreeStore& root, int64_t worldSize) {
 // store below it).
 int64_t relayArrivals(const TreeStore& store) {
   return static_cast<int64_t>(store.members.size()) +
-      (store.children.front() < 0 ? 1 : 0);
+         (store.children.front() < 0 ? 1 : 0);
 }
 
 // Rank 0 gathers every joiner's host and publishes the plan: each store's
@@ -999,11 +999,7 @@ std::vector<int64_t> BarrierTree::missingBelow(
                  outer_.prefix,
                  shape)
            : makeRelayProtocol(
-                                   -1,
-                                   worldSize,
-                                   outer_.prefix,
-                                   shape,
-                                   relayArrivals(store));
+                 -1, worldSize, outer_.prefix, shape, relayArrivals(store));
   RankKeyCache cache;
   const auto missing =
       protocol->missingRanks(*connection, cache, round, deadline);

@@ -141,7 +141,8 @@ void Worker::sleepUntil(Clock::time_point wake) {
   }
   if ((fds[0].revents & POLLIN) != 0) {
     uint64_t posts = 0;
-    [[maybe_unused]] const auto read = ::read(wakeFd_.get(), &posts, sizeof(posts));
+    [[maybe_unused]] const auto read =
+        ::read(wakeFd_.get(), &posts, sizeof(posts));
   }
   if (count == 2 && fds[1].revents != 0) {
     bool watching = false;

@@ -36,11 +36,10 @@ enum class Topology {
   kTree,
 };
 
-// The world size from which Topology::kAuto builds a tree: below it the one
-// store answered a round faster (measured with every store on the bench
-// machine's 2 CPUs; at 1,024 ranks the two were even), and from 600 ranks
-// the one store's liveness can no longer keep the peer timeout (README,
-// "Scale").
+// The world size from which Topology::kAuto builds a tree: from 600 ranks
+// the one store's liveness can no longer keep the peer timeout, and below
+// 1,024 the one store answered a round faster on the bench machine (see
+// docs/performance.md, "Crossover at 1,024 ranks").
 constexpr int64_t kTreeFromWorldSize = 1024;
 // An environment variable that, set to a number of ranks, replaces
 // kTreeFromWorldSize: for tests of "auto" without 1,024 ranks.
@@ -48,7 +47,7 @@ constexpr const char* kTreeFromWorldSizeVariable =
     "TCPSTORE_BARRIER_TREE_FROM_WORLD_SIZE";
 // A tree store's members: a store's cost per round grows with it, each
 // level adds a round trip; 8 was fastest measured at 1,024 ranks and in the
-// model at 10,000 and 100,000 (README, "Scale").
+// model at 10,000 and 100,000 (docs/performance.md, "The model").
 constexpr int64_t kDefaultTreeFanIn = 8;
 
 struct TreeOptions {
