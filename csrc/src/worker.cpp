@@ -13,12 +13,6 @@ namespace {
 
 constexpr std::chrono::milliseconds kGracefulStop{200};
 
-// Wakes the thread's poll.
-void wake(int fd) noexcept {
-  const uint64_t one = 1;
-  [[maybe_unused]] const auto written = ::write(fd, &one, sizeof(one));
-}
-
 // Jobs report their outcome through their own state; a job that throws
 // (housekeeping on a store that is gone) has nothing left to tell.
 void runQuietly(const std::function<void()>& job) noexcept {
@@ -47,7 +41,7 @@ Worker::Worker(
       interrupt_(std::move(interrupt)),
       watchedFd_(fd),
       onReadable_(std::move(onReadable)),
-      wakeFd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+      wakeFd_(fd >= 0 ? ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK) : -1),
       thread_(&Worker::run, this) {}
 
 Worker::~Worker() {
@@ -60,7 +54,7 @@ void Worker::stop() {
   }
   std::unique_lock<std::mutex> lock(mutex_);
   stopping_ = true;
-  wake(wakeFd_.get());
+  wake();
   // A job or tick in flight normally ends within microseconds: let it, so
   // that no request is cut off with its reply on the way (the store's
   // server would log a failed write). One stuck on a silent store is
@@ -87,7 +81,16 @@ void Worker::postAt(std::function<void()> job, Clock::time_point notBefore) {
     std::lock_guard<std::mutex> lock(mutex_);
     jobs_.push_back(Job{std::move(job), notBefore});
   }
-  wake(wakeFd_.get());
+  wake();
+}
+
+void Worker::wake() noexcept {
+  changed_.notify_all();
+  if (wakeFd_.get() >= 0) {
+    const uint64_t one = 1;
+    [[maybe_unused]] const auto written =
+        ::write(wakeFd_.get(), &one, sizeof(one));
+  }
 }
 
 void Worker::run() {
@@ -112,9 +115,21 @@ void Worker::run() {
       wake = std::min(wake, job->notBefore);
     }
     if (due == jobs_.end()) {
-      lock.unlock();
-      sleepUntil(wake);
-      lock.lock();
+      if (wakeFd_.get() < 0) {
+        const std::size_t waiting = jobs_.size();
+        const auto changed = [&] {
+          return stopping_ || jobs_.size() != waiting;
+        };
+        if (wake == Clock::time_point::max()) {
+          changed_.wait(lock, changed);
+        } else {
+          changed_.wait_until(lock, wake, changed);
+        }
+      } else {
+        lock.unlock();
+        sleepUntil(wake);
+        lock.lock();
+      }
       continue;
     }
     auto job = std::move(due->run);

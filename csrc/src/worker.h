@@ -51,13 +51,16 @@ class Worker {
   void run();
   // Sleeps until `wake`, a post, a stop, or the watched descriptor.
   void sleepUntil(Clock::time_point wake);
+  // Wakes the thread wherever it sleeps.
+  void wake() noexcept;
 
   std::chrono::milliseconds interval_;
   std::function<void()> tick_;
   std::function<void()> interrupt_;
   int watchedFd_ = -1;
   std::function<bool()> onReadable_;
-  // Written on every post and on stop, so that the thread's poll wakes.
+  // With a watched descriptor the thread sleeps in poll(): this is written
+  // on every post and on stop to wake it. Without one it sleeps on changed_.
   UniqueFd wakeFd_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;
