@@ -261,15 +261,13 @@ void settle(
     outcome = root.compareSet(outcomeKey, "", *unreachable, deadline);
     root.set(said, "1");
     root.flush(deadline);
-    if (outcome == *unreachable) {
-      throw TreeUnbuildable(outcome, /*decidedHere=*/true);
+  } else {
+    const auto ready = root.add(treeKey(outer.prefix, "ready"), 1, deadline);
+    if (ready == members) {
+      outcome = root.compareSet(outcomeKey, "", kTreeDecided, deadline);
+      root.set(said, "1");
+      root.flush(deadline);
     }
-  }
-  const auto ready = root.add(treeKey(outer.prefix, "ready"), 1, deadline);
-  if (ready == members) {
-    outcome = root.compareSet(outcomeKey, "", kTreeDecided, deadline);
-    root.set(said, "1");
-    root.flush(deadline);
   }
   if (outcome.empty()) {
     root.startWait(said, deadline);
@@ -284,7 +282,22 @@ void settle(
     outcome = root.multiGet({outcomeKey}, deadline).front();
   }
   if (outcome != kTreeDecided) {
-    throw TreeUnbuildable(outcome, /*decidedHere=*/false);
+    // Rank 0's store, which "tree" takes down with rank 0's error, stays up
+    // until every rank has the outcome (or a while, for one that died).
+    const auto gaveUp = treeKey(outer.prefix, "gave_up");
+    root.add(gaveUp, 1, deadline);
+    if (outer.hostsStore) {
+      try {
+        awaitCount(
+            root,
+            gaveUp,
+            members,
+            std::min(deadline, Clock::now() + kStoreReach));
+      } catch (const c10::DistStoreError&) {
+      }
+    }
+    throw TreeUnbuildable(
+        outcome, /*decidedHere=*/unreachable && outcome == *unreachable);
   }
   // Every rank has read both decisions once all have settled: the last
   // deletes them.
@@ -313,7 +326,12 @@ std::string treeJoinedKey(const std::string& prefix) {
 std::vector<std::string> treeDecisionKeys(const std::string& prefix) {
   std::vector<std::string> keys;
   for (const char* what :
-       {"topology", "topology_said", "outcome", "outcome_said", "ready"}) {
+       {"topology",
+        "topology_said",
+        "outcome",
+        "outcome_said",
+        "ready",
+        "gave_up"}) {
     keys.push_back(treeKey(prefix, what));
   }
   return keys;
