@@ -139,18 +139,6 @@ class ServerBarrierProtocol final : public RoundProtocol {
   std::vector<std::string> roundKeys(int64_t sequence) const override {
     return {roundKey(sequence, kServerBarrierSuffix)};
   }
-
-  void deleteRounds(
-      StoreConnection& connection,
-      int64_t newest,
-      int64_t count,
-      Clock::time_point deadline) const override {
-    std::vector<std::string> keys;
-    for (int64_t old = newest; old > newest - count && old >= 0; --old) {
-      keys.push_back(roundKey(old, kServerBarrierSuffix));
-    }
-    connection.deleteEach(keys, deadline);
-  }
 };
 
 // A store below a tree's root: its members join the server-side barrier on
@@ -220,20 +208,6 @@ class RelayProtocol final : public RoundProtocol {
     return {
         roundKey(sequence, kRelayArrivedSuffix),
         roundKey(sequence, kRelayOutSuffix)};
-  }
-
-  void deleteRounds(
-      StoreConnection& connection,
-      int64_t newest,
-      int64_t count,
-      Clock::time_point deadline) const override {
-    std::vector<std::string> keys;
-    for (int64_t old = newest; old > newest - count && old >= 0; --old) {
-      for (auto& key : roundKeys(old)) {
-        keys.push_back(std::move(key));
-      }
-    }
-    connection.deleteEach(keys, deadline);
   }
 
  private:
@@ -341,6 +315,20 @@ void RoundProtocol::deleteAllRounds(
       return;
     }
   }
+}
+
+void RoundProtocol::deleteRounds(
+    StoreConnection& connection,
+    int64_t newest,
+    int64_t count,
+    Clock::time_point deadline) const {
+  std::vector<std::string> keys;
+  for (int64_t old = newest; old > newest - count && old >= 0; --old) {
+    for (auto& key : roundKeys(old)) {
+      keys.push_back(std::move(key));
+    }
+  }
+  connection.deleteEach(keys, deadline);
 }
 
 bool RoundProtocol::watches(const Arrival& arrival) const {
@@ -467,13 +455,6 @@ std::string relayArrivedKey(const std::string& prefix, int64_t sequence) {
   std::string key = prefix;
   appendDecimal(key, sequence);
   key.append(kRelayArrivedSuffix);
-  return key;
-}
-
-std::string relayOutKey(const std::string& prefix, int64_t sequence) {
-  std::string key = prefix;
-  appendDecimal(key, sequence);
-  key.append(kRelayOutSuffix);
   return key;
 }
 

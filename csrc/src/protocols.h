@@ -114,12 +114,13 @@ class RoundProtocol {
   virtual std::string releaseKey(int64_t sequence) const = 0;
 
   // Deletes the keys of rounds `newest`, `newest`-1, ... (at least `count`
-  // of them, once every rank has left them).
+  // of them, once every rank has left them): by default those `count`, in
+  // one send.
   virtual void deleteRounds(
       StoreConnection& connection,
       int64_t newest,
       int64_t count,
-      Clock::time_point deadline) const = 0;
+      Clock::time_point deadline) const;
   // Deletes the keys of round `newest` and every round before it back to
   // the first found already deleted.
   void deleteAllRounds(
@@ -172,7 +173,8 @@ std::unique_ptr<RoundProtocol> makeRoundProtocol(
 // members join the server-side barrier on `{prefix}{s}/arrived`, which
 // `arrivals` requests complete (the members, and the leader's worker once
 // more where its caller is a member), and wait for `{prefix}{s}/out`, which
-// the store's leader sets once the tree has released the round.
+// the store's leader sets once the tree has released the round (the
+// protocol's releaseKey()).
 std::unique_ptr<RoundProtocol> makeRelayProtocol(
     int64_t rank,
     int64_t worldSize,
@@ -180,7 +182,6 @@ std::unique_ptr<RoundProtocol> makeRelayProtocol(
     RoundShape shape,
     int64_t arrivals);
 std::string relayArrivedKey(const std::string& prefix, int64_t sequence);
-std::string relayOutKey(const std::string& prefix, int64_t sequence);
 
 // Decimal text of `value`, and its parse (nullopt unless all digits).
 void appendDecimal(std::string& out, int64_t value);

@@ -763,7 +763,7 @@ void BarrierTree::relayRound(int64_t sequence) {
         state.liveness->enterRound(state.sequence, /*watcher=*/true);
       }
       levels_[i].relay->startServerBarrier(
-          arrivedKey, relayArrivals(levels_[i].store), deadlineFromNow());
+          arrivedKey, state.relayArrivals, deadlineFromNow());
       awaitRelay(i, sequence);
     });
   }
@@ -773,7 +773,8 @@ void BarrierTree::relayRound(int64_t sequence) {
   });
   // Down: the release at every store this rank leads, top down; then the
   // rounds of the stores it led above its host store are over.
-  const auto outKey = relayOutKey(outer_.prefix, sequence);
+  const auto outKey = BarrierAccess::state(*levels_.front().barrier)
+                          .protocol->releaseKey(sequence);
   for (std::size_t i = top; i-- > 0;) {
     at(i, [&] {
       auto& relay = *levels_[i].relay;
@@ -846,7 +847,7 @@ std::optional<std::string> BarrierTree::decideAtRoot(
   // stands, and every rank raises what the root holds. Its members are
   // told at once, so that the verdict starts down every branch.
   try {
-    const auto deadline = Clock::now() + silenceLimit();
+    const auto deadline = deadlineFromNow();
     auto root = openWireConnection(*outer_.address, deadline, silenceLimit());
     std::vector<int64_t> rootMembers =
         levels_.back().root
@@ -876,13 +877,13 @@ void BarrierTree::carryVerdict(
     }
     try {
       auto store = openWireConnection(
-          *levels_[i].address, Clock::now() + silenceLimit(), silenceLimit());
+          *levels_[i].address, deadlineFromNow(), silenceLimit());
       declareVerdict(
           *store,
           outer_.prefix,
           levelMembers(levels_[i]),
           verdict,
-          Clock::now() + silenceLimit());
+          deadlineFromNow());
     } catch (const std::exception&) {
       // That store is gone too; its members learn from it being gone.
     }
