@@ -32,7 +32,14 @@ from support.barriers import (
     timed_round,
     torch_barrier,
 )
-from support.launch import CONTEXT, by_rank, run_rank_groups, start_rank_groups
+from support.launch import (
+    CONTEXT,
+    await_fault,
+    by_rank,
+    mark_ready,
+    run_rank_groups,
+    start_rank_groups,
+)
 
 from tcpstore_barrier import BarrierTimeoutError
 
@@ -483,11 +490,9 @@ def faulted_round(rank, world_size, port, faulty, ready):
         rank, world_size, port, timeout=FAULT_TIMEOUT, peer_timeout=PEER_TIMEOUT
     )
     barrier.execute_barrier()
-    with ready.get_lock():
-        ready.value += 1
+    mark_ready(ready)
     if rank in faulty:
-        time.sleep(60)
-        raise AssertionError(f"rank {rank} outlived its fault")
+        await_fault(rank, "fault")
     outcome = timed_round(barrier)
     outcome["again"] = timed_round(barrier)["error"]
     close_start = time.monotonic()
@@ -598,11 +603,9 @@ def root_host_killed(rank, world_size, port, ready):
         peer_timeout=PEER_TIMEOUT,
     )  # fmt: skip
     barrier.execute_barrier()
-    with ready.get_lock():
-        ready.value += 1
+    mark_ready(ready)
     if rank in ROOT_HOSTS[0]:
-        time.sleep(60)
-        raise AssertionError(f"rank {rank} outlived its SIGKILL")
+        await_fault(rank, "SIGKILL")
     if rank == LATE_MEMBER:
         time.sleep(LATE_FOR)
     outcome = timed_round(barrier)

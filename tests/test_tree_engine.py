@@ -18,7 +18,15 @@ import time
 import pytest
 from support import free_port, report_figure
 from support.barriers import our_barrier, timed_round
-from support.launch import CONTEXT, by_rank, run_rank_groups, start_rank_groups
+from support.launch import (
+    CONTEXT,
+    await_fault,
+    await_ready,
+    by_rank,
+    mark_ready,
+    run_rank_groups,
+    start_rank_groups,
+)
 
 PREFIX = "ckpt"
 FAN_IN = 2
@@ -37,16 +45,18 @@ def host_of(hosts, rank):
     return next(f"host{i}" for i, host in enumerate(hosts) if rank in host)
 
 
-def tree_rank(rank, world_size, port, hosts, **options):
-    arguments = {"timeout": options.pop("timeout", 30.0)}
+def tree_rank(
+    rank, world_size, port, host, *, timeout=30.0, init=30, peer_timeout=5.0,
+    fan_in=FAN_IN,
+):  # fmt: skip
+    """A rank of a tree of stores on the simulated host `host`."""
     return our_barrier(
-        rank, world_size, port, prefix=PREFIX, init=30, **arguments,
+        rank, world_size, port, prefix=PREFIX, init=init, timeout=timeout,
         options={
             "topology": "tree",
-            "host": host_of(hosts, rank),
-            "tree_fan_in": FAN_IN,
-            "peer_timeout_secs": options.pop("peer_timeout", 5.0),
-            **options,
+            "host": host,
+            "tree_fan_in": fan_in,
+            "peer_timeout_secs": peer_timeout,
         },
     )  # fmt: skip
 
@@ -63,7 +73,7 @@ SPLIT_PHASE = {
 
 
 def split_phase_rank(rank, world_size, port, hosts, leader):
-    barrier = tree_rank(rank, world_size, port, hosts)
+    barrier = tree_rank(rank, world_size, port, host_of(hosts, rank))
     barrier.execute_barrier()
     result = {"levels": barrier.tree_levels}
     if rank == leader:
@@ -119,7 +129,9 @@ SHORT_TIMEOUT = 2.0
 
 
 def never_again_rank(rank, world_size, port, hosts, late):
-    barrier = tree_rank(rank, world_size, port, hosts, timeout=SHORT_TIMEOUT)
+    barrier = tree_rank(
+        rank, world_size, port, host_of(hosts, rank), timeout=SHORT_TIMEOUT
+    )
     barrier.execute_barrier()
     if rank == 3:
         outcome = timed_round(barrier)
@@ -169,13 +181,13 @@ IDLE = 15.0
 
 
 def idle_leader_rank(rank, world_size, port, hosts, idle, killed, ready):
-    barrier = tree_rank(rank, world_size, port, hosts, peer_timeout=PEER_TIMEOUT)
+    barrier = tree_rank(
+        rank, world_size, port, host_of(hosts, rank), peer_timeout=PEER_TIMEOUT
+    )
     barrier.execute_barrier()
-    with ready.get_lock():
-        ready.value += 1
+    mark_ready(ready)
     if rank == killed:
-        time.sleep(60)
-        raise AssertionError(f"rank {rank} outlived its fault")
+        await_fault(rank, "SIGKILL")
     if rank == idle:
         # Alive and heartbeating, but its caller makes no call.
         time.sleep(IDLE)
@@ -191,10 +203,7 @@ def test_a_loss_reaches_the_members_of_a_leader_between_calls(shape):
     with start_rank_groups(
         idle_leader_rank, groups, free_port(), hosts, idle, killed, ready
     ) as processes:
-        deadline = time.monotonic() + 60
-        while ready.value < world:
-            assert time.monotonic() < deadline, "round 0 never completed"
-            time.sleep(0.01)
+        await_ready(ready, world, within=60)
         time.sleep(0.3)
         killed_at = time.monotonic()
         processes.signal(len(groups) - 1, signal.SIGKILL)
@@ -240,14 +249,9 @@ SHAPE_ROUNDS = 5
 
 def shape_rank(rank, world_size, port, shape):
     _, host, fan_in, peer_timeout = SHAPES[shape]
-    from tcpstore_barrier import TCPStoreBarrier
-
-    barrier = TCPStoreBarrier(
-        global_rank=rank, global_world_size=world_size, barrier_prefix=PREFIX,
-        timeout_barrier_init_secs=60, use_checkpoint_barrier_tcpstore_libuv=True,
-        tcpstore_port=port, master_address="127.0.0.1", timeout_secs=60,
-        topology="tree", host=host(rank), tree_fan_in=fan_in,
-        peer_timeout_secs=peer_timeout,
+    barrier = tree_rank(
+        rank, world_size, port, host(rank), timeout=60, init=60,
+        peer_timeout=peer_timeout, fan_in=fan_in,
     )  # fmt: skip
     stamps, released = [], []
     for s in range(SHAPE_ROUNDS):
@@ -322,14 +326,13 @@ AGREEMENT = {
 
 def agreement_rank(rank, world_size, port, peer_timeout, doomed, ready):
     barrier = tree_rank(
-        rank, world_size, port, AGREEMENT_HOSTS, peer_timeout=peer_timeout
-    )
+        rank, world_size, port, host_of(AGREEMENT_HOSTS, rank),
+        peer_timeout=peer_timeout,
+    )  # fmt: skip
     barrier.execute_barrier()
-    with ready.get_lock():
-        ready.value += 1
+    mark_ready(ready)
     if rank in doomed:
-        time.sleep(60)
-        raise AssertionError(f"rank {rank} outlived its fault")
+        await_fault(rank, "SIGKILL")
     outcome = timed_round(barrier)
     barrier.close()
     return outcome
@@ -345,10 +348,7 @@ def test_every_survivor_raises_one_verdict(name):
     with start_rank_groups(
         agreement_rank, groups, free_port(), peer_timeout, doomed, ready
     ) as processes:
-        deadline = time.monotonic() + 60
-        while ready.value < world:
-            assert time.monotonic() < deadline, "round 0 never completed"
-            time.sleep(0.01)
+        await_ready(ready, world, within=60)
         time.sleep(0.3)
         start = time.monotonic()
         for process, signum, after in sorted(strikes, key=lambda s: s[2]):
@@ -372,14 +372,7 @@ ABSENT = 45
 
 
 def absent_leaf_rank(rank, world_size, port):
-    from tcpstore_barrier import TCPStoreBarrier
-
-    barrier = TCPStoreBarrier(
-        global_rank=rank, global_world_size=world_size, barrier_prefix=PREFIX,
-        timeout_barrier_init_secs=60, use_checkpoint_barrier_tcpstore_libuv=True,
-        tcpstore_port=port, master_address="127.0.0.1", timeout_secs=4,
-        topology="tree", host=f"h{rank // 2}", tree_fan_in=FAN_IN,
-    )  # fmt: skip
+    barrier = tree_rank(rank, world_size, port, f"h{rank // 2}", timeout=4, init=60)
     barrier.execute_barrier()
     if rank == ABSENT:
         time.sleep(8)

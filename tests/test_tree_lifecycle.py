@@ -22,7 +22,15 @@ import pytest
 import torch.distributed as dist
 from support import free_port, report_figure
 from support.barriers import assert_no_early_release, describe, our_barrier
-from support.launch import CONTEXT, by_rank, run_ranks, start_rank_groups
+from support.launch import (
+    CONTEXT,
+    await_fault,
+    await_ready,
+    by_rank,
+    mark_ready,
+    run_ranks,
+    start_rank_groups,
+)
 from support.resources import resources, settled_leftovers
 
 from tcpstore_barrier import TCPStoreBarrier
@@ -53,15 +61,6 @@ def tree_barrier(rank, world_size, port, *, timeout=10.0, peer_timeout=5.0, **kw
 RESOURCE_WORLD = 4
 # Server threads end on their own schedule once released.
 SETTLE = 2.0
-
-
-def await_ready(ready, ranks, within=30.0):
-    """Until `ranks` ranks have counted themselves into `ready` (round 0 done
-    everywhere), so that a fault made next hits the round after."""
-    deadline = time.monotonic() + within
-    while ready.value < ranks:
-        assert time.monotonic() < deadline, "round 0 never completed"
-        time.sleep(0.01)
 
 
 def rounds_then_close(rank, world_size, port, trees=1):
@@ -187,11 +186,9 @@ def close_after_a_loss(rank, world_size, port, ready):
         peer_timeout=LOSS_PEER_TIMEOUT, tree_fan_in=3,
     )  # fmt: skip
     barrier.execute_barrier()
-    with ready.get_lock():
-        ready.value += 1
+    mark_ready(ready)
     if rank == KILLED_RANK:
-        time.sleep(60)
-        raise AssertionError(f"rank {rank} outlived its SIGKILL")
+        await_fault(rank, "SIGKILL")
     try:
         barrier.execute_barrier()
         error = None
@@ -364,11 +361,9 @@ def round_with_frozen_leader(rank, world_size, port, ready):
         rank, world_size, port, timeout=FROZEN_TIMEOUT, peer_timeout=None
     )
     barrier.execute_barrier()
-    with ready.get_lock():
-        ready.value += 1
+    mark_ready(ready)
     if rank == 2:
-        time.sleep(60)
-        raise AssertionError("rank 2 outlived its SIGSTOP")
+        await_fault(rank, "SIGSTOP")
     try:
         barrier.execute_barrier()
         return None

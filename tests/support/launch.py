@@ -168,6 +168,28 @@ def run_rank_groups(target, groups, *args, timeout=60.0):
     return by_rank(reports, sum(len(group) for group in groups))
 
 
+def mark_ready(ready):
+    """Counts this rank into `ready` (a CONTEXT.Value): its round 0 is done."""
+    with ready.get_lock():
+        ready.value += 1
+
+
+def await_ready(ready, ranks, within=30.0):
+    """Until `ranks` ranks have counted themselves into `ready` (round 0 done
+    everywhere), so that a fault made next hits the round after."""
+    deadline = time.monotonic() + within
+    while ready.value < ranks:
+        assert time.monotonic() < deadline, "round 0 never completed"
+        time.sleep(0.01)
+
+
+def await_fault(rank, fault):
+    """Where a rank whose process the test kills or stops waits for it: a
+    rank that outlives it fails."""
+    time.sleep(60)
+    raise AssertionError(f"rank {rank} outlived its {fault}")
+
+
 def by_rank(reports, world_size):
     """What start_rank_groups' processes reported (a dict by rank, or None
     for a process that did not report), as one list by rank."""
