@@ -146,16 +146,17 @@ def test_each_finished_rounds_keys_are_deleted_once_not_once_per_rank(topology):
 BOUND_WORLD, RANKS_PER_HOST = 24, 6
 BOUND_ROUNDS = 200
 BOUND_PREFIX = "bound"
-# docs/trees.md's bound once quiet: at most 3 x m + 70 keys of the barrier in a
+# docs/trees.md's bound once quiet: at most 4 x m + 71 keys of the barrier in a
 # store where m ranks arrive (at the root: its top leaders): each member's
-# `alive`, `rank` and `below` keys, the store's record, a batch of rounds.
+# `alive`, `rank`, `below` and (after a slow round) `missing_below` keys, the
+# store's record and `missing` list, a batch of rounds.
 HOST_STORES, HOST_MEMBERS = 4, RANKS_PER_HOST
 GROUP_STORES, GROUP_MEMBERS = 2, 2
 ROOT_MEMBERS = 2
 
 
 def store_bound(members):
-    return 3 * members + 70
+    return 4 * members + 71
 
 
 def c10d_own_keys():

@@ -365,31 +365,59 @@ def test_every_survivor_raises_one_verdict(name):
     assert list(named.pop()) in verdicts
 
 
-# --- a timeout names the same missing ranks on every rank ----------------------
+# --- a timeout names the same missing ranks on every rank, with no herd --------
 
 WIDE = 64
 ABSENT = 45
 
 
-def absent_leaf_rank(rank, world_size, port):
-    barrier = tree_rank(rank, world_size, port, f"h{rank // 2}", timeout=4, init=60)
+def absent_leaf_rank(rank, world_size, port, proxy_port, started, timed_out):
+    # Every rank but rank 0 (which hosts the root) reaches the root through
+    # the counting forwarder.
+    barrier = tree_rank(
+        rank, world_size, port if rank == 0 else proxy_port, f"h{rank // 2}",
+        timeout=4, init=60,
+    )  # fmt: skip
     barrier.execute_barrier()
+    started.wait(timeout=60)
     if rank == ABSENT:
         time.sleep(8)
         barrier.close()
         return None
     outcome = timed_round(barrier)
+    timed_out.wait(timeout=60)
     barrier.close()
     return outcome
 
 
-def test_every_rank_that_times_out_names_the_same_missing_ranks():
-    from support.launch import run_ranks
+def test_every_rank_that_times_out_names_the_same_missing_ranks_without_a_herd():
+    import threading
 
-    results = run_ranks(absent_leaf_rank, WIDE, free_port(), threads=True, timeout=120)
+    from support.launch import run_ranks
+    from support.proxy import counting_proxy
+
+    port = free_port()
+    connects = {}
+    with counting_proxy(port) as proxy:
+        started = threading.Barrier(
+            WIDE, action=lambda: connects.update(started=proxy.connects())
+        )
+        timed_out = threading.Barrier(
+            WIDE - 1, action=lambda: connects.update(timed_out=proxy.connects())
+        )
+        results = run_ranks(
+            absent_leaf_rank, WIDE, port, proxy.port, started, timed_out,
+            threads=True, timeout=120,
+        )  # fmt: skip
     named = {
         rank: r["error"] and (r["error"]["type"], tuple(r["error"]["missing_ranks"]))
         for rank, r in enumerate(results)
         if rank != ABSENT
     }
     assert set(named.values()) == {("BarrierTimeoutError", (ABSENT,))}, named
+    # 63 ranks timed out and named the missing rank; rank 0's store took no
+    # connection for it but the other top leader's one for its engine's
+    # diagnosis (a walk from the root took one a rank).
+    during = connects["timed_out"] - connects["started"]
+    report_figure("connects at rank 0 while 63 ranks time out", during)
+    assert during <= FAN_IN - 1, connects

@@ -194,6 +194,7 @@ void clearIfLast(BarrierState& state, Clock::time_point deadline) {
       treeJoinedKey(state.prefix)};
   for (std::size_t m = 0; m < arrivers.size(); ++m) {
     keys.push_back(treeBelowKey(state.prefix, static_cast<int64_t>(m)));
+    keys.push_back(treeMissingBelowKey(state.prefix, static_cast<int64_t>(m)));
   }
   for (auto& key : treeDecisionKeys(state.prefix)) {
     keys.push_back(std::move(key));

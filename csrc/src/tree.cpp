@@ -60,6 +60,14 @@ struct EngineAt {
 constexpr std::chrono::hours kEngineHorizon{24 * 365 * 10};
 constexpr std::chrono::milliseconds kEngineSlice{50};
 constexpr std::string_view kReleased = "1";
+// A slow round's diagnosis: the engine says what is missing every
+// kMissingRefresh once the round has waited a quarter of the call's
+// timeout (kMissingStart at most); each try gives up after kProbeLimit.
+// A timed-out caller polls its store for the list every kMissingPoll.
+constexpr std::chrono::milliseconds kMissingStart{500};
+constexpr std::chrono::milliseconds kMissingRefresh{200};
+constexpr std::chrono::milliseconds kProbeLimit{1000};
+constexpr std::chrono::milliseconds kMissingPoll{20};
 
 std::string treeKey(
     const std::string& prefix, std::string_view what, int64_t id) {
@@ -73,6 +81,26 @@ std::string treeKey(const std::string& prefix, std::string_view what) {
   std::string key = prefix;
   key.append(kTreeInfix).append(what);
   return key;
+}
+
+// "sequence;ranks": what a slow round is missing, and its parse (nullopt
+// unless it is round `sequence`'s).
+std::string missingText(int64_t sequence, const std::vector<int64_t>& ranks) {
+  std::string text;
+  appendDecimal(text, sequence);
+  text.push_back(';');
+  text.append(encodeRanks(ranks));
+  return text;
+}
+
+std::optional<std::vector<int64_t>> missingOfRound(
+    std::string_view text, int64_t sequence) {
+  const auto semicolon = text.find(';');
+  if (semicolon == std::string_view::npos ||
+      parseDecimal(text.substr(0, semicolon)) != sequence) {
+    return std::nullopt;
+  }
+  return decodeRanks(text.substr(semicolon + 1));
 }
 
 std::string defaultHost(const StoreConnection& root) {
@@ -317,6 +345,14 @@ std::string treeRecordKey(const std::string& prefix) {
 
 std::string treeBelowKey(const std::string& prefix, int64_t member) {
   return treeKey(prefix, "below", member);
+}
+
+std::string treeMissingBelowKey(const std::string& prefix, int64_t member) {
+  return treeKey(prefix, "missing_below", member);
+}
+
+std::string treeMissingKey(const std::string& prefix) {
+  return treeKey(prefix, "missing");
 }
 
 std::string treeJoinedKey(const std::string& prefix) {
@@ -618,6 +654,10 @@ void BarrierTree::installChecks() {
         throw EngineStopping{};
       }
       checkOtherLevels(i);
+      if (i + 1 == levels_.size() && i > 0) {
+        // The engine's own round at its topmost store.
+        reportMissing(i, BarrierAccess::state(*levels_[i].barrier).sequence);
+      }
     };
   }
 }
@@ -741,6 +781,7 @@ void BarrierTree::runEngine() noexcept {
 
 void BarrierTree::relayRound(int64_t sequence) {
   const std::size_t top = levels_.size() - 1;
+  nextReport_ = Clock::now() + std::min(kMissingStart, outer_.timeout / 4);
   const auto at = [](std::size_t level, auto&& step) {
     try {
       step();
@@ -812,6 +853,7 @@ void BarrierTree::awaitRelay(std::size_t level, int64_t sequence) {
       relay.flush(deadlineFromNow());
       slowNoted = true;
     }
+    reportMissing(level, sequence);
   }
 }
 
@@ -985,107 +1027,182 @@ std::exception_ptr BarrierTree::treeError(
       verdict.lostRanks));
 }
 
-std::vector<int64_t> BarrierTree::missingBelow(
-    const StoreAddress& address, bool root, Clock::time_point deadline) {
-  auto connection = openWireConnection(address, deadline, outer_.stallLimit());
-  const TreeStore store = decodeStore(
-      root ? 0 : -1,
-      connection->multiGet({treeRecordKey(outer_.prefix)}, deadline).front());
-  RoundShape shape;
-  int64_t worldSize = static_cast<int64_t>(store.members.size());
-  const int64_t round = sequence();
-  const bool torchKeys = root && outer_.protocolKind == Protocol::kTorch;
-  if (torchKeys) {
-    worldSize = outer_.worldSize;
-    shape.members = rootArrivers(store, outer_.worldSize);
-  }
-  // A member arrives at a store only once everything below it has: where
-  // all have arrived, nobody below is missing.
-  if (!root) {
-    const std::vector<std::string> arrived{
-        relayArrivedKey(outer_.prefix, round)};
-    if (connection->check(arrived, deadline) &&
-        parseDecimal(connection->multiGet(arrived, deadline).front())
-                .value_or(0) >= relayArrivals(store)) {
-      return {};
-    }
-  }
-  const auto protocol =
-      root ? makeRoundProtocol(
-                 torchKeys ? Protocol::kTorch : Protocol::kNative,
-                 -1,
-                 worldSize,
-                 outer_.prefix,
-                 shape)
-           : makeRelayProtocol(
-                 -1, worldSize, outer_.prefix, shape, relayArrivals(store));
-  RankKeyCache cache;
-  const auto missing =
-      protocol->missingRanks(*connection, cache, round, deadline);
+std::vector<int64_t> BarrierTree::missingAt(
+    const Level& level,
+    StoreConnection& connection,
+    RankKeyCache& cache,
+    int64_t sequence,
+    Clock::time_point deadline) const {
+  const TreeStore& store = level.store;
+  // torch's keys at the root name global ranks; every other round names
+  // its members by local rank.
+  const bool torchKeys = level.root && outer_.protocolKind == Protocol::kTorch;
+  const auto behind =
+      BarrierAccess::state(*level.barrier)
+          .protocol->missingRanks(connection, cache, sequence, deadline);
   std::vector<int64_t> ranks;
-  std::vector<int64_t> children;
-  for (const int64_t rank : missing) {
+  std::vector<int64_t> leaders;
+  for (const int64_t entry : behind) {
     const auto m =
         torchKeys
-            ? std::find(store.members.begin(), store.members.end(), rank) -
+            ? std::find(store.members.begin(), store.members.end(), entry) -
                   store.members.begin()
-            : rank;
+            : entry;
     if (m >= static_cast<int64_t>(store.members.size())) {
-      ranks.push_back(rank);
+      ranks.push_back(entry);
     } else if (store.children[static_cast<std::size_t>(m)] < 0) {
       ranks.push_back(store.members[static_cast<std::size_t>(m)]);
     } else {
-      children.push_back(m);
+      leaders.push_back(m);
     }
   }
-  // Each member that hosts a store below said where it listens here; one
-  // that never joined this store (nor said so) is missing with everything
-  // below it.
-  std::vector<std::string> belowKeys;
-  for (const int64_t m : children) {
-    belowKeys.push_back(treeBelowKey(outer_.prefix, m));
+  std::vector<std::string> keys;
+  for (const int64_t m : leaders) {
+    keys.push_back(treeMissingBelowKey(outer_.prefix, m));
   }
-  const auto known = connection->checkEach(belowKeys, deadline);
-  for (std::size_t i = 0; i < children.size(); ++i) {
-    const auto& subtree = store.subtrees[static_cast<std::size_t>(children[i])];
-    if (!known[i]) {
-      ranks.insert(ranks.end(), subtree.begin(), subtree.end());
-      continue;
+  const auto said = connection.checkEach(keys, deadline);
+  std::vector<std::string> present;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    if (said[i]) {
+      present.push_back(keys[i]);
     }
-    const auto below = missingBelow(
-        parseAddress(
-            connection->multiGet({belowKeys[i]}, deadline).front(),
-            outer_.address->host,
-            localAddress_),
-        false,
-        deadline);
-    ranks.insert(ranks.end(), below.begin(), below.end());
+  }
+  const auto values = connection.multiGet(present, deadline);
+  auto value = values.begin();
+  for (std::size_t i = 0; i < leaders.size(); ++i) {
+    const auto below =
+        said[i] ? missingOfRound(*value++, sequence) : std::nullopt;
+    // A leader that said nothing of this round has not seen it slow yet,
+    // or never will: everything below it is missing as far as anyone can
+    // tell.
+    const auto& subtree = store.subtrees[static_cast<std::size_t>(leaders[i])];
+    const auto& named = below ? *below : subtree;
+    ranks.insert(ranks.end(), named.begin(), named.end());
   }
   std::sort(ranks.begin(), ranks.end());
   return ranks;
+}
+
+StoreConnection& BarrierTree::probe(Level& level, Clock::time_point deadline) {
+  if (!level.probe) {
+    level.probe =
+        openWireConnection(*level.address, deadline, outer_.stallLimit());
+  }
+  return *level.probe;
+}
+
+void BarrierTree::reportMissing(std::size_t waiting, int64_t sequence) {
+  const auto now = Clock::now();
+  if (now < nextReport_) {
+    return;
+  }
+  nextReport_ = now + kMissingRefresh;
+  const auto deadline = now + kProbeLimit;
+  const std::size_t top = levels_.size() - 1;
+  try {
+    // Up: each store this rank leads and has not yet left, said at the
+    // store above, where that store's leader reads it.
+    for (std::size_t i = waiting; i < top; ++i) {
+      const auto below = missingAt(
+          levels_[i],
+          probe(levels_[i], deadline),
+          levels_[i].probeKeys,
+          sequence,
+          deadline);
+      auto& above = probe(levels_[i + 1], deadline);
+      above.set(
+          treeMissingBelowKey(outer_.prefix, levels_[i + 1].localRank),
+          missingText(sequence, below));
+      above.flush(deadline);
+    }
+    // Down: the tree's whole list, as the root's members see it, to every
+    // store this rank leads.
+    Level& upper = levels_[top];
+    auto& atTop = probe(upper, deadline);
+    std::string text;
+    if (upper.root) {
+      text = missingText(
+          sequence,
+          missingAt(upper, atTop, upper.probeKeys, sequence, deadline));
+    } else {
+      const std::vector<std::string> key{treeMissingKey(outer_.prefix)};
+      if (!atTop.check(key, deadline)) {
+        return;
+      }
+      text = atTop.multiGet(key, deadline).front();
+      if (!missingOfRound(text, sequence)) {
+        return;
+      }
+    }
+    for (std::size_t i = 0; i < top; ++i) {
+      auto& led = probe(levels_[i], deadline);
+      led.set(treeMissingKey(outer_.prefix), text);
+      led.flush(deadline);
+    }
+  } catch (const std::exception&) {
+    // The diagnosis only names ranks: a store that does not answer it is
+    // liveness's to judge. The next report opens its connections anew.
+    for (auto& level : levels_) {
+      level.probe.reset();
+    }
+    nextReport_ = Clock::now() + kProbeLimit;
+  }
+}
+
+std::optional<std::vector<int64_t>> BarrierTree::treeMissing(
+    Clock::time_point deadline) {
+  Level& host = levels_.front();
+  BarrierState& state = BarrierAccess::state(*host.barrier);
+  if (!state.diagnosis) {
+    state.diagnosis =
+        openWireConnection(*host.address, deadline, outer_.stallLimit());
+  }
+  auto& connection = *state.diagnosis;
+  if (host.root) {
+    return missingAt(
+        host, connection, state.diagnosisRankKeys, sequence(), deadline);
+  }
+  // The engines refresh it every kMissingRefresh once the round is slow; a
+  // timeout shorter than that may come before the first.
+  const std::vector<std::string> key{treeMissingKey(outer_.prefix)};
+  for (;;) {
+    if (connection.check(key, deadline)) {
+      if (auto missing = missingOfRound(
+              connection.multiGet(key, deadline).front(), sequence())) {
+        return missing;
+      }
+    }
+    if (Clock::now() + kMissingPoll >= deadline) {
+      return std::nullopt;
+    }
+    std::this_thread::sleep_for(kMissingPoll);
+  }
 }
 
 void BarrierTree::throwTimeout(
     std::size_t index,
     const BarrierTimeoutError& e,
     Clock::time_point callDeadline) {
-  // Walk down from the root through the stores where ranks are missing:
-  // the ranks named are those that have not entered this round, wherever
-  // they are. If a store does not answer in time, name what this rank's
-  // own store knew, or say that nobody could tell.
+  // The tree's list as the leaders' engines carried it to this rank's
+  // store: the same on every rank, with no request above its own store.
+  // If it does not come in time, name what this rank's own store knew, or
+  // say that nobody could tell.
   const auto deadline =
       std::max(Clock::now() + kMinDiagnosis, callDeadline + kDiagnosisBudget);
   std::optional<std::vector<int64_t>> missing;
   try {
-    missing = missingBelow(*outer_.address, true, deadline);
+    missing = treeMissing(deadline);
   } catch (const std::exception&) {
+    BarrierAccess::state(*levels_[index].barrier).diagnosis.reset();
+  }
+  if (!missing) {
     if (!e.missingRanks().empty()) {
       missing = BarrierAccess::state(*levels_[index].barrier)
                     .shape.globalRanks(e.missingRanks());
     }
   }
   // Every store this rank hosts stays up a little if it is destroyed now:
-  // the others are timing out too, and walk the tree to name the missing.
+  // the others are timing out too, and read there what is missing.
   timedOut_ = true;
   const auto key = releaseKey();
   throw BarrierTimeoutError(
@@ -1220,6 +1337,7 @@ void BarrierTree::close(Clock::time_point deadline) {
   markLevels();
   for (auto& level : levels_) {
     level.relay.reset();
+    level.probe.reset();
     BarrierAccess::state(*level.barrier).interruptCheck = userCheck_;
   }
   for (auto& level : levels_) {

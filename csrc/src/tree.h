@@ -30,6 +30,7 @@
 
 #include <tcpstore_barrier/tcpstore_barrier.h>
 
+#include "protocols.h"
 #include "store_connection.h"
 #include "tree_plan.h"
 
@@ -43,9 +44,14 @@ struct BarrierState;
 
 // Keys each store of a tree keeps about itself, under the barrier's
 // prefix: its record (as tree_plan.h encodes it), and where the store led
-// by its member `m` listens. Timeouts walk down the tree through them.
+// by its member `m` listens.
 std::string treeRecordKey(const std::string& prefix);
 std::string treeBelowKey(const std::string& prefix, int64_t member);
+// A slow round's diagnosis ("sequence;ranks"), kept up by the leaders'
+// engines: the ranks missing below member `m`'s store, said by its leader,
+// and the tree's whole list, carried down from the root by each store's.
+std::string treeMissingBelowKey(const std::string& prefix, int64_t member);
+std::string treeMissingKey(const std::string& prefix);
 // The count of ranks that joined a tree over a store given to from_store.
 std::string treeJoinedKey(const std::string& prefix);
 // Whether the job builds a tree, and whether every rank reached its stores:
@@ -133,6 +139,10 @@ class BarrierTree {
     // A store this rank leads: the worker's connection that waits for its
     // rounds' `in` and sets their `out`.
     std::unique_ptr<StoreConnection> relay;
+    // The engine's connection for a slow round's diagnosis (opened by the
+    // first), and the `rank{m}` keys it has seen there.
+    std::unique_ptr<StoreConnection> probe;
+    RankKeyCache probeKeys;
   };
 
   // Runs `call` on the host store's barrier, turning what it raises into
@@ -153,6 +163,12 @@ class BarrierTree {
   void runEngine() noexcept;
   void relayRound(int64_t sequence);
   void awaitRelay(std::size_t level, int64_t sequence);
+  // Once a round is slow, every kMissingRefresh: says at the store above
+  // each store this rank leads (from `waiting`, the one its engine waits
+  // at, up) what is missing below it, and carries the tree's whole list
+  // down to every store it leads.
+  void reportMissing(std::size_t waiting, int64_t sequence);
+  StoreConnection& probe(Level& level, Clock::time_point deadline);
   Clock::time_point deadlineFromNow() const;
   void stopEngine() noexcept;
   // Runs after the engine has stopped: what the caller learnt (a verdict,
@@ -172,11 +188,20 @@ class BarrierTree {
   std::optional<std::string> decideAtRoot(const std::string& proposal);
   void carryVerdict(
       const std::string& verdict, std::optional<std::size_t> skip);
-  // The ranks below the store at `address` (and its members) that have not
-  // entered this round, walking down through the stores where some are
-  // missing.
-  std::vector<int64_t> missingBelow(
-      const StoreAddress& address, bool root, Clock::time_point deadline);
+  // The ranks below `level`'s store that have not entered round
+  // `sequence`, read on `connection`: its members that have not arrived,
+  // each standing for what its leader said is missing below it (its whole
+  // subtree if it said nothing).
+  std::vector<int64_t> missingAt(
+      const Level& level,
+      StoreConnection& connection,
+      RankKeyCache& cache,
+      int64_t sequence,
+      Clock::time_point deadline) const;
+  // What a timed-out caller names: the tree's list as its host store holds
+  // it (computed, if that store is the root); nullopt if it did not come
+  // within `deadline`.
+  std::optional<std::vector<int64_t>> treeMissing(Clock::time_point deadline);
   // The alive counters at a level's store (the root's: its members').
   std::vector<int64_t> levelMembers(const Level& level) const;
   std::string releaseKey() const;
@@ -205,6 +230,8 @@ class BarrierTree {
   // barriers of levels_[1...] and every level's `relay`.
   std::atomic<bool> engineStopping_{false};
   std::thread engine_;
+  // The engine's: when it next says what a slow round is missing.
+  Clock::time_point nextReport_;
 };
 
 } // namespace tcpstore_barrier::detail
