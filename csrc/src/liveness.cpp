@@ -74,52 +74,62 @@ Clock::duration SilenceTracker::stillFor(
   return now - entry->second.since;
 }
 
-std::string verdictText(
-    const std::vector<int64_t>& lost,
-    const std::vector<int64_t>& missing,
-    bool decided) {
+Alarm peersLostVerdict(
+    std::vector<int64_t> lost, std::vector<int64_t> missing, bool decided) {
+  return Alarm{
+      Alarm::Kind::kPeersLost,
+      std::move(lost),
+      std::move(missing),
+      {},
+      decided};
+}
+
+Alarm rootLostVerdict() {
+  return Alarm{
+      Alarm::Kind::kStoreGone, {}, {}, "the tree's root store is lost", true};
+}
+
+std::string encodeVerdict(const Alarm& verdict) {
   std::string text(kLostField);
-  text.append(joinRanks(lost)).append(";").append(kMissingField);
-  text.append(joinRanks(missing));
-  if (decided) {
+  text.append(joinRanks(verdict.lostRanks)).append(";").append(kMissingField);
+  text.append(joinRanks(verdict.missingRanks));
+  if (verdict.decided) {
     text.append(";").append(kDecidedField);
+  }
+  if (verdict.kind != Alarm::Kind::kPeersLost) {
+    text.append(";").append(kRootLostField);
   }
   return text;
 }
 
-std::string rootLostVerdict() {
-  return verdictText({}, {}, true) + ";" + std::string(kRootLostField);
-}
-
-Alarm alarmOfVerdict(std::string_view verdict) {
-  Alarm alarm{Alarm::Kind::kPeersLost, {}, {}, {}};
-  while (!verdict.empty()) {
-    const auto end = verdict.find(';');
-    const auto field = verdict.substr(0, end);
+Alarm decodeVerdict(std::string_view text) {
+  Alarm verdict = peersLostVerdict({}, {}, false);
+  while (!text.empty()) {
+    const auto end = text.find(';');
+    const auto field = text.substr(0, end);
     if (field.substr(0, kLostField.size()) == kLostField) {
-      alarm.lostRanks = splitRanks(field.substr(kLostField.size()));
+      verdict.lostRanks = splitRanks(field.substr(kLostField.size()));
     } else if (field.substr(0, kMissingField.size()) == kMissingField) {
-      alarm.missingRanks = splitRanks(field.substr(kMissingField.size()));
+      verdict.missingRanks = splitRanks(field.substr(kMissingField.size()));
     } else if (field == kDecidedField) {
-      alarm.decided = true;
+      verdict.decided = true;
     } else if (field == kRootLostField) {
-      alarm.kind = Alarm::Kind::kStoreGone;
-      alarm.detail = "the tree's root store is lost";
+      verdict = rootLostVerdict();
     }
-    verdict = end == std::string_view::npos ? "" : verdict.substr(end + 1);
+    text = end == std::string_view::npos ? "" : text.substr(end + 1);
   }
-  return alarm;
+  return verdict;
 }
 
-std::string declareVerdict(
+Alarm declareVerdict(
     StoreConnection& connection,
     const std::string& prefix,
     const std::vector<int64_t>& members,
-    const std::string& verdict,
+    const Alarm& verdict,
     Clock::time_point deadline) {
   // The first declaration stands, so that every rank names the same ranks.
-  auto standing =
-      connection.compareSet(lostKeyOf(prefix), "", verdict, deadline);
+  auto standing = connection.compareSet(
+      lostKeyOf(prefix), "", encodeVerdict(verdict), deadline);
   std::vector<std::string> keys;
   for (const int64_t rank : members) {
     std::string key = prefix;
@@ -128,7 +138,7 @@ std::string declareVerdict(
     keys.push_back(std::move(key));
   }
   connection.addEach(keys, kAlarmOffset, deadline);
-  return standing;
+  return decodeVerdict(standing);
 }
 
 LivenessTiming::LivenessTiming(
@@ -263,7 +273,7 @@ void Liveness::readDeclaredLoss(Clock::time_point deadline) {
   if (!connection_.check(key, deadline)) {
     return;
   }
-  auto alarm = alarmOfVerdict(connection_.multiGet(key, deadline).front());
+  auto alarm = decodeVerdict(connection_.multiGet(key, deadline).front());
   alarm.decided = alarm.decided || protocol_.shape().decides;
   raise(std::move(alarm));
   // The host, itself about to raise this verdict and perhaps to exit,
@@ -355,7 +365,7 @@ void Liveness::declareLoss(
       connection_,
       prefix_,
       std::vector<int64_t>(members_.begin(), members_.end()),
-      verdictText(
+      peersLostVerdict(
           shape.globalRanks(lost), shape.globalRanks(missing), shape.decides),
       deadline);
 }

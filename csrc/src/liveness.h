@@ -170,25 +170,25 @@ class Liveness {
   int64_t seenSequence_ = -1;
 };
 
-// A verdict as a store keeps it under `{prefix}/lost`, in global ranks.
-std::string verdictText(
-    const std::vector<int64_t>& lost,
-    const std::vector<int64_t>& missing,
-    bool decided);
-// A tree's verdict that its root store is lost: whoever reads it raises
-// StoreUnreachableError.
-std::string rootLostVerdict();
+// A verdict, in global ranks: ranks lost (Kind::kPeersLost), or a tree's
+// root store lost (Kind::kStoreGone: whoever learns it raises
+// StoreUnreachableError). `decided`: the tree's, declared at its root.
+Alarm peersLostVerdict(
+    std::vector<int64_t> lost, std::vector<int64_t> missing, bool decided);
+Alarm rootLostVerdict();
+// A verdict as a store keeps it under `{prefix}/lost`, and back: the one
+// place it is text.
+std::string encodeVerdict(const Alarm& verdict);
+Alarm decodeVerdict(std::string_view text);
 // Writes `verdict` as the store's `{prefix}/lost` unless one is already
 // there, and tells `members` (their next heartbeat's reply will carry it);
 // returns the verdict the store then holds.
-std::string declareVerdict(
+Alarm declareVerdict(
     StoreConnection& connection,
     const std::string& prefix,
     const std::vector<int64_t>& members,
-    const std::string& verdict,
+    const Alarm& verdict,
     Clock::time_point deadline);
-// The alarm a store's `{prefix}/lost` value raises.
-Alarm alarmOfVerdict(std::string_view verdict);
 
 // `{prefix}/lost`: the verdict a store holds.
 std::string lostKeyOf(const std::string& prefix);

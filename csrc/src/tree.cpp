@@ -107,19 +107,18 @@ std::string defaultHost(const StoreConnection& root) {
   return defaultHostIdentity(root.localAddress());
 }
 
-// Waits until `key` is set, then reads it.
+// Waits until `key` is set, then reads it; `why`: what holds it back, if
+// it does not come by `deadline`.
 std::string awaitValue(
     StoreConnection& connection,
     const std::string& key,
-    Clock::time_point deadline) {
+    Clock::time_point deadline,
+    const std::function<std::string()>& why) {
   connection.startWait(key, deadline);
   if (!connection.awaitRelease(deadline, -1)) {
     throw c10::DistStoreError(
         {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
-        fmt::format(
-            "key '{}' was not set in time (is rank 0 a rank of this library? "
-            "torch's ranks cannot host a tree: use topology='flat')",
-            key));
+        fmt::format("{} (key '{}')", why(), key));
   }
   return connection.multiGet({key}, deadline).front();
 }
@@ -396,13 +395,34 @@ BarrierTree::BarrierTree(
     refuseReusedTree(outer, root->add(joinedKey, 1, deadline), joinedKey);
   }
   if (outer.rank == 0) {
-    publishPlan(*root, outer, options.fanIn, registerAsWorker, deadline);
+    try {
+      publishPlan(*root, outer, options.fanIn, registerAsWorker, deadline);
+    } catch (const c10::DistStoreError& e) {
+      throw c10::DistStoreError(
+          {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+          fmt::format(
+              "TCPStoreBarrier rank 0 of {}: cannot plan the tree of stores, "
+              "which waits for every rank to join it, within {}: {}",
+              outer.worldSize,
+              describeSeconds(outer.initTimeout),
+              withoutBacktrace(e)));
+    }
   }
   // This rank's place ("stores;ranks of ours"): its stores' records, and
   // where each listens. Each plan key is deleted by its last reader, so
   // that rank 0's store keeps only the root's record.
   const auto placeKey = treeKey(prefix, "rank", outer.rank);
-  const auto place = awaitValue(*root, placeKey, deadline);
+  const auto place = awaitValue(*root, placeKey, deadline, [&outer] {
+    // Rank 0 said it builds the tree (joinTree): it is ours.
+    return fmt::format(
+        "TCPStoreBarrier rank {} of {}: rank 0 did not publish the tree's "
+        "plan within {}; it plans once all {} ranks have joined, so a rank "
+        "that never joined, or rank 0 gone, holds it back",
+        outer.rank,
+        outer.worldSize,
+        describeSeconds(outer.initTimeout),
+        outer.worldSize);
+  });
   const auto semicolon = place.find(';');
   const auto ids = splitRanks(std::string_view(place).substr(0, semicolon));
   const auto ours =
@@ -501,7 +521,20 @@ BarrierTree::BarrierTree(
       continue;
     }
     specs[i].address = parseAddress(
-        awaitValue(*root, treeKey(prefix, "addr", level.store.id), deadline),
+        awaitValue(
+            *root,
+            treeKey(prefix, "addr", level.store.id),
+            deadline,
+            [&] {
+              return fmt::format(
+                  "TCPStoreBarrier rank {} of {}: rank {} did not publish "
+                  "where its tree store {} listens within {}",
+                  outer.rank,
+                  outer.worldSize,
+                  level.store.members.front(),
+                  level.store.id,
+                  describeSeconds(outer.initTimeout));
+            }),
         outer.address->host,
         localAddress_);
     level.address = specs[i].address;
@@ -883,8 +916,7 @@ std::vector<int64_t> BarrierTree::levelMembers(const Level& level) const {
   return local;
 }
 
-std::optional<std::string> BarrierTree::decideAtRoot(
-    const std::string& proposal) {
+std::optional<Alarm> BarrierTree::decideAtRoot(const Alarm& proposal) {
   // The root's `lost` is the tree's verdict: the first proposal there
   // stands, and every rank raises what the root holds. Its members are
   // told at once, so that the verdict starts down every branch.
@@ -912,7 +944,7 @@ std::optional<std::string> BarrierTree::decideAtRoot(
 }
 
 void BarrierTree::carryVerdict(
-    const std::string& verdict, std::optional<std::size_t> skip) {
+    const Alarm& verdict, std::optional<std::size_t> skip) {
   for (std::size_t i = 0; i < levels_.size(); ++i) {
     if (skip && *skip == i) {
       continue;
@@ -935,20 +967,18 @@ void BarrierTree::carryVerdict(
 Alarm BarrierTree::decideLoss(std::size_t index, const std::string& detail) {
   const Level& level = levels_[index];
   const auto alarm = BarrierAccess::alarm(*level.barrier);
-  std::string verdict;
+  Alarm verdict = rootLostVerdict();
   std::optional<std::size_t> gone;
   if (alarm && alarm->decided) {
     // Decided at the root (or carried from it): pass it on as it is.
-    verdict = verdictText(alarm->lostRanks, alarm->missingRanks, true);
-    if (alarm->kind != Alarm::Kind::kPeersLost) {
-      verdict = rootLostVerdict();
+    if (alarm->kind == Alarm::Kind::kPeersLost) {
+      verdict = peersLostVerdict(alarm->lostRanks, alarm->missingRanks, true);
     }
   } else if (alarm && alarm->kind == Alarm::Kind::kPeersLost) {
-    verdict =
-        decideAtRoot(verdictText(alarm->lostRanks, alarm->missingRanks, true))
-            .value_or(rootLostVerdict());
+    verdict = decideAtRoot(
+                  peersLostVerdict(alarm->lostRanks, alarm->missingRanks, true))
+                  .value_or(verdict);
   } else if (level.root) {
-    verdict = rootLostVerdict();
     gone = index;
   } else if (!outer_.peerTimeout) {
     // Without liveness nobody declares ranks lost (as flat, where only the
@@ -959,20 +989,19 @@ Alarm BarrierTree::decideLoss(std::size_t index, const std::string& detail) {
     // The rank hosting this store is gone or frozen, and with it the way
     // to the root of everything below it: its whole subtree is lost to the
     // barrier, and it may lead more than this store.
-    verdict =
-        decideAtRoot(
-            verdictText(level.store.hostSubtree, level.store.hostSubtree, true))
-            .value_or(rootLostVerdict());
+    verdict = decideAtRoot(
+                  peersLostVerdict(
+                      level.store.hostSubtree, level.store.hostSubtree, true))
+                  .value_or(verdict);
     gone = index;
   }
-  const Alarm decided = alarmOfVerdict(verdict);
-  if (decided.kind != Alarm::Kind::kPeersLost) {
+  if (verdict.kind != Alarm::Kind::kPeersLost) {
     // Nobody can reach the root's store any more: the ranks below learn
     // that from this rank.
     gone = levels_.back().root ? std::optional(levels_.size() - 1) : gone;
   }
   carryVerdict(verdict, gone);
-  return decided;
+  return verdict;
 }
 
 void BarrierTree::lose(std::size_t index, const std::string& detail) {

@@ -185,9 +185,8 @@ class BarrierTree {
       std::size_t level,
       const BarrierTimeoutError& e,
       Clock::time_point deadline);
-  std::optional<std::string> decideAtRoot(const std::string& proposal);
-  void carryVerdict(
-      const std::string& verdict, std::optional<std::size_t> skip);
+  std::optional<Alarm> decideAtRoot(const Alarm& proposal);
+  void carryVerdict(const Alarm& verdict, std::optional<std::size_t> skip);
   // The ranks below `level`'s store that have not entered round
   // `sequence`, read on `connection`: its members that have not arrived,
   // each standing for what its leader said is missing below it (its whole
