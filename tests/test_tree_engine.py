@@ -13,11 +13,12 @@ time.monotonic(), one clock for every process of the machine.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import pytest
 from support import free_port, report_figure
-from support.barriers import our_barrier, timed_round
+from support.barriers import describe, our_barrier, timed_round
 from support.launch import (
     CONTEXT,
     await_fault,
@@ -27,6 +28,8 @@ from support.launch import (
     run_rank_groups,
     start_rank_groups,
 )
+
+import tcpstore_barrier
 
 PREFIX = "ckpt"
 FAN_IN = 2
@@ -177,7 +180,7 @@ IDLE_LEADER = {
         3,
     ),
 }
-IDLE = 15.0
+IDLE = 8.0
 
 
 def idle_leader_rank(rank, world_size, port, hosts, idle, killed, ready):
@@ -391,8 +394,6 @@ def absent_leaf_rank(rank, world_size, port, proxy_port, started, timed_out):
 
 
 def test_every_rank_that_times_out_names_the_same_missing_ranks_without_a_herd():
-    import threading
-
     from support.launch import run_ranks
     from support.proxy import counting_proxy
 
@@ -421,3 +422,250 @@ def test_every_rank_that_times_out_names_the_same_missing_ranks_without_a_herd()
     during = connects["timed_out"] - connects["started"]
     report_figure("connects at rank 0 while 63 ranks time out", during)
     assert during <= FAN_IN - 1, connects
+
+
+# --- no call holds the GIL ------------------------------------------------------
+
+GIL_HOSTS = ((0, 1), (2, 3), (4, 5))
+GIL_TIMEOUT = 3.0
+# Far above a loopback request's round trip (well under 1 ms) and the
+# scheduling noise of a loaded 2-CPU machine; far below the seconds a call
+# that ran a loss or a timeout's diagnosis with the GIL held would take.
+GIL_LIMIT = 0.25
+
+
+class GilTicker:
+    """The longest this process's threads went without the GIL: a thread
+    that sleeps 1 ms at a time cannot wake while another holds it."""
+
+    def __init__(self):
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        last = time.monotonic()
+        while not self._stop.is_set():
+            time.sleep(0.001)
+            now = time.monotonic()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return self.longest
+
+
+def gil_rank(rank, world_size, port, ready, killed):
+    barrier = tree_rank(
+        rank, world_size, port, host_of(GIL_HOSTS, rank), timeout=GIL_TIMEOUT,
+        peer_timeout=PEER_TIMEOUT,
+    )  # fmt: skip
+    barrier.execute_barrier()
+    # Ranks 0 and 1 share a process, and so a GIL: rank 0 watches it.
+    ticker = GilTicker() if rank == 0 else None
+    for _ in range(20):
+        barrier.execute_barrier()
+    # Split phase, `released` polled from Python.
+    barrier.arrive()
+    while not barrier.released:
+        time.sleep(0.001)
+    barrier.wait()
+    # A timeout, named and resumed: rank 5 comes late.
+    if rank == 5:
+        time.sleep(GIL_TIMEOUT + 1.0)
+    timeout = timed_round(barrier)["error"]
+    if timeout is not None:
+        barrier.execute_barrier()
+    mark_ready(ready)
+    if rank in GIL_HOSTS[2]:
+        await_fault(rank, "SIGKILL")
+    killed.wait(timeout=30)
+    # A loss, learnt in wait() and raised again by the next arrive().
+    lost = None
+    while lost is None:
+        try:
+            barrier.arrive()
+            barrier.wait()
+        except tcpstore_barrier.PeerLostError as e:
+            lost = sorted(e.lost_ranks)
+        except tcpstore_barrier.BarrierTimeoutError:
+            # (PeerLostError is one too.)
+            continue
+    with pytest.raises(tcpstore_barrier.PeerLostError):
+        barrier.arrive()
+    return {
+        "timeout": timeout,
+        "lost": lost,
+        "longest": ticker.stop() if ticker else None,
+    }
+
+
+def test_no_call_holds_the_gil_in_rounds_timeouts_and_losses():
+    world = sum(len(group) for group in GIL_HOSTS)
+    ready = CONTEXT.Value("i", 0)
+    killed = CONTEXT.Event()
+    with start_rank_groups(
+        gil_rank, GIL_HOSTS, free_port(), ready, killed
+    ) as processes:
+        await_ready(ready, world, within=60)
+        processes.signal(2, signal.SIGKILL)
+        killed.set()
+        reports = processes.results(range(2), timeout=60)
+    results = by_rank(reports, world)
+    for rank in range(4):
+        timeout = results[rank]["timeout"]
+        assert timeout["type"] == "BarrierTimeoutError", (rank, timeout)
+        assert timeout["missing_ranks"] == [5], (rank, timeout)
+        assert {4, 5} <= set(results[rank]["lost"]), (rank, results[rank])
+    longest = results[0]["longest"]
+    report_figure("longest GIL hold in a tree's calls (s)", longest)
+    assert longest < GIL_LIMIT, (
+        f"a call held the GIL for {longest:.3f} s while it ran rounds, a timeout "
+        "and a loss"
+    )
+
+
+# --- a leader that dies once its group has arrived ------------------------------
+
+# Rank 2 leads host (2, 3) and, in group (0, 2), its worker has arrived for
+# the whole host when it dies; rank 5 holds the root's round open meanwhile.
+ARRIVED_HOSTS = ((0, 1), (2, 3), (4, 5))
+ARRIVED_GROUPS = ((0, 1), (2,), (3,), (4, 5))
+ARRIVED_LEADER, ARRIVED_LATE = 2, 5
+
+
+def arrived_leader_rank(rank, world_size, port, ready, killed):
+    barrier = tree_rank(
+        rank, world_size, port, host_of(ARRIVED_HOSTS, rank),
+        peer_timeout=PEER_TIMEOUT,
+    )  # fmt: skip
+    barrier.execute_barrier()
+    mark_ready(ready)
+    if rank == ARRIVED_LATE:
+        killed.wait(timeout=30)
+        time.sleep(1.0)
+    outcome = timed_round(barrier)
+    if rank == ARRIVED_LEADER:
+        await_fault(rank, "SIGKILL")
+    return outcome
+
+
+def test_a_leader_that_dies_after_its_group_arrived_ends_the_round_with_one_verdict():
+    world = sum(len(group) for group in ARRIVED_GROUPS)
+    ready = CONTEXT.Value("i", 0)
+    killed = CONTEXT.Event()
+    with start_rank_groups(
+        arrived_leader_rank, ARRIVED_GROUPS, free_port(), ready, killed
+    ) as processes:
+        await_ready(ready, world, within=60)
+        # Every rank but rank 5 is in the round, and rank 2's worker has
+        # carried its host's arrival up to group (0, 2).
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        processes.signal(1, signal.SIGKILL)
+        killed.set()
+        reports = processes.results((0, 2, 3), timeout=60)
+    results = by_rank(reports, world)
+    survivors = [r for r in range(world) if r != ARRIVED_LEADER]
+    # Rank 3 cannot be released without its leader: the round ends for all
+    # with the one verdict, decided at the root, that rank 2's host is lost.
+    for rank in survivors:
+        error = results[rank]["error"]
+        assert error is not None and error["type"] == "PeerLostError", (rank, results)
+        assert ARRIVED_LEADER in error["lost_ranks"], (rank, error)
+        after = results[rank]["ended_at"] - killed_at
+        assert after < PEER_TIMEOUT + VERDICT_SLACK, (rank, after)
+    named = {tuple(results[rank]["error"]["lost_ranks"]) for rank in survivors}
+    assert len(named) == 1, named
+    report_figure(
+        "leader dead after its group's arrival: last survivor's verdict, s after the kill",
+        max(results[rank]["ended_at"] for rank in survivors) - killed_at,
+    )
+
+
+# --- faults while the tree is built ---------------------------------------------
+
+# Over a store that outlives the ranks (from_store, as torchrun's), so that a
+# fault falls in the tree's own joining: rank 0 plans once every rank has
+# joined, and the others wait for the plan.
+BUILD_HOSTS = ((0, 1), (2, 3), (4, 5))
+BUILD_TIMEOUT = 4.0
+# (the processes, the rank killed, the rank that joins once it is): rank 0
+# dies while it waits to plan (rank 5 has not joined yet); rank 3 dies
+# before it joins.
+BUILD_FAULTS = {
+    "the planner": (((0,), (1,), (2, 3), (4, 5)), 0, 5),
+    "a member before it joins": (((0, 1), (2,), (3,), (4, 5)), 3, None),
+}
+
+
+def building_rank(rank, world_size, port, started, killed, doomed, late):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tcpstore_barrier import TCPStoreBarrier
+
+    store = dist.TCPStore("127.0.0.1", port, world_size, False, timedelta(seconds=20))
+    mark_ready(started)
+    if rank == doomed and doomed != 0:
+        await_fault(rank, "SIGKILL")
+    if rank == late:
+        killed.wait(timeout=30)
+        time.sleep(0.5)
+    try:
+        barrier = TCPStoreBarrier.from_store(
+            store, rank, world_size, PREFIX, BUILD_TIMEOUT, topology="tree",
+            host=host_of(BUILD_HOSTS, rank), tree_fan_in=FAN_IN,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"error": describe(e), "ended_at": time.monotonic()}
+    barrier.close()
+    return {"error": None, "ended_at": time.monotonic()}
+
+
+@pytest.mark.parametrize("fault", list(BUILD_FAULTS))
+def test_a_fault_while_the_tree_is_built_ends_every_constructor_in_time(fault):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    groups, doomed, late = BUILD_FAULTS[fault]
+    world = sum(len(group) for group in groups)
+    port = free_port()
+    master = dist.TCPStore(
+        "127.0.0.1", port, world, True, timedelta(seconds=30), wait_for_workers=False
+    )
+    started = CONTEXT.Value("i", 0)
+    killed = CONTEXT.Event()
+    process = next(i for i, group in enumerate(groups) if doomed in group)
+    with start_rank_groups(
+        building_rank, groups, port, started, killed, doomed, late
+    ) as processes:
+        await_ready(started, world, within=60)
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        processes.signal(process, signal.SIGKILL)
+        killed.set()
+        others = [i for i in range(len(groups)) if i != process]
+        reports = processes.results(others, timeout=60)
+    del master
+    results = by_rank(reports, world)
+    for rank in range(world):
+        if rank == doomed:
+            continue
+        error = results[rank]["error"]
+        assert error is not None and error["is_dist_error"], (rank, error)
+        # Each names what holds it back: rank 0 the ranks that joined, the
+        # others the plan that never came.
+        expected = (
+            "5 of 6 ranks had joined"
+            if rank == 0
+            else "did not publish the tree's plan"
+        )
+        assert expected in error["message"], (rank, error)
+        after = results[rank]["ended_at"] - killed_at
+        assert after < BUILD_TIMEOUT + 3.0, (rank, after)
