@@ -94,8 +94,10 @@ struct BarrierState {
   // it between slices (through runInterruptCheck()).
   std::function<void()> interruptCheck;
 
-  // Where this barrier's rounds sit in a tree (a level of one), or flat.
+  // Who arrives in this barrier's rounds, and where its store sits in a
+  // tree (a level of one), or flat.
   RoundShape shape;
+  TreePlace place;
   // Deleting finished rounds goes round the ranks that arrive at this
   // store: this rank's turn among how many (housekeeping.cpp).
   struct {
@@ -194,6 +196,7 @@ struct LevelSpec {
   Protocol protocol = Protocol::kNative;
   int64_t relayArrivals = 0;
   RoundShape shape;
+  TreePlace place;
   StoreAddress address;
   // Set on the rank that hosts the level's store.
   c10::intrusive_ptr<c10d::Store> server;

@@ -79,7 +79,7 @@ void awaitClosers(
           pending.begin(),
           pending.end(),
           [&](int64_t member) {
-            const auto ranks = state.shape.globalRanks({member});
+            const auto ranks = state.place.globalRanks({member});
             return std::all_of(ranks.begin(), ranks.end(), [&](int64_t r) {
               return std::find(lost.begin(), lost.end(), r) != lost.end();
             });

@@ -144,6 +144,7 @@ void startRounds(
       state.prefix,
       state.peerTimeout,
       *state.protocol,
+      state.place,
       *state.background);
   if (state.storeOutlives) {
     refuseReusedPrefix(state, deadline);
@@ -158,7 +159,7 @@ void startRounds(
   const auto interrupt = [background] {
     background->abort();
   };
-  if (!state.shape.flat() && liveness->enabled() && state.address) {
+  if (state.place.inTree() && liveness->enabled() && state.address) {
     // A store of a tree: a verdict carried here wakes this rank at once.
     state.verdictWatch =
         openWireConnection(*state.address, deadline, state.stallLimit());
@@ -495,6 +496,7 @@ std::unique_ptr<TCPStoreBarrier> openLevel(
   state.protocolKind = spec.protocol;
   state.relayArrivals = spec.relayArrivals;
   state.shape = std::move(spec.shape);
+  state.place = std::move(spec.place);
   state.ownsStore = true;
   state.hostsStore = static_cast<bool>(spec.server);
   state.usesLibUV = spec.usesLibUV;

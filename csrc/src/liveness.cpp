@@ -154,12 +154,29 @@ LivenessTiming::LivenessTiming(
   }
 }
 
+std::vector<int64_t> TreePlace::globalRanks(
+    const std::vector<int64_t>& ranks) const {
+  std::vector<int64_t> global;
+  for (const int64_t rank : ranks) {
+    const auto named = subtrees.find(rank);
+    if (named == subtrees.end()) {
+      global.push_back(rank);
+    } else {
+      global.insert(global.end(), named->second.begin(), named->second.end());
+    }
+  }
+  std::sort(global.begin(), global.end());
+  global.erase(std::unique(global.begin(), global.end()), global.end());
+  return global;
+}
+
 Liveness::Liveness(
     int64_t rank,
     int64_t worldSize,
     const std::string& prefix,
     std::optional<std::chrono::milliseconds> peerTimeout,
     const RoundProtocol& protocol,
+    TreePlace place,
     StoreConnection& connection)
     : rank_(rank),
       worldSize_(worldSize),
@@ -169,6 +186,7 @@ Liveness::Liveness(
           peerTimeout,
           static_cast<int64_t>(protocol.shape().memberRanks(worldSize).size())),
       protocol_(protocol),
+      place_(std::move(place)),
       connection_(connection),
       ownAliveKey_(aliveKey(rank)),
       alarmFd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
@@ -274,7 +292,7 @@ void Liveness::readDeclaredLoss(Clock::time_point deadline) {
     return;
   }
   auto alarm = decodeVerdict(connection_.multiGet(key, deadline).front());
-  alarm.decided = alarm.decided || protocol_.shape().decides;
+  alarm.decided = alarm.decided || place_.decides;
   raise(std::move(alarm));
   // The host, itself about to raise this verdict and perhaps to exit,
   // keeps the store up until every survivor has it (close.cpp).
@@ -366,7 +384,9 @@ void Liveness::declareLoss(
       prefix_,
       std::vector<int64_t>(members_.begin(), members_.end()),
       peersLostVerdict(
-          shape.globalRanks(lost), shape.globalRanks(missing), shape.decides),
+          place_.globalRanks(lost),
+          place_.globalRanks(missing),
+          place_.decides),
       deadline);
 }
 

@@ -27,6 +27,22 @@
 
 namespace tcpstore_barrier {
 
+// Where a store sits in a tree of stores, as its verdicts need it
+// (tree.cpp); the defaults are a flat barrier's.
+struct TreePlace {
+  // The global ranks each rank at this store stands for (its subtree); a
+  // rank not in it stands for itself.
+  std::map<int64_t, std::vector<int64_t>> subtrees;
+  // A tree's root: a loss declared on it is the tree's verdict.
+  bool decides = false;
+
+  bool inTree() const noexcept {
+    return decides || !subtrees.empty();
+  }
+  // `ranks` (of this store) as the sorted global ranks they stand for.
+  std::vector<int64_t> globalRanks(const std::vector<int64_t>& ranks) const;
+};
+
 struct Alarm {
   enum class Kind { kPeersLost, kStoreSilent, kStoreGone };
   Kind kind;
@@ -89,6 +105,7 @@ class Liveness {
       const std::string& prefix,
       std::optional<std::chrono::milliseconds> peerTimeout,
       const RoundProtocol& protocol,
+      TreePlace place,
       StoreConnection& connection);
 
   // The heartbeat's period: a fifth of the peer timeout, stretched so that
@@ -154,6 +171,7 @@ class Liveness {
   bool enabled_;
   const LivenessTiming timing_;
   const RoundProtocol& protocol_;
+  const TreePlace place_;
   StoreConnection& connection_;
   StoreConnection* verdictWatch_ = nullptr;
   std::string ownAliveKey_;

@@ -255,22 +255,6 @@ std::vector<int64_t> RoundShape::memberRanks(int64_t worldSize) const {
   return all;
 }
 
-std::vector<int64_t> RoundShape::globalRanks(
-    const std::vector<int64_t>& ranks) const {
-  std::vector<int64_t> global;
-  for (const int64_t rank : ranks) {
-    const auto named = names.find(rank);
-    if (named == names.end()) {
-      global.push_back(rank);
-    } else {
-      global.insert(global.end(), named->second.begin(), named->second.end());
-    }
-  }
-  std::sort(global.begin(), global.end());
-  global.erase(std::unique(global.begin(), global.end()), global.end());
-  return global;
-}
-
 RoundProtocol::RoundProtocol(
     int64_t rank, int64_t worldSize, std::string prefix, RoundShape shape)
     : rank_(rank),

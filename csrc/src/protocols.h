@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -23,28 +22,18 @@ struct Arrival {
   int64_t order = 0;
 };
 
-// Where a round sits in a tree of stores (tree.cpp); the defaults are a
+// Who arrives in a round and what each arrival counts; the defaults are a
 // flat barrier's: every rank 0..worldSize-1 takes part and counts one.
 struct RoundShape {
-  // What this rank's arrival adds to the count: at the root of a tree, a
-  // top-level leader counts its whole subtree in one add.
+  // What this rank's arrival adds to the count (at the root of a tree, a
+  // top-level leader counts its whole subtree in one add).
   int64_t weight = 1;
   // The ranks that arrive at this store themselves (a tree's root: its
   // top-level leaders and torch's ranks); empty for all of 0..worldSize-1.
   std::vector<int64_t> members;
-  // The global ranks each rank at this store stands for (its subtree), for
-  // verdicts and missing ranks; a rank not in it stands for itself.
-  std::map<int64_t, std::vector<int64_t>> names;
-  // A tree's root: a loss declared on it is the tree's verdict.
-  bool decides = false;
 
-  bool flat() const noexcept {
-    return members.empty() && names.empty();
-  }
   // The ranks that arrive at this store, given its world size.
   std::vector<int64_t> memberRanks(int64_t worldSize) const;
-  // `ranks` (of this store) as the sorted global ranks they stand for.
-  std::vector<int64_t> globalRanks(const std::vector<int64_t>& ranks) const;
 };
 
 // The keys of the round the caller is in, kept between rounds so that

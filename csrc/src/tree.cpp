@@ -450,10 +450,10 @@ BarrierTree::BarrierTree(
       const int64_t name = level.root && outer.protocolKind == Protocol::kTorch
                                ? members[m]
                                : static_cast<int64_t>(m);
-      spec.shape.names[name] = level.store.subtrees[m];
+      spec.place.subtrees[name] = level.store.subtrees[m];
     }
     if (level.root) {
-      spec.shape.decides = true;
+      spec.place.decides = true;
       spec.address = *outer.address;
       spec.server = outer.hostsStore ? outer.store : nullptr;
       spec.storeOutlives = !outer.ownsStore;
@@ -1227,7 +1227,7 @@ void BarrierTree::throwTimeout(
   if (!missing) {
     if (!e.missingRanks().empty()) {
       missing = BarrierAccess::state(*levels_[index].barrier)
-                    .shape.globalRanks(e.missingRanks());
+                    .place.globalRanks(e.missingRanks());
     }
   }
   // Every store this rank hosts stays up a little if it is destroyed now:
