@@ -732,7 +732,7 @@ void BarrierTree::callHost(Call&& call, Clock::time_point deadline) {
   } catch (const StoreUnreachableError& e) {
     lose(0, e.what_without_backtrace());
   } catch (const BarrierTimeoutError& e) {
-    throwTimeout(0, e, deadline);
+    throwTimeout(e, deadline);
   }
 }
 
@@ -1209,9 +1209,7 @@ std::optional<std::vector<int64_t>> BarrierTree::treeMissing(
 }
 
 void BarrierTree::throwTimeout(
-    std::size_t index,
-    const BarrierTimeoutError& e,
-    Clock::time_point callDeadline) {
+    const BarrierTimeoutError& e, Clock::time_point callDeadline) {
   // The tree's list as the leaders' engines carried it to this rank's
   // store: the same on every rank, with no request above its own store.
   // If it does not come in time, name what this rank's own store knew, or
@@ -1222,12 +1220,12 @@ void BarrierTree::throwTimeout(
   try {
     missing = treeMissing(deadline);
   } catch (const std::exception&) {
-    BarrierAccess::state(*levels_[index].barrier).diagnosis.reset();
+    BarrierAccess::state(host()).diagnosis.reset();
   }
   if (!missing) {
     if (!e.missingRanks().empty()) {
-      missing = BarrierAccess::state(*levels_[index].barrier)
-                    .place.globalRanks(e.missingRanks());
+      missing =
+          BarrierAccess::state(host()).place.globalRanks(e.missingRanks());
     }
   }
   // Every store this rank hosts stays up a little if it is destroyed now:

@@ -181,10 +181,10 @@ class BarrierTree {
   Alarm decideLoss(std::size_t level, const std::string& detail);
   // The caller's end of a loss: decided, carried, raised.
   [[noreturn]] void lose(std::size_t level, const std::string& detail = {});
+  // The host store's round timed out (`e`): the tree's error, naming
+  // what the tree is missing.
   [[noreturn]] void throwTimeout(
-      std::size_t level,
-      const BarrierTimeoutError& e,
-      Clock::time_point deadline);
+      const BarrierTimeoutError& e, Clock::time_point deadline);
   std::optional<Alarm> decideAtRoot(const Alarm& proposal);
   void carryVerdict(const Alarm& verdict, std::optional<std::size_t> skip);
   // The ranks below `level`'s store that have not entered round
