@@ -298,7 +298,8 @@ UniqueFd connectSocket(
     const std::string& host,
     uint16_t port,
     std::chrono::steady_clock::time_point deadline,
-    const std::vector<std::string>& otherHosts) {
+    const std::vector<std::string>& otherHosts,
+    Refused refused) {
   using namespace std::chrono;
   using Clock = steady_clock;
   // With other addresses to try, one that swallows connection attempts
@@ -345,7 +346,7 @@ UniqueFd connectSocket(
       }
     }
     const auto left = deadline - Clock::now();
-    if (left <= Clock::duration::zero()) {
+    if (left <= Clock::duration::zero() || refused == Refused::kFinal) {
       throwNetworkError(lastError);
     }
     // The host may not be listening yet: rank 0 starts when it starts.

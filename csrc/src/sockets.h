@@ -41,15 +41,21 @@ class UniqueFd {
 // not resolve or the port is taken.
 UniqueFd openListenSocket(const std::string& host, uint16_t port);
 
+// Whether a refused connection is tried again: a server may not listen
+// yet when a job starts, while one that listened and refuses now is gone.
+enum class Refused { kRetry, kFinal };
+
 // A non-blocking TCP connection to `host`:`port` (or, failing that, to one
 // of `otherHosts` in order: addresses of the same server), retrying refused
-// connections with short back-offs until `deadline`. A name that does not
-// resolve fails at once. Throws c10::DistNetworkError with the last cause.
+// connections with short back-offs until `deadline` (kRetry). A name that
+// does not resolve fails at once. Throws c10::DistNetworkError with the
+// last cause.
 UniqueFd connectSocket(
     const std::string& host,
     uint16_t port,
     std::chrono::steady_clock::time_point deadline,
-    const std::vector<std::string>& otherHosts = {});
+    const std::vector<std::string>& otherHosts = {},
+    Refused refused = Refused::kRetry);
 
 // The address (numeric, with `%interface` for an IPv6 link-local one) and
 // port a socket is bound to locally: for a connection, the address this

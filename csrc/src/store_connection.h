@@ -20,6 +20,8 @@
 #include <c10/util/intrusive_ptr.h>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include "sockets.h"
+
 namespace tcpstore_barrier {
 
 using Clock = std::chrono::steady_clock;
@@ -151,7 +153,8 @@ std::unique_ptr<StoreConnection> openWireConnection(
     const StoreAddress& address,
     Clock::time_point deadline,
     std::chrono::milliseconds stallLimit,
-    std::function<void()> interruptCheck = nullptr);
+    std::function<void()> interruptCheck = nullptr,
+    Refused refused = Refused::kRetry);
 
 // Counts this client in TCPStore's `init/` key, as every c10d client that
 // knows the world size does, so that a host waiting for its workers (ours

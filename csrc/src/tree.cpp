@@ -922,7 +922,8 @@ std::optional<Alarm> BarrierTree::decideAtRoot(const Alarm& proposal) {
   // told at once, so that the verdict starts down every branch.
   try {
     const auto deadline = deadlineFromNow();
-    auto root = openWireConnection(*outer_.address, deadline, silenceLimit());
+    auto root = openWireConnection(
+        *outer_.address, deadline, silenceLimit(), nullptr, Refused::kFinal);
     std::vector<int64_t> rootMembers =
         levels_.back().root
             ? levels_.back().store.members
@@ -950,8 +951,13 @@ void BarrierTree::carryVerdict(
       continue;
     }
     try {
+      // A store that refuses is gone: its host has stopped it, or died.
       auto store = openWireConnection(
-          *levels_[i].address, deadlineFromNow(), silenceLimit());
+          *levels_[i].address,
+          deadlineFromNow(),
+          silenceLimit(),
+          nullptr,
+          Refused::kFinal);
       declareVerdict(
           *store,
           outer_.prefix,
@@ -1114,8 +1120,12 @@ std::vector<int64_t> BarrierTree::missingAt(
 
 StoreConnection& BarrierTree::probe(Level& level, Clock::time_point deadline) {
   if (!level.probe) {
-    level.probe =
-        openWireConnection(*level.address, deadline, outer_.stallLimit());
+    level.probe = openWireConnection(
+        *level.address,
+        deadline,
+        outer_.stallLimit(),
+        nullptr,
+        Refused::kFinal);
   }
   return *level.probe;
 }

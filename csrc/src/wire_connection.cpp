@@ -493,9 +493,10 @@ std::unique_ptr<StoreConnection> openWireConnection(
     const StoreAddress& address,
     Clock::time_point deadline,
     std::chrono::milliseconds stallLimit,
-    std::function<void()> interruptCheck) {
-  UniqueFd fd =
-      connectSocket(address.host, address.port, deadline, address.otherHosts);
+    std::function<void()> interruptCheck,
+    Refused refused) {
+  UniqueFd fd = connectSocket(
+      address.host, address.port, deadline, address.otherHosts, refused);
   tuneStoreSocket(fd.get(), stallLimit);
   auto connection = std::make_unique<WireConnection>(
       std::move(fd), address, std::move(interruptCheck));
