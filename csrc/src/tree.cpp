@@ -62,11 +62,12 @@ constexpr std::chrono::milliseconds kEngineSlice{50};
 constexpr std::string_view kReleased = "1";
 // A slow round's diagnosis: the engine says what is missing every
 // kMissingRefresh once the round has waited a quarter of the call's
-// timeout (kMissingStart at most); each try gives up after kProbeLimit.
+// timeout (kMissingStart at most), and every kIdleRecheck while nobody
+// below it has arrived (between checkpoints, say).
 // A timed-out caller polls its store for the list every kMissingPoll.
 constexpr std::chrono::milliseconds kMissingStart{500};
 constexpr std::chrono::milliseconds kMissingRefresh{200};
-constexpr std::chrono::milliseconds kProbeLimit{1000};
+constexpr std::chrono::milliseconds kIdleRecheck{1000};
 constexpr std::chrono::milliseconds kMissingPoll{20};
 
 std::string treeKey(
@@ -1120,11 +1121,17 @@ std::vector<int64_t> BarrierTree::missingAt(
 
 StoreConnection& BarrierTree::probe(Level& level, Clock::time_point deadline) {
   if (!level.probe) {
+    // A stop or a verdict interrupts it, as it does the engine's waits.
     level.probe = openWireConnection(
         *level.address,
         deadline,
         outer_.stallLimit(),
-        nullptr,
+        [this] {
+          if (engineStopping_) {
+            throw EngineStopping{};
+          }
+          checkOtherLevels(levels_.size());
+        },
         Refused::kFinal);
   }
   return *level.probe;
@@ -1136,8 +1143,14 @@ void BarrierTree::reportMissing(std::size_t waiting, int64_t sequence) {
     return;
   }
   nextReport_ = now + kMissingRefresh;
-  const auto deadline = now + kProbeLimit;
+  // As long as a store would be given before liveness takes it for lost: a
+  // probe given up leaves a reply due, which the server, writing it to a
+  // closed connection, would log.
+  const auto deadline = now + silenceLimit();
   const std::size_t top = levels_.size() - 1;
+  // Nobody below the store the engine waits at has arrived, so nobody
+  // there waits: a store above that hears nothing of it names them all.
+  bool idle = false;
   try {
     // Up: each store this rank leads and has not yet left, said at the
     // store above, where that store's leader reads it.
@@ -1148,14 +1161,23 @@ void BarrierTree::reportMissing(std::size_t waiting, int64_t sequence) {
           levels_[i].probeKeys,
           sequence,
           deadline);
+      if (i == waiting && below.size() == allRanks(levels_[i].store).size()) {
+        idle = true;
+        continue;
+      }
       auto& above = probe(levels_[i + 1], deadline);
       above.set(
           treeMissingBelowKey(outer_.prefix, levels_[i + 1].localRank),
           missingText(sequence, below));
       above.flush(deadline);
     }
+    if (idle && waiting + 1 == top) {
+      // Between checkpoints, say: nothing to tell anyone.
+      nextReport_ = now + kIdleRecheck;
+      return;
+    }
     // Down: the tree's whole list, as the root's members see it, to every
-    // store this rank leads.
+    // store this rank leads where someone waits.
     Level& upper = levels_[top];
     auto& atTop = probe(upper, deadline);
     std::string text;
@@ -1174,6 +1196,9 @@ void BarrierTree::reportMissing(std::size_t waiting, int64_t sequence) {
       }
     }
     for (std::size_t i = 0; i < top; ++i) {
+      if (idle && i == waiting) {
+        continue;
+      }
       auto& led = probe(levels_[i], deadline);
       led.set(treeMissingKey(outer_.prefix), text);
       led.flush(deadline);
@@ -1184,7 +1209,7 @@ void BarrierTree::reportMissing(std::size_t waiting, int64_t sequence) {
     for (auto& level : levels_) {
       level.probe.reset();
     }
-    nextReport_ = Clock::now() + kProbeLimit;
+    nextReport_ = Clock::now() + kIdleRecheck;
   }
 }
 
