@@ -680,14 +680,14 @@ void BarrierTree::installChecks() {
   // the rest are the engine's, which stops when told to.
   for (std::size_t i = 0; i < levels_.size(); ++i) {
     BarrierAccess::state(*levels_[i].barrier).interruptCheck = [this, i] {
-      if (i == 0) {
+      if (i > 0) {
+        checkEngine(i);
+      } else {
         if (userCheck_) {
           userCheck_();
         }
-      } else if (engineStopping_) {
-        throw EngineStopping{};
+        checkOtherLevels(i);
       }
-      checkOtherLevels(i);
       if (i + 1 == levels_.size() && i > 0) {
         // The engine's own round at its topmost store.
         reportMissing(i, BarrierAccess::state(*levels_[i].barrier).sequence);
@@ -706,6 +706,13 @@ void BarrierTree::checkOtherLevels(std::size_t waiting) const {
       throw OtherLevelAlarm{i};
     }
   }
+}
+
+void BarrierTree::checkEngine(std::size_t waiting) const {
+  if (engineStopping_) {
+    throw EngineStopping{};
+  }
+  checkOtherLevels(waiting);
 }
 
 bool BarrierTree::anyAlarm() const {
@@ -873,10 +880,7 @@ void BarrierTree::awaitRelay(std::size_t level, int64_t sequence) {
   auto& relay = *levels_[level].relay;
   bool slowNoted = level == 0;
   while (!relay.awaitRelease(Clock::now() + kEngineSlice, -1)) {
-    if (engineStopping_) {
-      throw EngineStopping{};
-    }
-    checkOtherLevels(levels_.size());
+    checkEngine(levels_.size());
     if (!slowNoted) {
       // This rank's arrival, as a caller's says so once its round is slow:
       // a timeout names the members whose `rank{m}` key is behind.
@@ -1127,10 +1131,7 @@ StoreConnection& BarrierTree::probe(Level& level, Clock::time_point deadline) {
         deadline,
         outer_.stallLimit(),
         [this] {
-          if (engineStopping_) {
-            throw EngineStopping{};
-          }
-          checkOtherLevels(levels_.size());
+          checkEngine(levels_.size());
         },
         Refused::kFinal);
   }
@@ -1161,7 +1162,8 @@ void BarrierTree::reportMissing(std::size_t waiting, int64_t sequence) {
           levels_[i].probeKeys,
           sequence,
           deadline);
-      if (i == waiting && below.size() == allRanks(levels_[i].store).size()) {
+      if (i == waiting &&
+          static_cast<int64_t>(below.size()) == levels_[i].store.size()) {
         idle = true;
         continue;
       }

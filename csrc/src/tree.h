@@ -156,6 +156,9 @@ class BarrierTree {
   // Throws OtherLevelAlarm for the first level other than `waiting` that
   // has a verdict.
   void checkOtherLevels(std::size_t waiting) const;
+  // The engine's interrupt point: throws EngineStopping once told to stop,
+  // else as checkOtherLevels(waiting).
+  void checkEngine(std::size_t waiting) const;
   bool anyAlarm() const;
 
   // The progress engine: the worker's loop, one round of it, and the wait
