@@ -530,14 +530,17 @@ def test_no_call_holds_the_gil_in_rounds_timeouts_and_losses():
 
 # --- a leader that dies once its group has arrived ------------------------------
 
-# Rank 2 leads host (2, 3) and, in group (0, 2), its worker has arrived for
-# the whole host when it dies; rank 5 holds the root's round open meanwhile.
+# Rank 2 leads host (2, 3) and, in group (0, 2), its worker has carried the
+# whole host's arrival up when the test strikes it; rank 5 holds the root's
+# round open meanwhile, entering only `late_by` s after the fault.
 ARRIVED_HOSTS = ((0, 1), (2, 3), (4, 5))
 ARRIVED_GROUPS = ((0, 1), (2,), (3,), (4, 5))
 ARRIVED_LEADER, ARRIVED_LATE = 2, 5
 
 
-def arrived_leader_rank(rank, world_size, port, ready, killed):
+def stricken_leader_rank(rank, world_size, port, ready, struck, late_by):
+    """Round 1 as ARRIVED_* describe it; a rank released from it runs round
+    2 too. Returns each round's outcome."""
     barrier = tree_rank(
         rank, world_size, port, host_of(ARRIVED_HOSTS, rank),
         peer_timeout=PEER_TIMEOUT,
@@ -545,51 +548,102 @@ def arrived_leader_rank(rank, world_size, port, ready, killed):
     barrier.execute_barrier()
     mark_ready(ready)
     if rank == ARRIVED_LATE:
-        killed.wait(timeout=30)
-        time.sleep(1.0)
-    outcome = timed_round(barrier)
+        struck.wait(timeout=30)
+        time.sleep(late_by)
+    outcomes = [timed_round(barrier)]
     if rank == ARRIVED_LEADER:
-        await_fault(rank, "SIGKILL")
-    return outcome
+        await_fault(rank, "fault")
+    if outcomes[0]["error"] is None:
+        outcomes.append(timed_round(barrier))
+    return outcomes
 
 
-def test_a_leader_that_dies_after_its_group_arrived_ends_the_round_with_one_verdict():
+def strike_leader(late_by, strike):
+    """Runs stricken_leader_rank; once every rank but rank 5 is in round 1,
+    `strike(processes)` makes the fault and returns when rank 2 died.
+    Returns (each rank's outcomes, when rank 2 died)."""
     world = sum(len(group) for group in ARRIVED_GROUPS)
     ready = CONTEXT.Value("i", 0)
-    killed = CONTEXT.Event()
+    struck = CONTEXT.Event()
     with start_rank_groups(
-        arrived_leader_rank, ARRIVED_GROUPS, free_port(), ready, killed
+        stricken_leader_rank, ARRIVED_GROUPS, free_port(), ready, struck, late_by
     ) as processes:
         await_ready(ready, world, within=60)
         # Every rank but rank 5 is in the round, and rank 2's worker has
         # carried its host's arrival up to group (0, 2).
         time.sleep(0.5)
+        killed_at = strike(processes, struck)
+        reports = processes.results((0, 2, 3), timeout=60)
+    return by_rank(reports, world), killed_at
+
+
+def test_a_leader_that_dies_after_its_group_arrived_ends_the_round_with_one_verdict():
+    def kill(processes, struck):
         killed_at = time.monotonic()
         processes.signal(1, signal.SIGKILL)
-        killed.set()
-        reports = processes.results((0, 2, 3), timeout=60)
-    results = by_rank(reports, world)
-    survivors = [r for r in range(world) if r != ARRIVED_LEADER]
+        struck.set()
+        return killed_at
+
+    results, killed_at = strike_leader(1.0, kill)
+    survivors = [r for r in range(len(results)) if r != ARRIVED_LEADER]
+    first = {rank: results[rank][0] for rank in survivors}
     # Rank 3 cannot be released without its leader: the round ends for all
     # with the one verdict, decided at the root, that rank 2's host is lost.
-    for rank in survivors:
-        error = results[rank]["error"]
+    for rank, outcome in first.items():
+        error = outcome["error"]
         assert error is not None and error["type"] == "PeerLostError", (rank, results)
         assert ARRIVED_LEADER in error["lost_ranks"], (rank, error)
-        after = results[rank]["ended_at"] - killed_at
+        after = outcome["ended_at"] - killed_at
         assert after < PEER_TIMEOUT + VERDICT_SLACK, (rank, after)
-    named = {tuple(results[rank]["error"]["lost_ranks"]) for rank in survivors}
+    named = {tuple(outcome["error"]["lost_ranks"]) for outcome in first.values()}
     assert len(named) == 1, named
     # Decided at once (rank 3 finds its store gone), it wakes every rank in
     # a call at once, and rank 5, arriving after it, raises it at once: no
     # trip waits out a store that is already gone.
     for rank in (0, 1, 3, 4):
-        assert results[rank]["ended_at"] - killed_at < 1.0, (rank, results[rank])
-    assert results[ARRIVED_LATE]["elapsed"] < 0.5, results[ARRIVED_LATE]
+        assert first[rank]["ended_at"] - killed_at < 1.0, (rank, first[rank])
+    assert first[ARRIVED_LATE]["elapsed"] < 0.5, first[ARRIVED_LATE]
     report_figure(
         "leader dead after its group's arrival: last survivor's verdict, s after the kill",
-        max(results[rank]["ended_at"] for rank in survivors) - killed_at,
+        max(outcome["ended_at"] for outcome in first.values()) - killed_at,
     )
+
+
+# --- a leader that dies after the root released its round ----------------------
+
+
+def test_a_leader_that_dies_after_the_roots_release_strands_only_its_members():
+    # Rank 2's process is frozen; rank 5 then lets the root release the
+    # round, which rank 2's worker can no longer pass on to host (2, 3);
+    # then rank 2 dies.
+    def freeze_then_kill(processes, struck):
+        processes.signal(1, signal.SIGSTOP)
+        struck.set()
+        # Rank 5 arrives 0.3 s later and the root releases the round.
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        processes.signal(1, signal.SIGKILL)
+        return killed_at
+
+    results, killed_at = strike_leader(0.3, freeze_then_kill)
+    # Rank 3 never gets its release: it names its leader's host lost.
+    stranded = results[3]
+    assert len(stranded) == 1, stranded
+    error = stranded[0]["error"]
+    assert error is not None and error["type"] == "PeerLostError", stranded
+    assert stranded[0]["ended_at"] - killed_at < PEER_TIMEOUT + VERDICT_SLACK
+    verdicts = {tuple(error["lost_ranks"])}
+    # The others were released, as flat releases a round its last rank
+    # entered, and learn the loss in the next.
+    for rank in (0, 1, 4, 5):
+        released, lost = results[rank]
+        assert released["error"] is None, (rank, results[rank])
+        assert lost["error"] is not None and lost["error"]["type"] == "PeerLostError", (
+            rank,
+            results[rank],
+        )
+        verdicts.add(tuple(lost["error"]["lost_ranks"]))
+    assert len(verdicts) == 1 and ARRIVED_LEADER in verdicts.pop(), results
 
 
 # --- faults while the tree is built ---------------------------------------------
@@ -675,65 +729,3 @@ def test_a_fault_while_the_tree_is_built_ends_every_constructor_in_time(fault):
         assert expected in error["message"], (rank, error)
         after = results[rank]["ended_at"] - killed_at
         assert after < BUILD_TIMEOUT + 3.0, (rank, after)
-
-
-# --- a leader that dies after the root released its round ----------------------
-
-# Rank 2's process is frozen once its worker has carried host (2, 3)'s
-# arrival up; rank 5 then lets the root release the round, which rank 2's
-# worker can no longer pass on to host (2, 3); then rank 2 dies.
-
-
-def released_leader_rank(rank, world_size, port, ready, frozen):
-    barrier = tree_rank(
-        rank, world_size, port, host_of(ARRIVED_HOSTS, rank),
-        peer_timeout=PEER_TIMEOUT,
-    )  # fmt: skip
-    barrier.execute_barrier()
-    mark_ready(ready)
-    if rank == ARRIVED_LATE:
-        frozen.wait(timeout=30)
-        time.sleep(0.3)
-    outcomes = [timed_round(barrier)]
-    if rank == ARRIVED_LEADER:
-        await_fault(rank, "SIGSTOP and SIGKILL")
-    if outcomes[0]["error"] is None:
-        outcomes.append(timed_round(barrier))
-    return outcomes
-
-
-def test_a_leader_that_dies_after_the_roots_release_strands_only_its_members():
-    world = sum(len(group) for group in ARRIVED_GROUPS)
-    ready = CONTEXT.Value("i", 0)
-    frozen = CONTEXT.Event()
-    with start_rank_groups(
-        released_leader_rank, ARRIVED_GROUPS, free_port(), ready, frozen
-    ) as processes:
-        await_ready(ready, world, within=60)
-        time.sleep(0.5)
-        processes.signal(1, signal.SIGSTOP)
-        frozen.set()
-        # Rank 5 arrives 0.3 s later and the root releases the round.
-        time.sleep(1.0)
-        killed_at = time.monotonic()
-        processes.signal(1, signal.SIGKILL)
-        reports = processes.results((0, 2, 3), timeout=60)
-    results = by_rank(reports, world)
-    # Rank 3 never gets its release: it names its leader's host lost.
-    stranded = results[3]
-    assert len(stranded) == 1, stranded
-    error = stranded[0]["error"]
-    assert error is not None and error["type"] == "PeerLostError", stranded
-    assert stranded[0]["ended_at"] - killed_at < PEER_TIMEOUT + VERDICT_SLACK
-    verdicts = {tuple(error["lost_ranks"])}
-    # The others were released, as flat releases a round its last rank
-    # entered, and learn the loss in the next.
-    for rank in (0, 1, 4, 5):
-        released, lost = results[rank]
-        assert released["error"] is None, (rank, results[rank])
-        assert lost["error"] is not None and lost["error"]["type"] == "PeerLostError", (
-            rank,
-            results[rank],
-        )
-        verdicts.add(tuple(lost["error"]["lost_ranks"]))
-    assert len(verdicts) == 1 and ARRIVED_LEADER in verdicts.pop(), results
