@@ -22,10 +22,17 @@ What these stores do that matters here (torch 2.13):
 - ``~FileStore`` writes to its file (a ``refcount/`` key, also written by
   the constructor); on a path that is a directory it throws from the
   destructor and the process aborts. It skips a path it cannot access.
+- A process killed while it writes a record (the key's length, the key,
+  the value's length and the value are four writes) leaves the record torn:
+  from then on every call, in every process that reads the file, loops
+  forever at the file's end holding the store's lock, and no deadline can
+  end a call inside the store. Tests that kill a rank do it while that rank
+  holds the file's flock, which FileStore's writers take.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import time
@@ -295,6 +302,13 @@ def peer_killed_before_arriving(rank, world_size, path, killed_at):
         while not (store.check([count]) and int(store.get(count)) == world_size - 1):
             assert time.monotonic() < deadline, "the others never entered round 0"
             time.sleep(0.01)
+        # Only once no thread of this process is half-way through a write:
+        # torch's FileStore reads a record torn by a writer's death in a loop
+        # that never ends, in every process that opens the file (see the
+        # module's docstring). Its writers hold the file's flock, so taking
+        # it waits for the write under way; SIGKILL releases it.
+        torn_guard = os.open(path, os.O_RDONLY)
+        fcntl.flock(torn_guard, fcntl.LOCK_EX)
         killed_at.value = time.monotonic()
         os.kill(os.getpid(), signal.SIGKILL)
     outcome = timed_round(barrier)
