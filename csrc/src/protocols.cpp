@@ -363,10 +363,16 @@ std::vector<int64_t> RoundProtocol::ranksBehindCount(
                .value_or(0) -
            uncounted;
   };
+  const auto memberCount = static_cast<int64_t>(members_.size());
+  // Everyone counted: no key need catch up. A tree's leader that found its
+  // store complete climbed at once and never wrote its key there, however
+  // slow the round is above.
+  if (arrived() >= memberCount) {
+    return {};
+  }
   auto missing = ranksBehind(connection, cache, sequence, deadline);
   const auto giveUp =
       std::min(deadline, Clock::now() + std::chrono::milliseconds(300));
-  const auto memberCount = static_cast<int64_t>(members_.size());
   while (memberCount - static_cast<int64_t>(missing.size()) < arrived() &&
          Clock::now() < giveUp) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
