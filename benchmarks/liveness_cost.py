@@ -10,7 +10,14 @@
    process's CPU, on vs off.
 3. The bench's latency, contenders ours and ours-noliveness.
 
+With ``--tree K F`` part 1 runs a tree of stores instead (rank r on host
+``h{r // K}``, fan-in F): heartbeats go to every store a rank meets, so they
+are not counted, and the server CPU is every store's, in every process. In a
+slow round it includes the leaders' engines' diagnosis (docs/trees.md), the
+reason to measure it.
+
     python benchmarks/liveness_cost.py [--ranks 1024] [--processes 8] [--window 12]
+    python benchmarks/liveness_cost.py --ranks 64 --processes 1 --tree 1 2 --skip object bench
 """
 
 from __future__ import annotations
@@ -35,10 +42,15 @@ PREFIX = "lc"
 
 
 def make(
-    rank: int, world: int, port: int, peer_timeout: float | None
+    rank: int, world: int, port: int, peer_timeout: float | None, tree=None
 ) -> TCPStoreBarrier:
+    shape = {}
+    if tree:
+        ranks_per_host, fan_in = tree
+        shape = {"topology": "tree", "host": f"h{rank // ranks_per_host}",
+                 "tree_fan_in": fan_in}  # fmt: skip
     return TCPStoreBarrier(rank, world, PREFIX, 300.0, True, port, LOOPBACK, 300.0,
-                           peer_timeout_secs=peer_timeout)  # fmt: skip
+                           peer_timeout_secs=peer_timeout, **shape)  # fmt: skip
 
 
 def window(secs: float, store=None, world: int = 0) -> dict:
@@ -55,7 +67,7 @@ def window(secs: float, store=None, world: int = 0) -> dict:
             "heartbeats_per_s": (beats() - hb) / t}  # fmt: skip
 
 
-def ranks_process(ranks, world, port, peer_timeout, idle, slow, results) -> None:
+def ranks_process(ranks, world, port, peer_timeout, idle, slow, tree, results) -> None:
     """Ranks ``ranks`` as threads, and a thread that measures this process
     over the two windows: idle, then the slow round, whose last rank sleeps."""
     raise_fd_limit()
@@ -65,7 +77,7 @@ def ranks_process(ranks, world, port, peer_timeout, idle, slow, results) -> None
     all_up = threading.Event()
 
     def rank_main(rank: int) -> None:
-        barriers[rank] = b = make(rank, world, port, peer_timeout)
+        barriers[rank] = b = make(rank, world, port, peer_timeout, tree)
         b.execute_barrier()  # every rank is up
         all_up.set()
         time.sleep(idle + (slow if rank == world - 1 else 0))
@@ -73,7 +85,7 @@ def ranks_process(ranks, world, port, peer_timeout, idle, slow, results) -> None
 
     def measure() -> None:
         all_up.wait()
-        store = barriers[0].store if 0 in ranks else None
+        store = barriers[0].store if 0 in ranks and not tree else None
         time.sleep(1)
         figures["idle"] = window(idle - 2, store, world)
         time.sleep(2)  # every rank but the last enters the slow round
@@ -91,13 +103,13 @@ def ranks_process(ranks, world, port, peer_timeout, idle, slow, results) -> None
 
 
 def at_scale(
-    world: int, processes: int, peer_timeout, idle: float, slow: float
+    world: int, processes: int, peer_timeout, idle: float, slow: float, tree=None
 ) -> dict:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["tcpstore_barrier"])
     results, (port,) = context.Queue(), pick_free_ports(1)
     procs = [context.Process(target=ranks_process, daemon=True,
-                             args=(g, world, port, peer_timeout, idle, slow, results))
+                             args=(g, world, port, peer_timeout, idle, slow, tree, results))
              for g in rank_groups(world, processes)]  # fmt: skip
     started = time.monotonic()
     for p in procs:
@@ -114,7 +126,8 @@ def at_scale(
     )
     out = by_first[0]
     for phase in ("idle", "slow"):
-        out[phase]["all_cpu_pct"] = sum(f[phase]["cpu_pct"] for f in by_first.values())
+        for key in ("cpu_pct", "srv_pct"):
+            out[phase][f"all_{key}"] = sum(f[phase][key] for f in by_first.values())
     return out
 
 
@@ -134,28 +147,40 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--window", type=float, default=12.0, help="seconds per phase")
     parser.add_argument("--object-secs", type=float, default=20.0)
+    parser.add_argument("--tree", type=int, nargs=2, metavar=("K", "F"),
+                        help="part 1 as a tree: K ranks a host, fan-in F")  # fmt: skip
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["scale", "object", "bench"]
     )
     args = parser.parse_args()
     modes = {"on": 5.0, "off": None}
     if "scale" not in args.skip:
+        shape = (f"a tree, {args.tree[0]} ranks a host, fan-in {args.tree[1]}"
+                 if args.tree else "libuv store on rank 0")  # fmt: skip
         print(f"1. {args.ranks} ranks as threads of {args.processes} processes, "
-              f"libuv store on rank 0; per second over ~{args.window - 2:g} s windows")  # fmt: skip
+              f"{shape}; per second over ~{args.window - 2:g} s windows")  # fmt: skip
         print(f"{'liveness':>8}  {'phase':>5}  {'heartbeats/s':>12}  {'server CPU %':>12}  "
               f"{'all processes CPU %':>19}")  # fmt: skip
-        rows = {m: at_scale(args.ranks, args.processes, t, args.window + 2, args.window + 3)
+        rows = {m: at_scale(args.ranks, args.processes, t, args.window + 2,
+                            args.window + 3, args.tree)
                 for m, t in modes.items()}  # fmt: skip
         for phase in ("idle", "slow"):
             for m, f in rows.items():
                 f = f[phase]
-                print(f"{m:>8}  {phase:>5}  {f['heartbeats_per_s']:12.0f}  "
-                      f"{f['srv_pct']:12.2f}  {f['all_cpu_pct']:19.1f}")  # fmt: skip
+                beats = "-" if args.tree else f"{f['heartbeats_per_s']:.0f}"
+                print(f"{m:>8}  {phase:>5}  {beats:>12}  "
+                      f"{f['all_srv_pct']:12.2f}  {f['all_cpu_pct']:19.1f}")  # fmt: skip
         for phase in ("idle", "slow"):
-            extra = rows["on"][phase]["srv_pct"] - rows["off"][phase]["srv_pct"]
+            extra = rows["on"][phase]["all_srv_pct"] - rows["off"][phase]["all_srv_pct"]
             print(
-                f"liveness's share of the server thread, {phase}: {extra:+.2f}% of a CPU"
+                f"liveness's share of the server threads, {phase}: {extra:+.2f}% of a CPU"
             )
+        if args.tree:
+            # Liveness off: nothing but the engines' diagnosis works in a slow round.
+            off = rows["off"]
+            print("the diagnosis's share of the server threads (liveness off, slow less "
+                  f"idle): {off['slow']['all_srv_pct'] - off['idle']['all_srv_pct']:+.2f}% "
+                  "of a CPU")  # fmt: skip
     if "object" not in args.skip:
         print(f"\n2. one barrier object idle (world size 1, hosts its store), "
               f"{args.object_secs:g} s; its process's CPU")  # fmt: skip
