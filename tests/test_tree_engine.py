@@ -12,6 +12,7 @@ time.monotonic(), one clock for every process of the machine.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -422,6 +423,76 @@ def test_every_rank_that_times_out_names_the_same_missing_ranks_without_a_herd()
     during = connects["timed_out"] - connects["started"]
     report_figure("connects at rank 0 while 63 ranks time out", during)
     assert during <= FAN_IN - 1, connects
+
+
+# --- a slow round's load on the stores -------------------------------------------
+
+QUIET_WORLD = 64
+# A rank a host, fan-in 2: 64 host stores and 63 above them.
+QUIET_STORES = 2 * QUIET_WORLD - 1
+QUIET_SLOW = 6.0
+# Server wake-ups a store a second while one rank is late and liveness is on
+# (1 s heartbeats): measured 5.4 here; 29 when the watchers at every store
+# whose members had all arrived polled every 10 ms for `rank{m}` keys that a
+# leader climbing at once never writes. Wake-ups, not CPU time: a loaded
+# machine batches requests into fewer of them, so the bound holds under load.
+QUIET_WAKEUPS = 12.0
+
+
+def server_wakeups():
+    """Wake-ups so far of this process's store server threads, by thread."""
+    counts = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                if not comm.read().startswith("pt_tcpstore"):
+                    continue
+            with open(f"/proc/self/task/{tid}/schedstat") as stat:
+                counts[tid] = int(stat.read().split()[2])
+        except OSError:
+            continue  # a thread that has ended
+    return counts
+
+
+def one_rank_late(world_size, port):
+    """64 ranks as threads of this process, each a host; the last comes
+    QUIET_SLOW s late to the second round. The servers' wake-ups a second
+    while the others wait."""
+    all_up = threading.Barrier(world_size + 1)
+
+    def rank_main(rank):
+        barrier = tree_rank(
+            rank, world_size, port, f"h{rank}", timeout=60, init=60, peer_timeout=5.0
+        )
+        barrier.execute_barrier()
+        all_up.wait()
+        if rank == world_size - 1:
+            time.sleep(QUIET_SLOW)
+        barrier.execute_barrier()
+        # Each rank closes its own: a host's close waits for its members'.
+        barrier.close()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
+    for thread in threads:
+        thread.start()
+    all_up.wait(timeout=60)
+    # Past the round's first second, once every other rank is waiting.
+    time.sleep(1.0)
+    before, started = server_wakeups(), time.monotonic()
+    time.sleep(QUIET_SLOW - 2.0)
+    after, elapsed = server_wakeups(), time.monotonic() - started
+    for thread in threads:
+        thread.join(timeout=60)
+    woken = sum(after[tid] - before[tid] for tid in after.keys() & before.keys())
+    return woken / elapsed
+
+
+def test_a_slow_round_wakes_each_store_only_for_liveness():
+    with CONTEXT.Pool(1) as pool:
+        woken = pool.apply(one_rank_late, (QUIET_WORLD, free_port()))
+    per_store = woken / QUIET_STORES
+    report_figure("server wake-ups a store a second, slow round", per_store)
+    assert per_store < QUIET_WAKEUPS, woken
 
 
 # --- no call holds the GIL ------------------------------------------------------
