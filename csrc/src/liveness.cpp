@@ -219,6 +219,20 @@ std::optional<Alarm> Liveness::alarm() const {
   return alarm_;
 }
 
+namespace {
+void post(int eventFd) {
+  const uint64_t one = 1;
+  [[maybe_unused]] const auto written = ::write(eventFd, &one, sizeof(one));
+}
+} // namespace
+
+void Liveness::alsoPost(int fd) {
+  alsoPostFd_ = fd;
+  if (alarm()) {
+    post(fd);
+  }
+}
+
 void Liveness::raise(Alarm alarm) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -227,9 +241,10 @@ void Liveness::raise(Alarm alarm) {
     }
     alarm_ = std::move(alarm);
   }
-  const uint64_t one = 1;
-  [[maybe_unused]] const auto written =
-      ::write(alarmFd_.get(), &one, sizeof(one));
+  post(alarmFd_.get());
+  if (const int also = alsoPostFd_; also >= 0) {
+    post(also);
+  }
 }
 
 void Liveness::tick() {

@@ -12,6 +12,7 @@
 // learns of the loss from its next heartbeat's reply.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -144,6 +145,9 @@ class Liveness {
   int alarmFd() const noexcept {
     return alarmFd_.get();
   }
+  // An eventfd posted too when an alarm is raised (at once if one was): a
+  // tree's engine sleeps on one for all its levels. It must outlive this.
+  void alsoPost(int fd);
   std::optional<Alarm> alarm() const;
 
   std::string aliveKey(int64_t rank) const;
@@ -176,6 +180,7 @@ class Liveness {
   StoreConnection* verdictWatch_ = nullptr;
   std::string ownAliveKey_;
   UniqueFd alarmFd_;
+  std::atomic<int> alsoPostFd_{-1};
 
   mutable std::mutex mutex_;
   Round round_;

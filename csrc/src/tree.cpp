@@ -1,5 +1,6 @@
 #include "tree.h"
 
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -55,8 +56,10 @@ struct EngineStopping {};
 struct EngineAt {
   std::size_t level;
 };
-// The engine's waits end with the barrier, not with a caller's deadline;
-// it looks for a stop or a verdict between slices.
+// The engine's waits end with the barrier, not with a caller's deadline.
+// At a store it leads it sleeps until a stop or a verdict posts
+// engineWake_ or a report is due, and never less than a slice: the first
+// slice's end is when it notes its own arrival there.
 constexpr std::chrono::hours kEngineHorizon{24 * 365 * 10};
 constexpr std::chrono::milliseconds kEngineSlice{50};
 constexpr std::string_view kReleased = "1";
@@ -378,7 +381,7 @@ BarrierTree::BarrierTree(
     const TreeOptions& options,
     bool registerAsWorker,
     Clock::time_point deadline)
-    : outer_(outer) {
+    : outer_(outer), engineWake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
   const std::string& prefix = outer.prefix;
   auto root = openWireConnection(*outer.address, deadline, outer.stallLimit());
   // Every store this rank hosts listens on the address it reaches the root
@@ -648,6 +651,9 @@ void BarrierTree::destroy() noexcept {
 void BarrierTree::stopEngine() noexcept {
   if (engine_.joinable()) {
     engineStopping_ = true;
+    const uint64_t one = 1;
+    [[maybe_unused]] const auto written =
+        ::write(engineWake_.get(), &one, sizeof(one));
     engine_.join();
   }
 }
@@ -679,7 +685,11 @@ void BarrierTree::installChecks() {
   // The host store's rounds are the caller's, and run its interrupt check;
   // the rest are the engine's, which stops when told to.
   for (std::size_t i = 0; i < levels_.size(); ++i) {
-    BarrierAccess::state(*levels_[i].barrier).interruptCheck = [this, i] {
+    BarrierState& state = BarrierAccess::state(*levels_[i].barrier);
+    if (state.liveness) {
+      state.liveness->alsoPost(engineWake_.get());
+    }
+    state.interruptCheck = [this, i] {
       if (i > 0) {
         checkEngine(i);
       } else {
@@ -879,7 +889,10 @@ Clock::time_point BarrierTree::deadlineFromNow() const {
 void BarrierTree::awaitRelay(std::size_t level, int64_t sequence) {
   auto& relay = *levels_[level].relay;
   bool slowNoted = level == 0;
-  while (!relay.awaitRelease(Clock::now() + kEngineSlice, -1)) {
+  // A stop or a verdict posts engineWake_; otherwise the engine wakes once
+  // a slice in, to note its arrival, and then only to report.
+  auto wakeAt = Clock::now() + kEngineSlice;
+  while (!relay.awaitRelease(wakeAt, engineWake_.get())) {
     checkEngine(levels_.size());
     if (!slowNoted) {
       // This rank's arrival, as a caller's says so once its round is slow:
@@ -892,6 +905,7 @@ void BarrierTree::awaitRelay(std::size_t level, int64_t sequence) {
       slowNoted = true;
     }
     reportMissing(level, sequence);
+    wakeAt = std::max(nextReport_, Clock::now() + kEngineSlice);
   }
 }
 
@@ -1149,12 +1163,15 @@ void BarrierTree::reportMissing(std::size_t waiting, int64_t sequence) {
   // closed connection, would log.
   const auto deadline = now + silenceLimit();
   const std::size_t top = levels_.size() - 1;
-  // Nobody below the store the engine waits at has arrived, so nobody
-  // there waits: a store above that hears nothing of it names them all.
-  bool idle = false;
+  // Nobody below any store the engine has yet to leave has arrived, so
+  // nobody there waits (between checkpoints, say). The stores it has left
+  // are below the one it waits at, so there are none.
+  bool idle = waiting < top;
   try {
     // Up: each store this rank leads and has not yet left, said at the
-    // store above, where that store's leader reads it.
+    // store above, where that store's leader reads it. A store below which
+    // nobody has arrived needs no word: the store above takes a leader
+    // that said nothing for its whole subtree.
     for (std::size_t i = waiting; i < top; ++i) {
       const auto below = missingAt(
           levels_[i],
@@ -1162,19 +1179,17 @@ void BarrierTree::reportMissing(std::size_t waiting, int64_t sequence) {
           levels_[i].probeKeys,
           sequence,
           deadline);
-      if (i == waiting &&
-          static_cast<int64_t>(below.size()) == levels_[i].store.size()) {
-        idle = true;
+      if (static_cast<int64_t>(below.size()) == levels_[i].store.size()) {
         continue;
       }
+      idle = false;
       auto& above = probe(levels_[i + 1], deadline);
       above.set(
           treeMissingBelowKey(outer_.prefix, levels_[i + 1].localRank),
           missingText(sequence, below));
       above.flush(deadline);
     }
-    if (idle && waiting + 1 == top) {
-      // Between checkpoints, say: nothing to tell anyone.
+    if (idle) {
       nextReport_ = now + kIdleRecheck;
       return;
     }
@@ -1198,9 +1213,6 @@ void BarrierTree::reportMissing(std::size_t waiting, int64_t sequence) {
       }
     }
     for (std::size_t i = 0; i < top; ++i) {
-      if (idle && i == waiting) {
-        continue;
-      }
       auto& led = probe(levels_[i], deadline);
       led.set(treeMissingKey(outer_.prefix), text);
       led.flush(deadline);

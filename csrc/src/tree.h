@@ -31,6 +31,7 @@
 #include <tcpstore_barrier/tcpstore_barrier.h>
 
 #include "protocols.h"
+#include "sockets.h"
 #include "store_connection.h"
 #include "tree_plan.h"
 
@@ -221,6 +222,10 @@ class BarrierTree {
   BarrierState& outer_;
   // The address this rank reaches rank 0's store from.
   std::string localAddress_;
+  // Posted by stopEngine() and by every level's alarm: the engine sleeps on
+  // it between its reports instead of waking to look. Declared before
+  // levels_, whose liveness posts it, so that it outlives them.
+  UniqueFd engineWake_;
   // Bottom up: the host store first, the root (if this rank meets there)
   // last. A rank leads every level but its last.
   std::vector<Level> levels_;
