@@ -1,8 +1,5 @@
 #include "liveness.h"
 
-#include <sys/eventfd.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <utility>
 
@@ -189,7 +186,7 @@ Liveness::Liveness(
       place_(std::move(place)),
       connection_(connection),
       ownAliveKey_(aliveKey(rank)),
-      alarmFd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+      alarmFd_(makeEventFd()),
       silence_(timing_.silenceLimit) {}
 
 std::string Liveness::aliveKey(int64_t rank) const {
@@ -219,17 +216,10 @@ std::optional<Alarm> Liveness::alarm() const {
   return alarm_;
 }
 
-namespace {
-void post(int eventFd) {
-  const uint64_t one = 1;
-  [[maybe_unused]] const auto written = ::write(eventFd, &one, sizeof(one));
-}
-} // namespace
-
 void Liveness::alsoPost(int fd) {
   alsoPostFd_ = fd;
   if (alarm()) {
-    post(fd);
+    postEvent(fd);
   }
 }
 
@@ -241,9 +231,9 @@ void Liveness::raise(Alarm alarm) {
     }
     alarm_ = std::move(alarm);
   }
-  post(alarmFd_.get());
+  postEvent(alarmFd_.get());
   if (const int also = alsoPostFd_; also >= 0) {
-    post(also);
+    postEvent(also);
   }
 }
 

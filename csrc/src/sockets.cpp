@@ -7,6 +7,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -107,6 +108,15 @@ UniqueFd& UniqueFd::operator=(UniqueFd&& other) noexcept {
     fd_ = other.release();
   }
   return *this;
+}
+
+UniqueFd makeEventFd() {
+  return UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+}
+
+void postEvent(int eventFd) noexcept {
+  const uint64_t one = 1;
+  [[maybe_unused]] const auto written = ::write(eventFd, &one, sizeof(one));
 }
 
 namespace {

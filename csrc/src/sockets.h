@@ -30,6 +30,12 @@ class UniqueFd {
   int fd_;
 };
 
+// A nonblocking eventfd, to wake a thread that polls it; -1 if the kernel
+// refused one (the thread then wakes only at its deadlines).
+UniqueFd makeEventFd();
+// Makes `eventFd` readable (it stays so until read).
+void postEvent(int eventFd) noexcept;
+
 // A listening TCP socket for TCPStoreOptions::masterListenFd, where the
 // hosts that resolve `host` can reach it: a literal address, `localhost`, or
 // a name resolving only to addresses other than loopback is bound to the

@@ -1,6 +1,5 @@
 #include "tree.h"
 
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -381,7 +380,7 @@ BarrierTree::BarrierTree(
     const TreeOptions& options,
     bool registerAsWorker,
     Clock::time_point deadline)
-    : outer_(outer), engineWake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    : outer_(outer), engineWake_(makeEventFd()) {
   const std::string& prefix = outer.prefix;
   auto root = openWireConnection(*outer.address, deadline, outer.stallLimit());
   // Every store this rank hosts listens on the address it reaches the root
@@ -651,9 +650,7 @@ void BarrierTree::destroy() noexcept {
 void BarrierTree::stopEngine() noexcept {
   if (engine_.joinable()) {
     engineStopping_ = true;
-    const uint64_t one = 1;
-    [[maybe_unused]] const auto written =
-        ::write(engineWake_.get(), &one, sizeof(one));
+    postEvent(engineWake_.get());
     engine_.join();
   }
 }

@@ -1,7 +1,6 @@
 #include "worker.h"
 
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -41,7 +40,7 @@ Worker::Worker(
       interrupt_(std::move(interrupt)),
       watchedFd_(fd),
       onReadable_(std::move(onReadable)),
-      wakeFd_(fd >= 0 ? ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK) : -1),
+      wakeFd_(fd >= 0 ? makeEventFd() : UniqueFd()),
       thread_(&Worker::run, this) {}
 
 Worker::~Worker() {
@@ -87,9 +86,7 @@ void Worker::postAt(std::function<void()> job, Clock::time_point notBefore) {
 void Worker::wake() noexcept {
   changed_.notify_all();
   if (wakeFd_.get() >= 0) {
-    const uint64_t one = 1;
-    [[maybe_unused]] const auto written =
-        ::write(wakeFd_.get(), &one, sizeof(one));
+    postEvent(wakeFd_.get());
   }
 }
 
