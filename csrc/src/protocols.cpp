@@ -367,16 +367,18 @@ std::vector<int64_t> RoundProtocol::ranksBehindCount(
   // Everyone counted: no key need catch up. A tree's leader that found its
   // store complete climbed at once and never wrote its key there, however
   // slow the round is above.
-  if (arrived() >= memberCount) {
+  auto counted = arrived();
+  if (counted >= memberCount) {
     return {};
   }
   auto missing = ranksBehind(connection, cache, sequence, deadline);
   const auto giveUp =
       std::min(deadline, Clock::now() + std::chrono::milliseconds(300));
-  while (memberCount - static_cast<int64_t>(missing.size()) < arrived() &&
+  while (memberCount - static_cast<int64_t>(missing.size()) < counted &&
          Clock::now() < giveUp) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
     missing = ranksBehind(connection, cache, sequence, deadline);
+    counted = arrived();
   }
   return missing;
 }
