@@ -31,6 +31,7 @@ from support.launch import (
 )
 
 import tcpstore_barrier
+from tcpstore_barrier._bench.rank import server_threads
 
 PREFIX = "ckpt"
 FAN_IN = 2
@@ -425,7 +426,7 @@ def test_every_rank_that_times_out_names_the_same_missing_ranks_without_a_herd()
     assert during <= FAN_IN - 1, connects
 
 
-# --- a slow round's load on the stores -------------------------------------------
+# --- wake-ups between rounds and in a slow round ---------------------------------
 
 QUIET_WORLD = 64
 # A rank a host, fan-in 2: 64 host stores and 63 above them.
@@ -446,16 +447,15 @@ QUIET_BOUNDS = {"slow round, a store's server": 12.0, "between rounds, a rank": 
 
 def wakeups():
     """Wake-ups so far of this process's threads: (store servers', all)."""
+    server_tids = server_threads()
     servers, every = 0, 0
     for tid in os.listdir("/proc/self/task"):
         try:
-            with open(f"/proc/self/task/{tid}/comm") as comm:
-                server = comm.read().startswith("pt_tcpstore")
             with open(f"/proc/self/task/{tid}/schedstat") as stat:
                 woken = int(stat.read().split()[2])
         except OSError:
             continue  # a thread that has ended
-        servers += woken if server else 0
+        servers += woken if int(tid) in server_tids else 0
         every += woken
     return servers, every
 
