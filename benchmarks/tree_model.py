@@ -22,13 +22,13 @@ CPU for the round (the server serializes the requests; the last arrival's
 reply, or the release, comes after all of them): native, one round trip;
 torch's keys, two (the add's reply, then the set that releases). A tree (m
 ranks a host, fan-in F) runs a relay round at each store below the root
-(tree.h): on the way up, the last member's request to the store's
-server-side barrier reaches the leader's worker (a round trip), which
-climbs; on the way down, the worker's set of `out` reaches the members
-(one more): two round trips a store, ceil(log_F(hosts)) of them on the path
+(tree.h): on the way up, the last member's `in` reaches the leader's
+worker, which waits for all of them (a round trip), and climbs; on the way
+down, the worker's set of `out` reaches the members (one more): two round
+trips a store, ceil(log_F(hosts)) of them on the path
 (the host store and the group levels), and a flat round at the root, whose
 T <= F members are the top leaders. A relay round's server CPU is two
-requests a member (the barrier and the wait) where torch's keys take three:
+requests a member (its `in` and its wait) where torch's keys take three:
 2/3 of the measured torch's-keys cost. That is the critical path on a
 cluster, every store on its own host's CPUs ("cluster"). On the bench's
 machine all stores and ranks share its CPUs: a round takes at least their

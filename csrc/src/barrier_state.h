@@ -74,8 +74,8 @@ struct BarrierState {
   std::optional<std::chrono::milliseconds> peerTimeout;
   Protocol protocolKind = Protocol::kTorch;
   // A store below a tree's root: its rounds are released by its leader's
-  // worker (makeRelayProtocol), once this many arrivals have come.
-  int64_t relayArrivals = 0;
+  // worker (makeRelayProtocol).
+  bool relayRounds = false;
   bool usesLibUV = false;
   // Created by this object (not from_store): close() does the handshake.
   bool ownsStore = false;
@@ -194,7 +194,7 @@ struct LevelSpec {
   std::chrono::milliseconds timeout{0};
   std::optional<std::chrono::milliseconds> peerTimeout;
   Protocol protocol = Protocol::kNative;
-  int64_t relayArrivals = 0;
+  bool relayRounds = false;
   RoundShape shape;
   TreePlace place;
   StoreAddress address;

@@ -135,10 +135,9 @@ class C10dConnection final : public StoreConnection {
         "protocol 'native' needs a TCPStore (or a PrefixStore over one)");
   }
 
-  void startBarrierThenWait(
-      std::string_view, int64_t, std::string_view, Clock::time_point) override {
-    throw std::invalid_argument(
-        "a tree of stores needs a TCPStore (or a PrefixStore over one)");
+  void startWaitAll(
+      const std::vector<std::string>& keys, Clock::time_point) override {
+    waitedKey_ = keys;
   }
 
   bool awaitRelease(Clock::time_point until, int alarmFd) override {

@@ -109,18 +109,16 @@ void startRounds(
     BarrierState& state,
     std::optional<StoreAddress> address,
     Clock::time_point deadline) {
-  state.protocol = state.relayArrivals > 0 ? makeRelayProtocol(
-                                                 state.rank,
-                                                 state.worldSize,
-                                                 state.prefix,
-                                                 state.shape,
-                                                 state.relayArrivals)
-                                           : makeRoundProtocol(
-                                                 state.protocolKind,
-                                                 state.rank,
-                                                 state.worldSize,
-                                                 state.prefix,
-                                                 state.shape);
+  state.protocol =
+      state.relayRounds
+          ? makeRelayProtocol(
+                state.rank, state.worldSize, state.prefix, state.shape)
+          : makeRoundProtocol(
+                state.protocolKind,
+                state.rank,
+                state.worldSize,
+                state.prefix,
+                state.shape);
   // Deleting finished rounds goes round the ranks that arrive at this store.
   const auto arrivers = state.shape.memberRanks(state.worldSize);
   state.turns.count = static_cast<int64_t>(arrivers.size());
@@ -494,7 +492,7 @@ std::unique_ptr<TCPStoreBarrier> openLevel(
   state.initTimeout = spec.timeout;
   state.peerTimeout = spec.peerTimeout;
   state.protocolKind = spec.protocol;
-  state.relayArrivals = spec.relayArrivals;
+  state.relayRounds = spec.relayRounds;
   state.shape = std::move(spec.shape);
   state.place = std::move(spec.place);
   state.ownsStore = true;

@@ -15,7 +15,8 @@ constexpr std::string_view kLastMemberSuffix = "/last_member";
 constexpr std::string_view kReleasedValue = "<val_ignored>";
 constexpr std::string_view kServerBarrierSuffix = "/barrier";
 // A relay round's keys (RelayProtocol).
-constexpr std::string_view kRelayArrivedSuffix = "/arrived";
+constexpr std::string_view kRelayInInfix = "/in/";
+constexpr std::string_view kRelayArrivedValue = "1";
 constexpr std::string_view kRelayOutSuffix = "/out";
 
 class TorchKeysProtocol final : public RoundProtocol {
@@ -33,9 +34,9 @@ class TorchKeysProtocol final : public RoundProtocol {
     round.sequenceText.clear();
     appendDecimal(round.sequenceText, sequence);
     writeRankKey(connection, round);
-    assignRoundKey(round.countKey, round, kNumMembersSuffix);
+    assignRoundKey(round.arrivalKey, round, kNumMembersSuffix);
     assignRoundKey(round.releaseKey, round, kLastMemberSuffix);
-    connection.sendAdd(round.countKey, shape_.weight, deadline);
+    connection.sendAdd(round.arrivalKey, shape_.weight, deadline);
   }
 
   bool arrivalAnswered(
@@ -141,23 +142,17 @@ class ServerBarrierProtocol final : public RoundProtocol {
   }
 };
 
-// A store below a tree's root: its members join the server-side barrier on
-// `arrived`, then wait for `out`. The store's leader's worker
-// joins that barrier too (as its arrival, or, at the store where its own
-// caller is a member, once more): the barrier's answer tells it that every
-// member has arrived, and it climbs the tree and sets `out` once the root
-// has released, as MPICH broadcasts a release down its tree. A release is a
-// key set, so a member that stopped calling holds nobody back.
+// A store below a tree's root. A member's arrival is its own key, `in/{m}`,
+// set in the same send as its wait for `out`: the store answers it once,
+// with the release, so the member wakes once a round. The store's leader's
+// worker waits for all the members' `in` keys (its own among them, where it
+// is a member for the store it leads below), climbs the tree, and sets
+// `out` once the root has released, as MPICH broadcasts a release down its
+// tree. A release is a key set, so a member that stopped calling holds
+// nobody back, and the `in` keys say exactly who has arrived.
 class RelayProtocol final : public RoundProtocol {
  public:
-  RelayProtocol(
-      int64_t rank,
-      int64_t worldSize,
-      std::string prefix,
-      RoundShape shape,
-      int64_t arrivals)
-      : RoundProtocol(rank, worldSize, std::move(prefix), std::move(shape)),
-        arrivals_(arrivals) {}
+  using RoundProtocol::RoundProtocol;
 
   void sendArrival(
       StoreConnection& connection,
@@ -166,10 +161,10 @@ class RelayProtocol final : public RoundProtocol {
       Clock::time_point deadline) const override {
     round.sequenceText.clear();
     appendDecimal(round.sequenceText, sequence);
-    assignRoundKey(round.countKey, round, kRelayArrivedSuffix);
+    assignRelayArrivalKey(round.arrivalKey, prefix_, sequence, rank_);
     assignRoundKey(round.releaseKey, round, kRelayOutSuffix);
-    connection.startBarrierThenWait(
-        round.countKey, arrivals_, round.releaseKey, deadline);
+    connection.set(round.arrivalKey, kRelayArrivedValue);
+    connection.startWait(round.releaseKey, deadline);
   }
 
   bool arrivalAnswered(StoreConnection&, Clock::time_point) const override {
@@ -181,39 +176,42 @@ class RelayProtocol final : public RoundProtocol {
     return {false, 0};
   }
 
-  void noteSlowRound(
-      StoreConnection& connection, const RoundKeys& round) const override {
-    writeRankKey(connection, round);
-  }
+  // The arrival is its own note.
+  void noteSlowRound(StoreConnection&, const RoundKeys&) const override {}
 
   std::vector<int64_t> missingRanks(
       StoreConnection& connection,
-      RankKeyCache& cache,
+      RankKeyCache&,
       int64_t sequence,
       Clock::time_point deadline) const override {
-    return ranksBehindCount(
-        connection,
-        cache,
-        sequence,
-        roundKey(sequence, kRelayArrivedSuffix),
-        deadline,
-        arrivals_ - worldSize_);
+    std::vector<std::string> keys(members_.size());
+    for (std::size_t m = 0; m < keys.size(); ++m) {
+      assignRelayArrivalKey(keys[m], prefix_, sequence, members_[m]);
+    }
+    const auto arrived = connection.checkEach(keys, deadline);
+    std::vector<int64_t> missing;
+    for (std::size_t m = 0; m < arrived.size(); ++m) {
+      if (!arrived[m]) {
+        missing.push_back(members_[m]);
+      }
+    }
+    return missing;
   }
 
   std::string releaseKey(int64_t sequence) const override {
     return roundKey(sequence, kRelayOutSuffix);
   }
 
+  // `out` first: deleteAllRounds() takes a round whose first key is gone
+  // for deleted, and every released round has its `out`.
   std::vector<std::string> roundKeys(int64_t sequence) const override {
-    return {
-        roundKey(sequence, kRelayArrivedSuffix),
-        roundKey(sequence, kRelayOutSuffix)};
+    std::vector<std::string> keys{roundKey(sequence, kRelayOutSuffix)};
+    keys.resize(members_.size() + 1);
+    for (std::size_t m = 0; m < members_.size(); ++m) {
+      assignRelayArrivalKey(keys[m + 1], prefix_, sequence, members_[m]);
+    }
+    return keys;
   }
-
- private:
-  // What completes the barrier on `arrived`: the members, and the leader's
-  // worker once more where the leader's caller is a member.
-  const int64_t arrivals_;
 };
 
 } // namespace
@@ -348,8 +346,7 @@ std::vector<int64_t> RoundProtocol::ranksBehindCount(
     RankKeyCache& cache,
     int64_t sequence,
     const std::string& countKey,
-    Clock::time_point deadline,
-    int64_t uncounted) const {
+    Clock::time_point deadline) const {
   // A native rank writes its `rank{r}` key only once its round has been
   // slow, so one that arrived just now may not have written it yet: the
   // round's count says how many arrived, and the keys catch up within
@@ -360,13 +357,11 @@ std::vector<int64_t> RoundProtocol::ranksBehindCount(
       return int64_t{0};
     }
     return parseDecimal(connection.multiGet(count, deadline).front())
-               .value_or(0) -
-           uncounted;
+        .value_or(0);
   };
   const auto memberCount = static_cast<int64_t>(members_.size());
-  // Everyone counted: no key need catch up. A tree's leader that found its
-  // store complete climbed at once and never wrote its key there, however
-  // slow the round is above.
+  // Everyone counted: no key need catch up (nor will a rank released at
+  // once ever write its key, however slow the round is elsewhere).
   auto counted = arrived();
   if (counted >= memberCount) {
     return {};
@@ -437,17 +432,20 @@ std::unique_ptr<RoundProtocol> makeRelayProtocol(
     int64_t rank,
     int64_t worldSize,
     const std::string& prefix,
-    RoundShape shape,
-    int64_t arrivals) {
+    RoundShape shape) {
   return std::make_unique<RelayProtocol>(
-      rank, worldSize, prefix, std::move(shape), arrivals);
+      rank, worldSize, prefix, std::move(shape));
 }
 
-std::string relayArrivedKey(const std::string& prefix, int64_t sequence) {
-  std::string key = prefix;
+void assignRelayArrivalKey(
+    std::string& key,
+    const std::string& prefix,
+    int64_t sequence,
+    int64_t member) {
+  key.assign(prefix);
   appendDecimal(key, sequence);
-  key.append(kRelayArrivedSuffix);
-  return key;
+  key.append(kRelayInInfix);
+  appendDecimal(key, member);
 }
 
 std::unique_ptr<RoundProtocol> makeRoundProtocol(

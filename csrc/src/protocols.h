@@ -40,8 +40,9 @@ struct RoundShape {
 // entering one allocates nothing once they have grown. Caller thread only.
 struct RoundKeys {
   std::string sequenceText;
-  // torch: `{prefix}{s}/num_members`.
-  std::string countKey;
+  // What the arrival writes: torch's `{prefix}{s}/num_members`, a relay
+  // round's `{prefix}{s}/in/{r}`.
+  std::string arrivalKey;
   // What releases the round: torch's `last_member`, native's `barrier`, a
   // relay round's `out`.
   std::string releaseKey;
@@ -128,15 +129,13 @@ class RoundProtocol {
       int64_t sequence,
       Clock::time_point deadline) const;
   // The same, read until it agrees with the number of ranks that
-  // `countKey` says have arrived (for at most 300 ms); `uncounted` of its
-  // arrivals are no member's.
+  // `countKey` says have arrived (for at most 300 ms).
   std::vector<int64_t> ranksBehindCount(
       StoreConnection& connection,
       RankKeyCache& cache,
       int64_t sequence,
       const std::string& countKey,
-      Clock::time_point deadline,
-      int64_t uncounted = 0) const;
+      Clock::time_point deadline) const;
   std::string roundKey(int64_t sequence, std::string_view suffix) const;
   // `{prefix}{s}{suffix}` into `key`, reusing its storage.
   void assignRoundKey(
@@ -159,18 +158,22 @@ std::unique_ptr<RoundProtocol> makeRoundProtocol(
     RoundShape shape = {});
 
 // A round at a store below a tree's root (RelayProtocol in protocols.cpp):
-// members join the server-side barrier on `{prefix}{s}/arrived`, which
-// `arrivals` requests complete (the members, and the leader's worker once
-// more where its caller is a member), and wait for `{prefix}{s}/out`, which
-// the store's leader sets once the tree has released the round (the
-// protocol's releaseKey()).
+// each member arrives by setting `{prefix}{s}/in/{m}` (`m`: its rank at the
+// store) and waits for `{prefix}{s}/out`, which the store's leader's worker
+// sets once it has seen every member's `in` and the tree has released the
+// round (the protocol's releaseKey()).
 std::unique_ptr<RoundProtocol> makeRelayProtocol(
     int64_t rank,
     int64_t worldSize,
     const std::string& prefix,
-    RoundShape shape,
-    int64_t arrivals);
-std::string relayArrivedKey(const std::string& prefix, int64_t sequence);
+    RoundShape shape);
+// Member `member`'s `in` key of round `sequence` into `key`, reusing its
+// storage.
+void assignRelayArrivalKey(
+    std::string& key,
+    const std::string& prefix,
+    int64_t sequence,
+    int64_t member);
 
 // Decimal text of `value`, and its parse (nullopt unless all digits).
 void appendDecimal(std::string& out, int64_t value);

@@ -94,14 +94,10 @@ class StoreConnection {
   virtual void startWait(std::string_view key, Clock::time_point deadline) = 0;
   virtual void startServerBarrier(
       std::string_view key, int64_t worldSize, Clock::time_point deadline) = 0;
-  // Joins the server-side barrier on `barrierKey`, then, once it has
-  // answered, waits for `waitKey`: awaitRelease() reports the second only
-  // (a relay round's arrival, protocols.h).
-  virtual void startBarrierThenWait(
-      std::string_view barrierKey,
-      int64_t count,
-      std::string_view waitKey,
-      Clock::time_point deadline) = 0;
+  // Starts waiting until every one of `keys` is set, in one request (a
+  // relay store's leader waiting for its members' arrivals).
+  virtual void startWaitAll(
+      const std::vector<std::string>& keys, Clock::time_point deadline) = 0;
   // True once released; false at `until`, or as soon as `alarmFd` (if not
   // -1) becomes readable.
   virtual bool awaitRelease(Clock::time_point until, int alarmFd) = 0;

@@ -57,8 +57,7 @@ struct EngineAt {
 };
 // The engine's waits end with the barrier, not with a caller's deadline.
 // At a store it leads it sleeps until a stop or a verdict posts
-// engineWake_ or a report is due, and never less than a slice: the first
-// slice's end is when it notes its own arrival there.
+// engineWake_ or a report is due, and never less than a slice.
 constexpr std::chrono::hours kEngineHorizon{24 * 365 * 10};
 constexpr std::chrono::milliseconds kEngineSlice{50};
 constexpr std::string_view kReleased = "1";
@@ -196,15 +195,6 @@ std::vector<int64_t> rootArrivers(const TreeStore& root, int64_t worldSize) {
     }
   }
   return arrivers;
-}
-
-// What completes a relay round's barrier at a store below the root
-// (makeRelayProtocol): its members, and its leader's worker once more at
-// the store where the leader's own caller is a member (the leader leads no
-// store below it).
-int64_t relayArrivals(const TreeStore& store) {
-  return static_cast<int64_t>(store.members.size()) +
-         (store.children.front() < 0 ? 1 : 0);
 }
 
 // Rank 0 gathers every joiner's host and publishes the plan: each store's
@@ -478,7 +468,7 @@ BarrierTree::BarrierTree(
     } else {
       spec.rank = level.localRank;
       spec.worldSize = static_cast<int64_t>(members.size());
-      spec.relayArrivals = relayArrivals(level.store);
+      spec.relayRounds = true;
       // Whether every member reached its stores is settled at the root,
       // below, before any level counts its members.
       spec.awaitMembers = false;
@@ -614,6 +604,7 @@ BarrierTree::BarrierTree(
     }
     level.relay =
         openWireConnection(*level.address, deadline, outer.stallLimit());
+    level.arrivalKeys.resize(level.store.members.size());
   }
   installChecks();
   if (levels_.size() > 1) {
@@ -841,18 +832,27 @@ void BarrierTree::relayRound(int64_t sequence) {
       throw EngineAt{level};
     }
   };
-  // Up: the barrier's answer at each store this rank leads says that all
-  // its members have arrived; joining it at the store above is this rank's
-  // arrival there.
-  const auto arrivedKey = relayArrivedKey(outer_.prefix, sequence);
+  // Up: at each store this rank leads, all its members' `in` keys say that
+  // everything below it has arrived; setting its own `in` at the store
+  // above is this rank's arrival there.
   for (std::size_t i = 0; i < top; ++i) {
     at(i, [&] {
-      BarrierState& state = BarrierAccess::state(*levels_[i].barrier);
+      Level& level = levels_[i];
+      BarrierState& state = BarrierAccess::state(*level.barrier);
+      for (std::size_t m = 0; m < level.arrivalKeys.size(); ++m) {
+        assignRelayArrivalKey(
+            level.arrivalKeys[m],
+            outer_.prefix,
+            sequence,
+            static_cast<int64_t>(m));
+      }
       if (i > 0) {
         state.liveness->enterRound(state.sequence, /*watcher=*/true);
+        level.relay->set(
+            level.arrivalKeys[static_cast<std::size_t>(level.localRank)],
+            kReleased);
       }
-      levels_[i].relay->startServerBarrier(
-          arrivedKey, state.relayArrivals, deadlineFromNow());
+      level.relay->startWaitAll(level.arrivalKeys, deadlineFromNow());
       awaitRelay(i, sequence);
     });
   }
@@ -885,22 +885,11 @@ Clock::time_point BarrierTree::deadlineFromNow() const {
 
 void BarrierTree::awaitRelay(std::size_t level, int64_t sequence) {
   auto& relay = *levels_[level].relay;
-  bool slowNoted = level == 0;
-  // A stop or a verdict posts engineWake_; otherwise the engine wakes once
-  // a slice in, to note its arrival, and then only to report.
-  auto wakeAt = Clock::now() + kEngineSlice;
+  // A stop or a verdict posts engineWake_; otherwise the engine wakes only
+  // to report.
+  auto wakeAt = std::max(nextReport_, Clock::now() + kEngineSlice);
   while (!relay.awaitRelease(wakeAt, engineWake_.get())) {
     checkEngine(levels_.size());
-    if (!slowNoted) {
-      // This rank's arrival, as a caller's says so once its round is slow:
-      // a timeout names the members whose `rank{m}` key is behind.
-      RoundKeys round;
-      appendDecimal(round.sequenceText, sequence);
-      BarrierAccess::state(*levels_[level].barrier)
-          .protocol->noteSlowRound(relay, round);
-      relay.flush(deadlineFromNow());
-      slowNoted = true;
-    }
     reportMissing(level, sequence);
     wakeAt = std::max(nextReport_, Clock::now() + kEngineSlice);
   }

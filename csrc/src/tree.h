@@ -138,8 +138,11 @@ class BarrierTree {
     std::string published;
     std::unique_ptr<TCPStoreBarrier> barrier;
     // A store this rank leads: the worker's connection that waits for its
-    // rounds' `in` and sets their `out`.
+    // members' `in` and sets `out`.
     std::unique_ptr<StoreConnection> relay;
+    // Its members' `in` keys of the round the worker waits for there,
+    // rewritten in place each round.
+    std::vector<std::string> arrivalKeys;
     // The engine's connection for a slow round's diagnosis (opened by the
     // first), and the `rank{m}` keys it has seen there.
     std::unique_ptr<StoreConnection> probe;

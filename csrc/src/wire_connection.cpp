@@ -38,10 +38,6 @@ constexpr std::string_view kWorkerCountKey = "init/";
 constexpr std::chrono::milliseconds kWorkerPoll{10};
 constexpr std::chrono::milliseconds kWorkerPollReply{500};
 
-// How long a wait sent from awaitRelease() may take to leave: a few bytes
-// into a connection with nothing else in flight.
-constexpr std::chrono::seconds kFollowUpSend{1};
-
 int millisUntil(Clock::time_point until) {
   const auto left =
       std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now());
@@ -200,6 +196,18 @@ class WireConnection final : public StoreConnection {
     sendPending(deadline);
   }
 
+  void startWaitAll(
+      const std::vector<std::string>& keys,
+      Clock::time_point deadline) override {
+    startCall();
+    beginWithReply(QueryType::WAIT);
+    appendValue<uint64_t>(keys.size());
+    for (const auto& key : keys) {
+      appendKey(key);
+    }
+    sendPending(deadline);
+  }
+
   void startServerBarrier(
       std::string_view key,
       int64_t worldSize,
@@ -211,18 +219,6 @@ class WireConnection final : public StoreConnection {
     sendPending(deadline);
   }
 
-  void startBarrierThenWait(
-      std::string_view barrierKey,
-      int64_t count,
-      std::string_view waitKey,
-      Clock::time_point deadline) override {
-    // The server keeps one wait per client: the wait for `waitKey` is sent
-    // once the barrier has answered (awaitRelease()). It may come after
-    // `waitKey` is set, and is then answered at once.
-    startServerBarrier(barrierKey, count, deadline);
-    thenWait_.assign(waitKey);
-  }
-
   bool awaitRelease(Clock::time_point until, int alarmFd) override {
     for (;;) {
       if (received_.size() > consumed_) {
@@ -231,11 +227,6 @@ class WireConnection final : public StoreConnection {
         });
         if (reply != WaitResponseType::STOP_WAITING) {
           fail("answered a wait with an unexpected reply", false);
-        }
-        if (!thenWait_.empty()) {
-          startWait(thenWait_, std::max(until, Clock::now() + kFollowUpSend));
-          thenWait_.clear();
-          continue;
         }
         return true;
       }
@@ -481,8 +472,6 @@ class WireConnection final : public StoreConnection {
   std::size_t consumed_ = 0;
   // Requests sent whose reply has not been read in full.
   int64_t repliesDue_ = 0;
-  // The key startBarrierThenWait() waits for once its barrier answers.
-  std::string thenWait_;
   std::string failure_;
   bool failureSilent_ = false;
 };

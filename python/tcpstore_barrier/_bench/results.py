@@ -129,10 +129,10 @@ def tree_stores(world_size: int, ranks_per_host: int, fan_in: int) -> list[int]:
 
 
 def relay_requests(world_size: int, ranks_per_host: int, fan_in: int) -> int:
-    """Requests of a round at a tree's stores below the root: a member's
-    barrier and wait, the leader's `out`, and its worker's barrier where its
-    own caller is a member (a store of hosts' ranks, or of hosts of one);
-    elsewhere the worker's barrier is the leader's arrival."""
+    """Requests of a round at a tree's stores below the root: a member's `in`
+    and its wait, the leader's `out`, and its worker's wait for the `in` keys;
+    where the leader's own caller is not a member (above a store of hosts'
+    ranks), its worker sets the leader's `in` too."""
     hosts, members = divmod(world_size, ranks_per_host)
     sizes = [ranks_per_host] * hosts + ([members] if members else [])
     bottom = [m for m in sizes if m > 1]
@@ -142,7 +142,7 @@ def relay_requests(world_size: int, ranks_per_host: int, fan_in: int) -> int:
     while nodes > fan_in:
         groups, last = divmod(nodes, fan_in)
         level = [fan_in] * groups + ([last] if last > 1 else [])
-        requests += sum(2 * m + (2 if callers_meet_in_groups else 0) for m in level)
+        requests += sum(2 * m + (2 if callers_meet_in_groups else 1) for m in level)
         callers_meet_in_groups = False
         nodes = groups + (1 if last else 0)
     return requests
