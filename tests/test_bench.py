@@ -144,10 +144,11 @@ def test_requests_per_round_are_counted_from_each_protocol():
         == {"root": 1024, "all": 1024}
     )
     # A tree: its 8 top leaders at the root; below it, a relay round at each
-    # host store (8 members) and group store (16 members): each member's
-    # barrier and wait, the leader's `out`, and at a host store its worker's
-    # barrier besides its caller's.
-    below = 128 * (2 * 8 + 2) + 8 * (2 * 16)
+    # host store (8 members) and group store (16 members): each member's `in`
+    # and wait, the leader's worker's wait for the `in` keys and its `out`, and
+    # at a group store the worker's `in` for the leader (whose caller meets at
+    # its host store).
+    below = 128 * (2 * 8 + 2) + 8 * (2 * 16 + 1)
     assert count("tree") == {"root": 24, "all": 24 + below}
     assert count("native-tree") == {"root": 8, "all": 8 + below}
 
