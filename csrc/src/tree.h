@@ -3,15 +3,15 @@
 // progress engine (as NCCL's proxy thread advances communication while the
 // application computes):
 //
-//   every rank's caller   arrives at its host store and waits for its `out`
-//   a leader's worker     joins its store's barrier, whose answer says that
-//                         all members arrived, arrives at the store above,
-//                         and so on to the root
+//   every rank's caller   sets its `in` at its host store and waits for its
+//                         `out`, in one send
+//   a leader's worker     waits for all its members' `in`, sets its own at
+//                         the store above, and so on to the root
 //   the root              releases as a flat round does (torch's keys)
 //   the leader's worker   sets `out` at each store it leads, top down
 //   on a verdict          it decides it at the root and carries it to them
 //
-// A caller does at its host store exactly what a flat rank does at rank 0's:
+// A caller arrives at its host store as a flat rank does at rank 0's:
 // arrive(), wait() and `released` mean what they mean flat, whatever any
 // leader's caller does meanwhile. Each store is a TCPStoreBarrier of its own
 // with its own liveness, so no store serves more than its members.
