@@ -43,6 +43,11 @@
 
 namespace tcpstore_barrier::detail {
 
+// How long a timed-out round may spend naming its missing ranks (in a tree,
+// across the tree, its own store's attempt included): every call returns
+// within its deadline plus a second.
+inline constexpr std::chrono::milliseconds kDiagnosisBudget{900};
+
 enum class Phase {
   kBetweenRounds,
   kArrivalSent,

@@ -26,6 +26,11 @@ namespace tcpstore_barrier {
 
 using Clock = std::chrono::steady_clock;
 
+// How often a blocked call stops to run its interrupt check (the caller's:
+// Python's signal handlers): well under the half second in which a Ctrl-C
+// must be acted on. The check is local.
+inline constexpr std::chrono::milliseconds kInterruptSlice{100};
+
 // The store did not serve a request: `silent` when no reply came by the
 // deadline (a frozen host, a partition), else the connection failed (the
 // host is gone). The stream is then out of step and the connection unusable.

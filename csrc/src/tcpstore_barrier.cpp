@@ -23,6 +23,7 @@
 namespace tcpstore_barrier {
 
 using detail::BarrierState;
+using detail::kDiagnosisBudget;
 using detail::Phase;
 
 namespace {
@@ -30,12 +31,6 @@ namespace {
 // After this long without a release a round is slow: a native rank then
 // writes its `rank{r}` key, so that a timeout can name the missing ranks.
 constexpr std::chrono::milliseconds kSlowRound{100};
-// How often a blocked caller runs the interrupt check: well under the half
-// second in which a Ctrl-C must be acted on. The check is local.
-constexpr std::chrono::milliseconds kInterruptSlice{100};
-// How long a timed-out round may spend naming its missing ranks: every call
-// returns within its deadline plus a second.
-constexpr std::chrono::milliseconds kDiagnosisBudget{900};
 
 // Where every call starts.
 void checkUsable(BarrierState& state) {

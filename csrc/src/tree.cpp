@@ -21,10 +21,6 @@ namespace tcpstore_barrier::detail {
 namespace {
 
 constexpr std::string_view kTreeInfix = "/tree/";
-// How long a timed-out round may spend naming the missing ranks across the
-// tree, its own store's attempt included: every call returns within its
-// deadline plus a second.
-constexpr std::chrono::milliseconds kDiagnosisBudget{900};
 constexpr std::chrono::milliseconds kMinDiagnosis{100};
 // A verdict's trip to the root, and to each store this rank meets at, is
 // bounded by the silence liveness allows a store (BarrierState::

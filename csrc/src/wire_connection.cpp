@@ -29,9 +29,6 @@ using c10d::detail::CheckResponseType;
 using c10d::detail::QueryType;
 using c10d::detail::WaitResponseType;
 
-// How often a blocked call stops to run the interrupt check.
-constexpr std::chrono::milliseconds kInterruptSlice{100};
-
 // c10d's client counts itself in this key, without its "/" key prefix.
 constexpr std::string_view kWorkerCountKey = "init/";
 // How often the host looks at the count while it waits for its workers.
