@@ -97,12 +97,15 @@ def trainer(cmake, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ctest_build(cmake, tmp_path_factory):
-    """This tree's core and tests/cpp, built with -DTCPSTORE_BARRIER_BUILD_TESTS=ON."""
+    """This tree's core and tests/cpp, built with -DTCPSTORE_BARRIER_BUILD_TESTS=ON.
+    A unity build: each source file parsing torch's headers again is most of
+    the time, and the wheel's build still compiles every file on its own."""
     build_dir = tmp_path_factory.mktemp("ctest")
     cmake_build(
         cmake,
         ROOT,
         build_dir,
+        "-DCMAKE_UNITY_BUILD=ON",
         "-DTCPSTORE_BARRIER_BUILD_TESTS=ON",
         "-DTCPSTORE_BARRIER_BUILD_PYTHON=OFF",
         f"-DPython_EXECUTABLE={sys.executable}",
