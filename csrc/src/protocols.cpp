@@ -185,14 +185,12 @@ class RelayProtocol final : public RoundProtocol {
       int64_t sequence,
       Clock::time_point deadline) const override {
     std::vector<std::string> keys(members_.size());
-    for (std::size_t m = 0; m < keys.size(); ++m) {
-      assignRelayArrivalKey(keys[m], prefix_, sequence, members_[m]);
-    }
+    assignRelayArrivalKeys(keys, prefix_, sequence);
     const auto arrived = connection.checkEach(keys, deadline);
     std::vector<int64_t> missing;
     for (std::size_t m = 0; m < arrived.size(); ++m) {
       if (!arrived[m]) {
-        missing.push_back(members_[m]);
+        missing.push_back(static_cast<int64_t>(m));
       }
     }
     return missing;
@@ -205,11 +203,9 @@ class RelayProtocol final : public RoundProtocol {
   // `out` first: deleteAllRounds() takes a round whose first key is gone
   // for deleted, and every released round has its `out`.
   std::vector<std::string> roundKeys(int64_t sequence) const override {
-    std::vector<std::string> keys{roundKey(sequence, kRelayOutSuffix)};
-    keys.resize(members_.size() + 1);
-    for (std::size_t m = 0; m < members_.size(); ++m) {
-      assignRelayArrivalKey(keys[m + 1], prefix_, sequence, members_[m]);
-    }
+    std::vector<std::string> keys(members_.size());
+    assignRelayArrivalKeys(keys, prefix_, sequence);
+    keys.insert(keys.begin(), roundKey(sequence, kRelayOutSuffix));
     return keys;
   }
 };
@@ -446,6 +442,15 @@ void assignRelayArrivalKey(
   appendDecimal(key, sequence);
   key.append(kRelayInInfix);
   appendDecimal(key, member);
+}
+
+void assignRelayArrivalKeys(
+    std::vector<std::string>& keys,
+    const std::string& prefix,
+    int64_t sequence) {
+  for (std::size_t m = 0; m < keys.size(); ++m) {
+    assignRelayArrivalKey(keys[m], prefix, sequence, static_cast<int64_t>(m));
+  }
 }
 
 std::unique_ptr<RoundProtocol> makeRoundProtocol(

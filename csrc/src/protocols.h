@@ -174,6 +174,12 @@ void assignRelayArrivalKey(
     const std::string& prefix,
     int64_t sequence,
     int64_t member);
+// Every member's `in` key of round `sequence`, member m's into `keys[m]`
+// (a relay store's members are its ranks 0...keys.size()-1).
+void assignRelayArrivalKeys(
+    std::vector<std::string>& keys,
+    const std::string& prefix,
+    int64_t sequence);
 
 // Decimal text of `value`, and its parse (nullopt unless all digits).
 void appendDecimal(std::string& out, int64_t value);

@@ -835,13 +835,7 @@ void BarrierTree::relayRound(int64_t sequence) {
     at(i, [&] {
       Level& level = levels_[i];
       BarrierState& state = BarrierAccess::state(*level.barrier);
-      for (std::size_t m = 0; m < level.arrivalKeys.size(); ++m) {
-        assignRelayArrivalKey(
-            level.arrivalKeys[m],
-            outer_.prefix,
-            sequence,
-            static_cast<int64_t>(m));
-      }
+      assignRelayArrivalKeys(level.arrivalKeys, outer_.prefix, sequence);
       if (i > 0) {
         state.liveness->enterRound(state.sequence, /*watcher=*/true);
         level.relay->set(
